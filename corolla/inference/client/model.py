@@ -1,0 +1,171 @@
+"""`RemoteModelForCausalLM`: a causal LM whose blocks run in the swarm.
+
+It behaves like the local `transformers` model for what Corolla needs: `forward`
+returns `.logits` (and `.loss` given labels), `generate` does greedy or sampled
+decoding with the same logits processors and stopping rule as `transformers`, and can
+stream tokens to a `transformers` streamer. Only the embeddings, the final norm and
+the LM head are loaded here; the blocks are the servers'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_outputs import CausalLMOutput
+
+from corolla.inference.client.routing import BanList
+from corolla.inference.client.sequential import RemoteSequential
+from corolla.inference.client.session import InferenceSession
+from corolla.inference.client.swarm import Swarm
+from corolla.inference.errors import BadRequestError
+from corolla.inference.models.checkpoint import Checkpoint
+
+_UNSET: Any = object()
+
+
+class RemoteModelForCausalLM(nn.Module):
+    def __init__(self, checkpoint: Checkpoint, swarm: Swarm, *, wire_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.swarm = swarm
+        self.wire_dtype = wire_dtype
+        self.client_parts = checkpoint.load_client()
+        self.num_blocks = checkpoint.num_blocks
+        self.blocks = RemoteSequential(swarm, num_blocks=self.num_blocks, wire_dtype=wire_dtype)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
+        except OSError:
+            self.generation_config = GenerationConfig.from_model_config(self.config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        initial_peers: Sequence[str] = (),
+        servers: Sequence[str] = (),
+        model_id: str | None = None,
+        wire_dtype: torch.dtype | None = None,
+        bans: BanList | None = None,
+        timeout: float = 60.0,
+    ) -> RemoteModelForCausalLM:
+        """Load the client parts of the checkpoint at `path` and join the swarm through
+        `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints)."""
+        checkpoint = Checkpoint.open(path)
+        swarm = Swarm(model_id=model_id or checkpoint.model_id, initial_peers=initial_peers, servers=servers,
+                      bans=bans, timeout=timeout)
+        return cls(checkpoint, swarm, wire_dtype=wire_dtype)
+
+    def close(self) -> None:
+        self.swarm.close()
+
+    def __enter__(self) -> RemoteModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
+        """`(B, T)` ids -> logits `(B, T, V)`; with `labels`, the shifted cross-entropy
+        (label -100 ignored) as `transformers` computes it."""
+        hidden = self.client_parts.embed(input_ids)
+        hidden = self.blocks(hidden)
+        logits = self.client_parts.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
+        return InferenceSession(self.swarm, start=0, end=self.num_blocks, max_length=max_length,
+                                batch_size=batch_size, wire_dtype=self.wire_dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = _UNSET,
+        pad_token_id: int | None = _UNSET,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+        session: InferenceSession | None = None,
+    ) -> torch.LongTensor:
+        """Prompt `(B, T)` -> `(B, T + new)` ids. Greedy unless `do_sample`. Sequences that
+        hit EOS are padded while the others go on; all finished ends the loop early."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise BadRequestError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise BadRequestError(f"max_new_tokens={max_new_tokens} must be non-negative")
+        eos = self.generation_config.eos_token_id if eos_token_id is _UNSET else eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
+        pad = self.generation_config.pad_token_id if pad_token_id is _UNSET else pad_token_id
+        if pad is None and len(eos_ids):
+            pad = int(eos_ids[0])
+        warpers = LogitsProcessorList()
+        if do_sample:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        batch, prompt_len = input_ids.shape
+        own_session = session is None
+        if session is None:
+            session = self.inference_session(max_length=prompt_len + max_new_tokens, batch_size=batch)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        ids = input_ids
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        step_input = input_ids
+        try:
+            for _ in range(max_new_tokens):
+                hidden = self.client_parts.embed(step_input, session.position)
+                hidden = session.step(hidden)
+                scores = self.client_parts.head(hidden[:, -1:])[:, -1].to(torch.float32)
+                if do_sample:
+                    scores = warpers(ids, scores)
+                    probs = nn.functional.softmax(scores, dim=-1)
+                    tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                else:
+                    tokens = torch.argmax(scores, dim=-1)
+                if len(eos_ids) and pad is not None:
+                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                ids = torch.cat([ids, tokens[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                if len(eos_ids):
+                    unfinished &= ~torch.isin(tokens, eos_ids)
+                    if not unfinished.any():
+                        break
+                step_input = tokens[:, None]
+        finally:
+            if own_session:
+                session.close()
+            if streamer is not None:
+                streamer.end()
+        return ids  # type: ignore[return-value]

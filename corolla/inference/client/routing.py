@@ -1,0 +1,180 @@
+"""Choosing servers: a chain of spans that covers the blocks a client needs.
+
+- Generation takes the min-latency chain: a shortest path over block boundaries where
+  a hop through a server costs its measured round trip plus its announced per-block
+  step time for the blocks it computes.
+- Parallel forward/backward spreads load: the per-block cost is the inverse of the
+  announced throughput, scaled by the requests this client already has in flight
+  there, with a little jitter so that equal replicas share the work.
+- A server that fails is banned with exponential backoff; success clears its record.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from corolla.inference.discovery import ServerRecord
+from corolla.inference.errors import RoutingError
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """Blocks `[start, end)` computed by the server of `record`."""
+
+    record: ServerRecord
+    start: int
+    end: int
+
+    @property
+    def endpoint(self) -> str:
+        return self.record.endpoint
+
+
+class BanList:
+    """Exponential backoff per endpoint: `base * 2**(failures-1)` seconds, at most `cap`."""
+
+    def __init__(self, *, base: float = 1.0, cap: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.base = base
+        self.cap = cap
+        self.clock = clock
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def ban(self, endpoint: str) -> float:
+        with self._lock:
+            failures = self._failures.get(endpoint, 0) + 1
+            self._failures[endpoint] = failures
+            duration = min(self.cap, self.base * 2 ** (failures - 1))
+            self._until[endpoint] = self.clock() + duration
+            return duration
+
+    def succeeded(self, endpoint: str) -> None:
+        with self._lock:
+            self._failures.pop(endpoint, None)
+            self._until.pop(endpoint, None)
+
+    def is_banned(self, endpoint: str) -> bool:
+        with self._lock:
+            return self._until.get(endpoint, 0.0) > self.clock()
+
+
+def shortest_chain(
+    records: Sequence[ServerRecord],
+    start: int,
+    end: int,
+    hop_cost: Callable[[ServerRecord, int, int], float],
+) -> list[Hop]:
+    """Dijkstra over block boundaries `start..end`: from boundary `s` a server holding
+    block `s` can take the chain to any boundary up to the end of its span."""
+    best: dict[int, float] = {start: 0.0}
+    came_from: dict[int, Hop] = {}
+    frontier = [(0.0, start)]
+    starts = {r.start for r in records}
+    while frontier:
+        cost, at = heapq.heappop(frontier)
+        if at == end:
+            break
+        if cost > best.get(at, float("inf")):
+            continue
+        for record in records:
+            if not record.start <= at < record.end:
+                continue
+            stop = min(record.end, end)
+            for nxt in range(at + 1, stop + 1):
+                if nxt != stop and nxt not in starts:
+                    continue  # only stop early where another server can take over
+                total = cost + hop_cost(record, at, nxt)
+                if total < best.get(nxt, float("inf")):
+                    best[nxt] = total
+                    came_from[nxt] = Hop(record, at, nxt)
+                    heapq.heappush(frontier, (total, nxt))
+    if end not in came_from and start != end:
+        covered = sorted({i for r in records for i in range(r.start, r.end)})
+        missing = [i for i in range(start, end) if i not in covered]
+        raise RoutingError(
+            f"no chain of live servers covers blocks {start}:{end}"
+            + (f"; blocks with no server: {_ranges(missing)}" if missing else "")
+        )
+    chain: list[Hop] = []
+    at = end
+    while at != start:
+        hop = came_from[at]
+        chain.append(hop)
+        at = hop.start
+    return chain[::-1]
+
+
+class Router:
+    """Routes over the servers a `source` reports, minus banned ones."""
+
+    def __init__(
+        self,
+        source: Callable[[], list[ServerRecord]],
+        *,
+        rtt_ms: Callable[[ServerRecord], float],
+        bans: BanList | None = None,
+        refresh_period: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._rtt_ms = rtt_ms
+        self.bans = bans or BanList()
+        self.refresh_period = refresh_period
+        self._rng = rng or random.Random()
+        self._records: list[ServerRecord] = []
+        self._fetched_at = -float("inf")
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def records(self, *, refresh: bool = False) -> list[ServerRecord]:
+        with self._lock:
+            stale = time.monotonic() - self._fetched_at > self.refresh_period
+            if refresh or stale:
+                self._records = self._source()
+                self._fetched_at = time.monotonic()
+            return [r for r in self._records if not self.bans.is_banned(r.endpoint)]
+
+    def generation_route(self, start: int, end: int) -> list[Hop]:
+        def cost(record: ServerRecord, a: int, b: int) -> float:
+            return self._rtt_ms(record) + record.step_ms_per_block * (b - a)
+
+        return self._route(start, end, cost)
+
+    def forward_route(self, start: int, end: int) -> list[Hop]:
+        def cost(record: ServerRecord, a: int, b: int) -> float:
+            load = 1 + self._in_flight.get(record.endpoint, 0)
+            per_block = 1000.0 / max(record.throughput, 1e-6)
+            return (per_block * (b - a) * load + self._rtt_ms(record)) * self._rng.uniform(0.9, 1.1)
+
+        return self._route(start, end, cost)
+
+    def _route(self, start: int, end: int, cost: Callable[[ServerRecord, int, int], float]) -> list[Hop]:
+        try:
+            return shortest_chain(self.records(), start, end, cost)
+        except RoutingError:
+            return shortest_chain(self.records(refresh=True), start, end, cost)
+
+    def begin(self, endpoint: str) -> None:
+        with self._lock:
+            self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
+
+    def finish(self, endpoint: str) -> None:
+        with self._lock:
+            self._in_flight[endpoint] = max(0, self._in_flight.get(endpoint, 0) - 1)
+
+
+def _ranges(indices: list[int]) -> str:
+    parts: list[str] = []
+    for i in indices:
+        if parts and int(parts[-1].split(":")[-1]) == i:
+            first = parts[-1].split(":")[0]
+            parts[-1] = f"{first}:{i + 1}"
+        else:
+            parts.append(f"{i}:{i + 1}")
+    return ", ".join(parts)

@@ -1,0 +1,145 @@
+"""Inference sessions through a chain of servers, with failover that keeps the output.
+
+Each hop of the chain holds a server-side KV cache. The client keeps, per hop, every
+input it sent, so when a server dies mid-generation its blocks are routed again (to
+one or several servers), the kept inputs are replayed there to rebuild the caches,
+and the step goes on: the tokens that come out are the ones the dead server would
+have produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from corolla.inference.client.routing import Hop
+from corolla.inference.client.swarm import Swarm
+from corolla.inference.client.transport import SessionStream
+from corolla.inference.errors import MaxLengthExceededError, RemoteError, RoutingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Link:
+    hop: Hop
+    stream: SessionStream
+    inputs: list[torch.Tensor] = field(default_factory=list)  # each (B, T_i, H), in order sent
+
+
+class InferenceSession:
+    """Steps of `(B, T, H)` hidden states through blocks `[start, end)`, cached remotely."""
+
+    def __init__(self, swarm: Swarm, *, start: int, end: int, max_length: int, batch_size: int = 1,
+                 wire_dtype: torch.dtype | None = None, max_retries: int = 4) -> None:
+        self.swarm = swarm
+        self.start = start
+        self.end = end
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.wire_dtype = wire_dtype
+        self.max_retries = max_retries
+        self.position = 0
+        self._links: list[_Link] = []
+        self._closed = False
+        self._links = self._open_chain(start, end)
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise RoutingError("the inference session is closed")
+        if self.position + hidden.shape[1] > self.max_length:
+            raise MaxLengthExceededError(
+                f"{self.position + hidden.shape[1]} tokens would exceed the session's max_length {self.max_length}"
+            )
+        x = hidden.detach()
+        i, failures = 0, 0
+        while i < len(self._links):
+            link = self._links[i]
+            try:
+                y = link.stream.step(x, self.position, wire_dtype=self.wire_dtype)
+            except RemoteError as exc:
+                failures += 1
+                self._replace(i, exc, failures)
+                continue  # retry the same blocks on the replacement links
+            self.swarm.router.bans.succeeded(link.hop.endpoint)
+            link.inputs.append(x)
+            x = y
+            i += 1
+        self.position += hidden.shape[1]
+        return x
+
+    @property
+    def route(self) -> list[Hop]:
+        return [link.hop for link in self._links]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for link in self._links:
+                link.stream.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- failover ----------------------------------------------------------------------------
+
+    def _open_chain(self, start: int, end: int) -> list[_Link]:
+        failures = 0
+        while True:
+            route = self.swarm.router.generation_route(start, end)
+            links: list[_Link] = []
+            try:
+                for hop in route:
+                    links.append(_Link(hop, self._open(hop)))
+                return links
+            except RemoteError as exc:
+                for link in links:
+                    link.stream.close()
+                failed = route[len(links)]
+                failures += 1
+                self._ban(failed, exc, failures)
+
+    def _open(self, hop: Hop) -> SessionStream:
+        return self.swarm.stub(hop.endpoint).open_session(
+            session_id=uuid.uuid4().hex, model_id=self.swarm.model_id, start=hop.start, end=hop.end,
+            max_length=self.max_length, batch_size=self.batch_size,
+        )
+
+    def _replace(self, index: int, exc: Exception, failures: int) -> None:
+        """Swap link `index` for a new chain over its blocks, replaying its inputs there."""
+        old = self._links[index]
+        old.stream.close()
+        self._ban(old.hop, exc, failures)
+        while True:
+            links = self._open_chain(old.hop.start, old.hop.end)
+            done = 0
+            try:
+                if old.inputs:
+                    x = torch.cat(old.inputs, dim=1)  # (B, position, H): the whole history
+                    for link in links:
+                        y = link.stream.step(x, 0, wire_dtype=self.wire_dtype)
+                        link.inputs.append(x)
+                        x = y
+                        done += 1
+                break
+            except RemoteError as exc2:
+                for link in links:
+                    link.stream.close()
+                failures += 1
+                self._ban(links[done].hop, exc2, failures)
+        log.info("blocks %d:%d moved to %s after %s", old.hop.start, old.hop.end,
+                 ", ".join(link.hop.endpoint for link in links), exc)
+        self._links[index : index + 1] = links
+
+    def _ban(self, hop: Hop, exc: Exception, failures: int) -> None:
+        duration = self.swarm.router.bans.ban(hop.endpoint)
+        log.warning("server %s failed on blocks %d:%d (%s); banned for %.1f s", hop.endpoint, hop.start, hop.end,
+                    exc, duration)
+        if failures > self.max_retries:
+            raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc

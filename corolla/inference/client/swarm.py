@@ -1,0 +1,93 @@
+"""The client's view of the swarm: where servers come from, and one stub per server.
+
+Servers are found in the DHT (`initial_peers`, any node's multiaddr) or, without a
+DHT, named directly by gRPC endpoint (each is asked for its `Info`). Round trips are
+measured once per server with an `Info` call and kept; routing uses them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from corolla.inference.client.routing import BanList, Router
+from corolla.inference.client.transport import ServerStub
+from corolla.inference.discovery import DhtNode, ServerRecord
+from corolla.inference.errors import InferenceError, RoutingError
+
+
+class Swarm:
+    """Stubs, round trips and a router for one model's servers."""
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        initial_peers: Sequence[str] = (),
+        servers: Sequence[str] = (),
+        max_message_bytes: int = 64 << 20,
+        timeout: float = 60.0,
+        refresh_period: float = 5.0,
+        bans: BanList | None = None,
+    ) -> None:
+        if not initial_peers and not servers:
+            raise RoutingError("give initial_peers (DHT multiaddrs) or servers (gRPC host:port endpoints)")
+        self.model_id = model_id
+        self.max_message_bytes = max_message_bytes
+        self.timeout = timeout
+        self._static = list(servers)
+        self._dht: DhtNode | None = None
+        if initial_peers:
+            self._dht = DhtNode(bootstrap=list(initial_peers))
+            self._dht.start()
+        self._stubs: dict[str, ServerStub] = {}
+        self._rtt: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.router = Router(self._fetch, rtt_ms=self.rtt_ms, bans=bans, refresh_period=refresh_period)
+
+    def stub(self, endpoint: str) -> ServerStub:
+        with self._lock:
+            if endpoint not in self._stubs:
+                self._stubs[endpoint] = ServerStub(endpoint, max_message_bytes=self.max_message_bytes,
+                                                   timeout=self.timeout)
+            return self._stubs[endpoint]
+
+    def rtt_ms(self, record: ServerRecord) -> float:
+        if record.endpoint not in self._rtt:
+            began = time.perf_counter()
+            try:
+                self.stub(record.endpoint).info(timeout=5.0)
+                self._rtt[record.endpoint] = (time.perf_counter() - began) * 1000
+            except InferenceError:
+                self.router.bans.ban(record.endpoint)
+                return float("inf")
+        return self._rtt[record.endpoint]
+
+    def _fetch(self) -> list[ServerRecord]:
+        records: list[ServerRecord] = []
+        if self._dht is not None:
+            records.extend(r for r in self._dht.find_servers(self.model_id) if r.model_id == self.model_id)
+        for endpoint in self._static:
+            try:
+                info = self.stub(endpoint).info(timeout=5.0)
+            except InferenceError:
+                continue  # down for now; it may come back on the next refresh
+            if info.model_id != self.model_id:
+                continue
+            now = time.time()
+            records.append(ServerRecord(
+                node_id=info.node_id, endpoint=endpoint, model_id=info.model_id, start=info.start, end=info.end,
+                throughput=info.throughput, step_ms_per_block=info.step_ms_per_block,
+                free_cache_bytes=info.free_cache_bytes, dtype=info.dtype, quant=info.quant or None,
+                updated_at=now, expires_at=now + 3600,
+            ))
+        return records
+
+    def close(self) -> None:
+        with self._lock:
+            for stub in self._stubs.values():
+                stub.close()
+            self._stubs.clear()
+        if self._dht is not None:
+            self._dht.stop()

@@ -1,0 +1,86 @@
+"""Errors of the inference layer.
+
+Errors a server raises on a request carry the gRPC status code they travel with;
+the client turns a status back into the same class (`from_status`), so a caller
+sees one typed error whether the fault was local or remote.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from corolla.errors import CorollaError
+
+
+class InferenceError(CorollaError):
+    """Base class of the inference layer's errors."""
+
+    exit_code = 3
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class ModelLoadError(InferenceError):
+    """A checkpoint directory is missing, incomplete, or of an unsupported architecture."""
+
+    exit_code = 4
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BadRequestError(InferenceError):
+    """A request is malformed: bad tensor bytes, wrong shape or dtype, bad fields."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MessageTooLargeError(BadRequestError):
+    """A message is larger than the configured limit."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class SpanNotServedError(InferenceError):
+    """The request names blocks that this server does not hold."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class SessionNotFoundError(InferenceError):
+    """The request names an inference session that is not open on this stream."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class SessionLimitError(InferenceError):
+    """Too many sessions, or their KV caches would exceed the server's memory budget."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MaxLengthExceededError(InferenceError):
+    """An inference step would grow a session past the `max_length` it was opened with."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class RemoteError(InferenceError):
+    """A server answered with an error status that maps to no more specific class."""
+
+
+class ServerUnavailableError(RemoteError):
+    """A server could not be reached or went away mid-call: the error a client retries elsewhere."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class RoutingError(InferenceError):
+    """No chain of live servers covers the blocks the client needs."""
+
+    exit_code = 5
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DiscoveryError(InferenceError):
+    """The DHT could not be started, joined or queried."""
+
+    exit_code = 6
+    grpc_code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,163 @@
+"""The Llama family: Llama, Mistral, Qwen2 (RMSNorm, rotary positions, gated MLP, GQA).
+
+Module names match Hugging Face's (`self_attn.q_proj`, `mlp.down_proj`, ...) so that
+checkpoint keys load unchanged and PEFT `target_modules` mean the same thing here.
+Biases are taken from the checkpoint: Qwen2 has them on q/k/v, Llama on none.
+Mistral's sliding window is not applied (it only matters past the window length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from corolla.inference.models.attention import causal_attention
+from corolla.inference.models.family import Block, ClientParts, ModelFamily, PositionEncoder, linear_from
+from corolla.inference.models.kv_cache import LayerCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Hugging Face does (exact match)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _linear(state: Mapping[str, torch.Tensor], name: str) -> nn.Linear:
+    return linear_from(state[f"{name}.weight"], state.get(f"{name}.bias"))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        self.q_proj = _linear(state, "self_attn.q_proj")
+        self.k_proj = _linear(state, "self_attn.k_proj")
+        self.v_proj = _linear(state, "self_attn.v_proj")
+        self.o_proj = _linear(state, "self_attn.o_proj")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None,
+        offset: int,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in rope)  # (1, 1, T, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = causal_attention(q, k, v, scale=self.head_dim**-0.5, cache=cache, offset=offset)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.gate_proj = _linear(state, "mlp.gate_proj")
+        self.up_proj = _linear(state, "mlp.up_proj")
+        self.down_proj = _linear(state, "mlp.down_proj")
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(Block):
+    def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        eps = float(config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(state["input_layernorm.weight"], eps)
+        self.self_attn = LlamaAttention(config, state)
+        self.post_attention_layernorm = RMSNorm(state["post_attention_layernorm.weight"], eps)
+        self.mlp = LlamaMLP(config, state)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        offset: int,
+        cache: LayerCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        if rope is None:
+            raise ValueError("Llama blocks need rotary position embeddings")
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, offset)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaClient(ClientParts):
+    def __init__(self, config: PretrainedConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(tensors["embed"], freeze=True)
+        self.norm = RMSNorm(tensors["norm"], float(config.rms_norm_eps))
+        head = tensors.get("lm_head", tensors["embed"])  # tied when the checkpoint has no head
+        self.lm_head = linear_from(head, None)
+
+    def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+class LlamaFamily(ModelFamily):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+
+    def num_blocks(self, config: PretrainedConfig) -> int:
+        return int(config.num_hidden_layers)
+
+    def block_key_prefixes(self, index: int) -> tuple[str, ...]:
+        return (f"model.layers.{index}.", f"layers.{index}.")
+
+    def build_block(self, config: PretrainedConfig, index: int, state: Mapping[str, torch.Tensor]) -> Block:
+        return LlamaBlock(config, state)
+
+    def client_keys(self) -> Mapping[str, tuple[str, ...]]:
+        return {
+            "embed": ("model.embed_tokens.weight", "embed_tokens.weight"),
+            "norm": ("model.norm.weight", "norm.weight"),
+            "lm_head": ("lm_head.weight",),
+        }
+
+    def build_client(self, config: PretrainedConfig, tensors: Mapping[str, torch.Tensor]) -> ClientParts:
+        return LlamaClient(config, tensors)
+
+    def kv_heads_and_dim(self, config: PretrainedConfig) -> tuple[int, int]:
+        n_heads = int(config.num_attention_heads)
+        n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+        return n_kv, head_dim
+
+    def position_encoder(self, config: PretrainedConfig) -> PositionEncoder:
+        rotary = LlamaRotaryEmbedding(config)  # Hugging Face's: it knows every rope scaling type
+
+        def encode(positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = rotary(torch.empty(0, dtype=dtype), positions)  # each (1, T, D)
+            return cos, sin
+
+        return encode

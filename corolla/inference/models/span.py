@@ -1,0 +1,76 @@
+"""A contiguous run of blocks `[start, end)` as one module, with or without a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from corolla.inference.models.family import Block, ModelFamily
+from corolla.inference.models.kv_cache import SpanCache
+
+
+class Span(nn.Module):
+    """Blocks `start..end-1` of one model. A request may use any sub-span of it."""
+
+    def __init__(
+        self, *, family: ModelFamily, config: PretrainedConfig, start: int, end: int, blocks: list[Block]
+    ) -> None:
+        super().__init__()
+        self.family = family
+        self.config = config
+        self.start = start
+        self.end = end
+        self.blocks = nn.ModuleList(blocks)
+        self._encode_positions = family.position_encoder(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        norm_weight = next(p for name, p in self.named_parameters() if "norm" in name or "ln_" in name)
+        return norm_weight.dtype
+
+    def new_cache(
+        self, *, start: int, end: int, batch_size: int, max_length: int, dtype: torch.dtype
+    ) -> SpanCache:
+        n_kv, head_dim = self.family.kv_heads_and_dim(self.config)
+        return SpanCache(
+            n_layers=end - start,
+            batch_size=batch_size,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            max_length=max_length,
+            dtype=dtype,
+        )
+
+    def cache_bytes(self, *, start: int, end: int, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+        n_kv, head_dim = self.family.kv_heads_and_dim(self.config)
+        return SpanCache.nbytes_for(
+            n_layers=end - start,
+            batch_size=batch_size,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            max_length=max_length,
+            dtype=dtype,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        offset: int = 0,
+        cache: SpanCache | None = None,
+    ) -> torch.Tensor:
+        """`(B, T, H)` -> `(B, T, H)` through blocks `[start, end)` (default: all), the
+        first token at absolute position `offset`. `cache` must cover exactly `[start, end)`."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        rope = None
+        if self._encode_positions is not None:
+            positions = torch.arange(offset, offset + hidden.shape[1]).unsqueeze(0)
+            rope = self._encode_positions(positions, hidden.dtype)
+        for i, block in enumerate(self.blocks[start - self.start : end - self.start]):
+            layer_cache = cache.layers[i] if cache is not None else None
+            hidden = block(hidden, offset=offset, cache=layer_cache, rope=rope)
+        return hidden

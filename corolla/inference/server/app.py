@@ -1,0 +1,208 @@
+"""`platform serve`: load a span, measure it, serve it over gRPC, announce it in the DHT."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import secrets
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import grpc
+
+from corolla.inference.discovery import DhtNode, ServerRecord
+from corolla.inference.errors import BadRequestError, ModelLoadError
+from corolla.inference.models.checkpoint import Checkpoint
+from corolla.inference.server.backend import SpanBackend
+from corolla.inference.server.service import BlockServicer, NodeStats, ServiceLimits
+from corolla.inference.server.span_choice import choose_span
+from corolla.inference.server.throughput import measure
+from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
+from corolla.inference.wire.tensors import DTYPES
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    model: Path  # local Hugging Face checkpoint directory
+    blocks: tuple[int, int] | None = None  # span [start, end); None = choose by announced throughput
+    num_blocks: int | None = None  # span length when choosing; None = half the model, rounded up
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    quant: Literal["int8", "nf4"] | None = None  # bitsandbytes weight quantization
+    host: str = "127.0.0.1"  # gRPC listen address
+    port: int = 0  # gRPC port; 0 = any free port
+    announce_host: str | None = None  # address put in the DHT record; None = host
+    dht: bool = True  # join the DHT; False serves by address only (tests, static setups)
+    dht_port: int = 0  # libp2p port; 0 = any free port
+    bootstrap: tuple[str, ...] = ()  # multiaddrs of DHT peers; empty = this node bootstraps others
+    max_message_bytes: int = 64 * MiB  # largest gRPC message in or out
+    max_sessions: int = 32  # open inference sessions at once
+    cache_budget_bytes: int = 1024 * MiB  # KV cache memory for all sessions together
+    max_length: int = 4096  # longest inference session, tokens
+    announce_ttl: float = 30.0  # seconds a DHT record stays valid without a refresh
+    model_id: str | None = None  # override the checkpoint's fingerprinted id
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BadRequestError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.quant not in (None, "int8", "nf4"):
+            raise BadRequestError(f"quant={self.quant!r} must be None, 'int8' or 'nf4'")
+        if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1]:
+            raise BadRequestError(f"blocks={self.blocks} must be start:end with 0 <= start < end")
+        for name in ("max_message_bytes", "max_sessions", "cache_budget_bytes", "max_length"):
+            if getattr(self, name) < 1:
+                raise BadRequestError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.announce_ttl <= 0:
+            raise BadRequestError(f"announce_ttl={self.announce_ttl} must be positive")
+
+
+class BlockServer:
+    """One `platform serve` process's worth of serving; `start()` returns once it serves."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.dht: DhtNode | None = None
+        self.backend: SpanBackend | None = None
+        self.servicer: BlockServicer | None = None
+        self._grpc: grpc.Server | None = None
+        self._port = 0
+        self._stop = threading.Event()
+        self._announcer: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> BlockServer:
+        cfg = self.config
+        checkpoint = Checkpoint.open(cfg.model)
+        model_id = cfg.model_id or checkpoint.model_id
+        if cfg.dht:
+            self.dht = DhtNode(bootstrap=cfg.bootstrap, port=cfg.dht_port, host=cfg.host)
+            self.dht.start()
+            node_id = self.dht.peer_id
+        else:
+            node_id = "Static" + "".join(secrets.choice(_BASE58) for _ in range(20))
+        start, end = self._pick_span(checkpoint, model_id)
+        dtype = DTYPES[cfg.dtype]
+        span = checkpoint.load_span(start, end, dtype=dtype)
+        if cfg.quant is not None:
+            from corolla.inference.server.quantization import quantize_linears  # imports bitsandbytes
+
+            quantize_linears(span, cfg.quant, compute_dtype=dtype)
+        self.backend = SpanBackend(
+            span, model_id=model_id, hidden_size=checkpoint.hidden_size, dtype=dtype, quant=cfg.quant
+        )
+        throughput, step_ms = measure(self.backend)
+        log.info("serving %s blocks %d:%d (%s%s): %.0f tok/s/block, %.3f ms/step/block", model_id, start, end,
+                 cfg.dtype, f", {cfg.quant}" if cfg.quant else "", throughput, step_ms)
+        limits = ServiceLimits(
+            max_message_bytes=cfg.max_message_bytes,
+            max_sessions=cfg.max_sessions,
+            cache_budget_bytes=cfg.cache_budget_bytes,
+            max_length=cfg.max_length,
+        )
+        self.servicer = BlockServicer(
+            self.backend, limits=limits, stats=NodeStats(node_id=node_id, throughput=throughput,
+                                                         step_ms_per_block=step_ms)
+        )
+        # each open inference stream holds a worker thread for its lifetime
+        workers = cfg.max_sessions + 16
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corolla-rpc"),
+            options=grpc_options(cfg.max_message_bytes),
+            maximum_concurrent_rpcs=workers,
+        )
+        pb_grpc.add_BlockServiceServicer_to_server(self.servicer, self._grpc)
+        self._port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self._port == 0:
+            raise ModelLoadError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self._grpc.start()
+        if self.dht is not None:
+            self.announce()
+            self._announcer = threading.Thread(target=self._announce_loop, name="corolla-announce", daemon=True)
+            self._announcer.start()
+        return self
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._stop.set()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        if self.dht is not None:
+            self.dht.stop()
+
+    def wait(self) -> None:
+        while not self._stop.wait(1.0):
+            pass
+
+    def __enter__(self) -> BlockServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- announcing --------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        host = self.config.announce_host or self.config.host
+        return f"{host}:{self._port}"
+
+    def record(self) -> ServerRecord:
+        if self.backend is None or self.servicer is None:
+            raise ModelLoadError("server is not started")
+        now = time.time()
+        return ServerRecord(
+            node_id=self.servicer.stats.node_id,
+            endpoint=self.endpoint,
+            model_id=self.backend.model_id,
+            start=self.backend.start,
+            end=self.backend.end,
+            throughput=self.servicer.stats.throughput,
+            step_ms_per_block=self.servicer.stats.step_ms_per_block,
+            free_cache_bytes=self.servicer.sessions.free_bytes,
+            dtype=self.config.dtype,
+            quant=self.config.quant,
+            updated_at=now,
+            expires_at=now + self.config.announce_ttl,
+        )
+
+    def announce(self) -> None:
+        if self.dht is not None:
+            self.dht.announce(self.record())
+
+    def _announce_loop(self) -> None:
+        period = self.config.announce_ttl / 3
+        while not self._stop.wait(period):
+            try:
+                self.announce()
+            except Exception:  # keep serving; the next refresh may succeed
+                log.exception("announcing to the DHT failed")
+
+    def _pick_span(self, checkpoint: Checkpoint, model_id: str) -> tuple[int, int]:
+        total = checkpoint.num_blocks
+        if self.config.blocks is not None:
+            start, end = self.config.blocks
+            if end > total:
+                raise ModelLoadError(f"--blocks {start}:{end} is past the model's {total} blocks")
+            return start, end
+        length = self.config.num_blocks or math.ceil(total / 2)
+        records = self.dht.find_servers(model_id) if self.dht is not None else []
+        return choose_span(records, num_blocks=total, length=length)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

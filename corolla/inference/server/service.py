@@ -1,0 +1,182 @@
+"""The gRPC face of a block server: `BlockService` over a `SpanBackend`.
+
+Every handler turns a Corolla error into its gRPC status with a message that names
+the error class (the client maps it back to the same class), and any unexpected
+exception into INTERNAL after logging it: a bad request never takes the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import torch
+
+from corolla.inference.errors import (
+    BadRequestError,
+    InferenceError,
+    MaxLengthExceededError,
+    SessionNotFoundError,
+)
+from corolla.inference.server.backend import SpanBackend
+from corolla.inference.server.sessions import SessionRegistry
+from corolla.inference.wire import blocks_pb2 as pb
+from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
+from corolla.inference.wire.tensors import DTYPE_NAMES, deserialize, serialize
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServiceLimits:
+    max_message_bytes: int  # largest request or response, bytes
+    max_sessions: int  # open inference sessions at once
+    cache_budget_bytes: int  # KV cache memory for all sessions together
+    max_length: int  # longest session a client may open, tokens
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """What the server measured about itself, reported by Info and in DHT records."""
+
+    node_id: str
+    throughput: float
+    step_ms_per_block: float
+
+
+class BlockServicer(pb_grpc.BlockServiceServicer):
+    def __init__(self, backend: SpanBackend, *, limits: ServiceLimits, stats: NodeStats) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.stats = stats
+        self.sessions = SessionRegistry(
+            max_sessions=limits.max_sessions, cache_budget_bytes=limits.cache_budget_bytes
+        )
+
+    # -- unary -----------------------------------------------------------------------------
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        b = self.backend
+        return pb.InfoResponse(
+            node_id=self.stats.node_id,
+            model_id=b.model_id,
+            start=b.start,
+            end=b.end,
+            dtype=DTYPE_NAMES[b.dtype],
+            quant=b.quant or "",
+            throughput=self.stats.throughput,
+            step_ms_per_block=self.stats.step_ms_per_block,
+            free_cache_bytes=self.sessions.free_bytes,
+            hidden_size=b.hidden_size,
+            max_message_bytes=self.limits.max_message_bytes,
+            max_sessions=self.limits.max_sessions,
+        )
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        def run() -> pb.ForwardResponse:
+            self.backend.check_request(request.model_id, request.start, request.end)
+            hidden = self._hidden(request.hidden, "hidden")
+            out = self.backend.forward(hidden, request.start, request.end)
+            return pb.ForwardResponse(hidden=serialize(out))
+
+        return _guard(run, context)
+
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+        def run() -> pb.BackwardResponse:
+            self.backend.check_request(request.model_id, request.start, request.end)
+            hidden = self._hidden(request.hidden, "hidden")
+            grad_output = self._hidden(request.grad_output, "grad_output")
+            grad = self.backend.backward(hidden, grad_output, request.start, request.end)
+            return pb.BackwardResponse(grad_input=serialize(grad))
+
+        return _guard(run, context)
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def Inference(
+        self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.InferenceResponse]:
+        session_id: str | None = None
+        try:
+            first = next(request_iterator, None)
+            if first is None:
+                return
+            open_msg = _guard(lambda: self._check_open(first), context)
+            session_id = first.session_id
+            nbytes = self.backend.cache_bytes(
+                open_msg.start, open_msg.end, batch_size=open_msg.batch_size, max_length=open_msg.max_length
+            )
+            _guard(lambda: self.sessions.reserve(first.session_id, nbytes), context)
+            cache = self.backend.new_cache(
+                open_msg.start, open_msg.end, batch_size=open_msg.batch_size, max_length=open_msg.max_length
+            )
+            length = 0
+            yield pb.InferenceResponse(session_id=session_id, length=0)
+            for request in request_iterator:
+
+                def run(request: pb.InferenceRequest = request) -> tuple[pb.InferenceResponse, int]:
+                    if request.session_id != session_id:
+                        raise SessionNotFoundError(
+                            f"session {request.session_id!r} is not open on this stream (open: {session_id!r})"
+                        )
+                    if request.WhichOneof("kind") != "step":
+                        raise BadRequestError("a session is opened once; later messages must be steps")
+                    step = request.step
+                    if step.position > length:
+                        raise BadRequestError(
+                            f"step position {step.position} is past the session's length {length}"
+                        )
+                    hidden = self._hidden(step.hidden, "hidden")
+                    out = self.backend.step(
+                        hidden, cache=cache, position=step.position, start=open_msg.start, end=open_msg.end
+                    )
+                    new_length = step.position + hidden.shape[1]
+                    return pb.InferenceResponse(session_id=session_id, hidden=serialize(out), length=new_length), new_length
+
+                response, length = _guard(run, context)
+                yield response
+        finally:
+            if session_id is not None:
+                self.sessions.release(session_id)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_open(self, request: pb.InferenceRequest) -> pb.OpenSession:
+        if request.WhichOneof("kind") != "open":
+            raise SessionNotFoundError(
+                f"session {request.session_id!r} is not open: a stream must start with an open message"
+            )
+        if not request.session_id or len(request.session_id) > 128:
+            raise BadRequestError("session_id must be 1 to 128 characters")
+        msg = request.open
+        self.backend.check_request(msg.model_id, msg.start, msg.end)
+        if msg.batch_size < 1:
+            raise BadRequestError(f"batch_size={msg.batch_size} must be at least 1")
+        if not 1 <= msg.max_length <= self.limits.max_length:
+            raise MaxLengthExceededError(
+                f"max_length={msg.max_length} must be between 1 and this server's limit {self.limits.max_length}"
+            )
+        return msg
+
+    def _hidden(self, message: pb.Tensor, name: str) -> torch.Tensor:
+        max_elements = self.limits.max_message_bytes // 2
+        return deserialize(message, name=name, shape=(None, None, self.backend.hidden_size),
+                           max_elements=max_elements)
+
+
+def _guard(run: Callable[[], T], context: grpc.ServicerContext) -> T:
+    """Run a handler body; a Corolla error aborts the call with its status, anything
+    else is logged and reported as INTERNAL. `context.abort` raises, ending the call."""
+    try:
+        return run()
+    except InferenceError as exc:
+        context.abort(exc.grpc_code, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a bug, not the client's fault: keep serving others
+        log.exception("unexpected error while serving a request")
+        context.abort(grpc.StatusCode.INTERNAL, f"InternalError: {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable: context.abort raises")
