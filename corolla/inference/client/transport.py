@@ -38,6 +38,8 @@ def error_from_rpc(exc: grpc.RpcError, endpoint: str) -> InferenceError:
     cls = _BY_NAME.get(name)
     if cls is not None and cls is not RemoteError:
         return cls(f"{endpoint}: {message}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return errors.MessageTooLargeError(f"{endpoint}: {details}")
     if code in _UNREACHABLE:
         return ServerUnavailableError(f"{endpoint}: {code.name}: {details}")
     return RemoteError(f"{endpoint}: {code.name}: {details}")

@@ -57,7 +57,7 @@ def deserialize(
         raise BadRequestError(f"{name}: negative dimension in shape {got}")
     if shape is not None:
         if len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got, strict=False)):
-            expected = tuple("*" if w is None else w for w in shape)
+            expected = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
             raise BadRequestError(f"{name}: shape {got} does not match the expected {expected}")
     elements = 1
     for d in got:

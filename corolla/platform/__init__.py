@@ -1,0 +1,3 @@
+"""The `platform` command line, configuration and the local launchers."""
+
+__all__: list[str] = []

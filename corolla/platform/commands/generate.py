@@ -1,0 +1,67 @@
+"""`platform generate`: text generation through the swarm, streamed as it comes.
+
+With no `--peers` or `--servers`, an embedded local swarm (two `platform serve`
+processes on the workspace's tiny Llama) is started for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, TextStreamer
+
+from corolla.inference.client import RemoteModelForCausalLM
+from corolla.inference.models.checkpoint import Checkpoint
+from corolla.platform.local_swarm import LocalSwarm, even_spans
+from corolla.platform.workspace import default_model, resolve_workspace
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("generate", help="generate text through the swarm")
+    p.add_argument("prompt", nargs="?", default="The patient presented with", help="text to continue")
+    p.add_argument("--model", help="checkpoint directory (client parts and tokenizer); default: tiny Llama")
+    p.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="DHT peer (repeatable)")
+    p.add_argument("--servers", action="append", default=[], metavar="HOST:PORT",
+                   help="block server endpoint, without the DHT (repeatable)")
+    p.add_argument("--local-servers", type=int, default=2, help="servers of the embedded swarm (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
+    with contextlib.ExitStack() as stack:
+        peers, servers = list(args.peers), list(args.servers)
+        if not peers and not servers:
+            blocks = Checkpoint.open(model_dir).num_blocks
+            print(f"starting an embedded swarm of {args.local_servers} servers on {model_dir} ...",
+                  file=sys.stderr, flush=True)
+            swarm = stack.enter_context(LocalSwarm(model_dir, even_spans(blocks, args.local_servers),
+                                                   torch_threads=1))
+            peers = swarm.initial_peers
+        model = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers,
+                                                                           servers=servers))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        streamer = TextStreamer(tokenizer)
+        model.generate(
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            streamer=streamer,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+    return 0

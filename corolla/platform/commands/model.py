@@ -1,0 +1,37 @@
+"""`platform model init-tiny DIR --arch llama|gpt2`: a small random checkpoint for tests and demos."""
+
+from __future__ import annotations
+
+import argparse
+
+from corolla.inference.models.tiny import ARCHES, TinySpec, init_tiny
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    model = sub.add_parser("model", help="model checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_sub.add_parser("init-tiny", help="write a small random checkpoint with a local tokenizer")
+    tiny.add_argument("directory", help="where to write the checkpoint")
+    tiny.add_argument("--arch", choices=ARCHES, default="llama")
+    tiny.add_argument("--hidden", type=int, default=64, help="model width (default 64)")
+    tiny.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    tiny.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    tiny.add_argument("--kv-heads", type=int, default=2, help="Llama key/value heads (default 2)")
+    tiny.add_argument("--intermediate", type=int, default=None, help="Llama MLP width (default 2 x hidden)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=run_init_tiny)
+
+
+def run_init_tiny(args: argparse.Namespace) -> int:
+    spec = TinySpec(
+        arch=args.arch,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads if args.arch == "llama" else args.heads,
+        intermediate_size=args.intermediate or 2 * args.hidden,
+        seed=args.seed,
+    )
+    path = init_tiny(args.directory, spec)
+    print(f"wrote a tiny {args.arch} checkpoint ({args.layers} blocks, hidden {args.hidden}) to {path}")
+    return 0

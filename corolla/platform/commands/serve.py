@@ -1,0 +1,85 @@
+"""`platform serve`: serve a span of a model's blocks to the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from corolla.inference.errors import BadRequestError
+from corolla.inference.server.app import MiB, BlockServer, ServerConfig
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks must look like START:END (e.g. 4:8), got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="serve a span of transformer blocks")
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    p.add_argument("--blocks", type=parse_span, help="span START:END; default: the least-served span")
+    p.add_argument("--num-blocks", type=int, help="span length when --blocks is not given (default: half)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--quant", choices=("int8", "nf4"), help="bitsandbytes weight quantization")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    p.add_argument("--announce-host", help="address to announce, if not --host")
+    p.add_argument("--dht-port", type=int, default=0, help="libp2p port (default: any free port)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="DHT peer to join (repeatable); none = be a bootstrap peer")
+    p.add_argument("--no-dht", action="store_true", help="serve by address only, without the DHT")
+    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
+    p.add_argument("--max-length", type=int, default=4096, help="longest inference session, tokens")
+    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
+    p.add_argument("--announce-ttl", type=float, default=30.0, help="seconds a DHT record lives unrefreshed")
+    p.add_argument("--model-id", help="override the model id (default: directory name + fingerprint)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig(
+            model=Path(args.model),
+            blocks=args.blocks,
+            num_blocks=args.num_blocks,
+            dtype=args.dtype,
+            quant=args.quant,
+            host=args.host,
+            port=args.port,
+            announce_host=args.announce_host,
+            dht=not args.no_dht,
+            dht_port=args.dht_port,
+            bootstrap=tuple(args.bootstrap),
+            max_message_bytes=args.max_message_mb * MiB,
+            max_sessions=args.max_sessions,
+            cache_budget_bytes=args.cache_mb * MiB,
+            max_length=args.max_length,
+            announce_ttl=args.announce_ttl,
+            model_id=args.model_id,
+        )
+    except BadRequestError as exc:
+        print(f"platform serve: {exc}", file=sys.stderr)
+        return 2
+    server = BlockServer(config).start()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    backend = server.backend
+    dht = server.dht.addrs[0] if server.dht is not None else "-"
+    # One machine-readable line (launchers wait for it), then the human one.
+    print(f"READY endpoint={server.endpoint} dht={dht} blocks={backend.start}:{backend.end}"  # type: ignore[union-attr]
+          f" model_id={backend.model_id}", flush=True)  # type: ignore[union-attr]
+    print(f"serving blocks {backend.start}:{backend.end} of {backend.model_id} at {server.endpoint}; "  # type: ignore[union-attr]
+          "Ctrl-C to stop", file=sys.stderr, flush=True)
+    stopped.wait()
+    server.stop()
+    return 0

@@ -1,0 +1,138 @@
+"""A swarm of real `platform serve` processes on this machine.
+
+Used by `platform generate` with no `--peers` (the embedded default), by the local
+consortium of `platform train`, by end-to-end tests and by the benchmarks. The first
+server is the DHT bootstrap peer; the others join through it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corolla.inference.errors import InferenceError
+
+
+class LaunchError(InferenceError):
+    """A local server process failed to start."""
+
+    exit_code = 7
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    blocks: tuple[int, int]
+    endpoint: str = ""
+    dht_addr: str = ""
+    output: list[str] = field(default_factory=list)  # stderr lines, for error messages
+
+
+def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    """`servers` contiguous spans covering `num_blocks` as evenly as possible."""
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(servers)]
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        model: Path,
+        spans: Sequence[tuple[int, int]],
+        *,
+        extra_args: Sequence[str] = (),
+        per_server_args: Sequence[Sequence[str]] | None = None,
+        torch_threads: int | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.model = Path(model)
+        self.spans = list(spans)
+        self.extra_args = list(extra_args)
+        self.per_server_args = [list(a) for a in per_server_args] if per_server_args else [[] for _ in spans]
+        self.torch_threads = torch_threads
+        self.start_timeout = start_timeout
+        self.servers: list[ServerProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return [self.servers[0].dht_addr] if self.servers else []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [s.endpoint for s in self.servers]
+
+    def start(self) -> LocalSwarm:
+        try:
+            for i, span in enumerate(self.spans):
+                bootstrap = ["--bootstrap", self.servers[0].dht_addr] if self.servers else []
+                self.servers.append(self._launch(span, [*bootstrap, *self.per_server_args[i]]))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_server(self, span: tuple[int, int], extra: Sequence[str] = ()) -> ServerProcess:
+        server = self._launch(span, ["--bootstrap", self.servers[0].dht_addr, *extra])
+        self.servers.append(server)
+        return server
+
+    def _launch(self, span: tuple[int, int], extra: Sequence[str]) -> ServerProcess:
+        cmd = [sys.executable, "-m", "corolla", "serve", "--model", str(self.model),
+               "--blocks", f"{span[0]}:{span[1]}", *self.extra_args, *extra]
+        env = dict(os.environ)
+        if self.torch_threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.torch_threads)
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        server = ServerProcess(process=process, blocks=span)
+        threading.Thread(target=_drain, args=(process.stderr, server.output), daemon=True).start()
+        ready = threading.Event()
+
+        def read_stdout() -> None:
+            for line in process.stdout:  # type: ignore[union-attr]
+                if line.startswith("READY "):
+                    fields = dict(part.split("=", 1) for part in line.split()[1:])
+                    server.endpoint, server.dht_addr = fields["endpoint"], fields["dht"]
+                    ready.set()
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                tail = "".join(server.output[-15:])
+                raise LaunchError(f"server for blocks {span[0]}:{span[1]} did not start:\n{tail}")
+        return server
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        self.servers[index].process.send_signal(sig)
+        self.servers[index].process.wait(timeout=30)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.terminate()
+        for server in self.servers:
+            try:
+                server.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()
+
+    def __enter__(self) -> LocalSwarm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _drain(stream: object, sink: list[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        sink.append(line)
+        del sink[:-200]
