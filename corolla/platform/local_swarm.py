@@ -33,6 +33,7 @@ class ServerProcess:
     endpoint: str = ""
     dht_addr: str = ""
     output: list[str] = field(default_factory=list)  # stderr lines, for error messages
+    ready: threading.Event = field(default_factory=threading.Event)
 
 
 def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
@@ -51,6 +52,7 @@ class LocalSwarm:
         per_server_args: Sequence[Sequence[str]] | None = None,
         torch_threads: int | None = None,
         start_timeout: float = 120.0,
+        bootstrap: str | None = None,
     ) -> None:
         self.model = Path(model)
         self.spans = list(spans)
@@ -58,10 +60,13 @@ class LocalSwarm:
         self.per_server_args = [list(a) for a in per_server_args] if per_server_args else [[] for _ in spans]
         self.torch_threads = torch_threads
         self.start_timeout = start_timeout
+        self.bootstrap = bootstrap  # an existing DHT peer to join; None = the first server is one
         self.servers: list[ServerProcess] = []
 
     @property
     def initial_peers(self) -> list[str]:
+        if self.bootstrap is not None:
+            return [self.bootstrap]
         return [self.servers[0].dht_addr] if self.servers else []
 
     @property
@@ -69,46 +74,73 @@ class LocalSwarm:
         return [s.endpoint for s in self.servers]
 
     def start(self) -> LocalSwarm:
+        """Start the first server (the bootstrap peer), then the others all at once."""
         try:
-            for i, span in enumerate(self.spans):
-                bootstrap = ["--bootstrap", self.servers[0].dht_addr] if self.servers else []
-                self.servers.append(self._launch(span, [*bootstrap, *self.per_server_args[i]]))
+            if self.bootstrap is None and self.spans:
+                first = self._spawn(self.spans[0], self.per_server_args[0])
+                self.servers.append(first)
+                self._wait_ready(first)
+                rest = list(range(1, len(self.spans)))
+            else:
+                rest = list(range(len(self.spans)))
+            spawned = [
+                self._spawn(self.spans[i], ["--bootstrap", self._bootstrap_addr(), *self.per_server_args[i]])
+                for i in rest
+            ]
+            self.servers.extend(spawned)
+            for server in spawned:
+                self._wait_ready(server)
         except BaseException:
             self.stop()
             raise
         return self
 
     def add_server(self, span: tuple[int, int], extra: Sequence[str] = ()) -> ServerProcess:
-        server = self._launch(span, ["--bootstrap", self.servers[0].dht_addr, *extra])
+        server = self._spawn(span, ["--bootstrap", self._bootstrap_addr(), *extra])
         self.servers.append(server)
+        self._wait_ready(server)
         return server
 
-    def _launch(self, span: tuple[int, int], extra: Sequence[str]) -> ServerProcess:
-        cmd = [sys.executable, "-m", "corolla", "serve", "--model", str(self.model),
-               "--blocks", f"{span[0]}:{span[1]}", *self.extra_args, *extra]
+    def _bootstrap_addr(self) -> str:
+        return self.bootstrap or self.servers[0].dht_addr
+
+    def _spawn(self, span: tuple[int, int], extra: Sequence[str]) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "corolla",
+            "serve",
+            "--model",
+            str(self.model),
+            "--blocks",
+            f"{span[0]}:{span[1]}",
+            *self.extra_args,
+            *extra,
+        ]
         env = dict(os.environ)
         if self.torch_threads is not None:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         server = ServerProcess(process=process, blocks=span)
         threading.Thread(target=_drain, args=(process.stderr, server.output), daemon=True).start()
-        ready = threading.Event()
 
         def read_stdout() -> None:
             for line in process.stdout:  # type: ignore[union-attr]
                 if line.startswith("READY "):
                     fields = dict(part.split("=", 1) for part in line.split()[1:])
                     server.endpoint, server.dht_addr = fields["endpoint"], fields["dht"]
-                    ready.set()
+                    server.ready.set()
 
         threading.Thread(target=read_stdout, daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout
-        while not ready.wait(0.1):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                tail = "".join(server.output[-15:])
-                raise LaunchError(f"server for blocks {span[0]}:{span[1]} did not start:\n{tail}")
         return server
+
+    def _wait_ready(self, server: ServerProcess) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not server.ready.wait(0.1):
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                server.process.kill()
+                tail = "".join(server.output[-15:])
+                raise LaunchError(f"server for blocks {server.blocks[0]}:{server.blocks[1]} did not start:\n{tail}")
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         self.servers[index].process.send_signal(sig)

@@ -59,11 +59,13 @@ def test_sampling_matches_local_with_same_seed(remote: RemoteModelForCausalLM, t
     local = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     prompt = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(11)
-    want = local.generate(prompt, max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-                          eos_token_id=None)
+    want = local.generate(
+        prompt, max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, eos_token_id=None
+    )
     torch.manual_seed(11)
-    got = remote.generate(prompt, max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-                          eos_token_id=None)
+    got = remote.generate(
+        prompt, max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, eos_token_id=None
+    )
     assert torch.equal(got, want)
 
 

@@ -64,8 +64,13 @@ class RemoteModelForCausalLM(nn.Module):
         """Load the client parts of the checkpoint at `path` and join the swarm through
         `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints)."""
         checkpoint = Checkpoint.open(path)
-        swarm = Swarm(model_id=model_id or checkpoint.model_id, initial_peers=initial_peers, servers=servers,
-                      bans=bans, timeout=timeout)
+        swarm = Swarm(
+            model_id=model_id or checkpoint.model_id,
+            initial_peers=initial_peers,
+            servers=servers,
+            bans=bans,
+            timeout=timeout,
+        )
         return cls(checkpoint, swarm, wire_dtype=wire_dtype)
 
     def close(self) -> None:
@@ -88,15 +93,23 @@ class RemoteModelForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
     # -- generation --------------------------------------------------------------------------
 
     def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self.swarm, start=0, end=self.num_blocks, max_length=max_length,
-                                batch_size=batch_size, wire_dtype=self.wire_dtype)
+        return InferenceSession(
+            self.swarm,
+            start=0,
+            end=self.num_blocks,
+            max_length=max_length,
+            batch_size=batch_size,
+            wire_dtype=self.wire_dtype,
+        )
 
     @torch.no_grad()
     def generate(
@@ -148,7 +161,7 @@ class RemoteModelForCausalLM(nn.Module):
                 hidden = session.step(hidden)
                 scores = self.client_parts.head(hidden[:, -1:])[:, -1].to(torch.float32)
                 if do_sample:
-                    scores = warpers(ids, scores)
+                    scores = warpers(ids, scores)  # type: ignore[arg-type]
                     probs = nn.functional.softmax(scores, dim=-1)
                     tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
                 else:

@@ -121,12 +121,14 @@ class Router:
         bans: BanList | None = None,
         refresh_period: float = 5.0,
         rng: random.Random | None = None,
+        jitter: float = 0.1,
     ) -> None:
         self._source = source
         self._rtt_ms = rtt_ms
         self.bans = bans or BanList()
         self.refresh_period = refresh_period
         self._rng = rng or random.Random()
+        self.jitter = jitter  # +-fraction of random cost noise, so equal replicas share load
         self._records: list[ServerRecord] = []
         self._fetched_at = -float("inf")
         self._in_flight: dict[str, int] = {}
@@ -150,7 +152,8 @@ class Router:
         def cost(record: ServerRecord, a: int, b: int) -> float:
             load = 1 + self._in_flight.get(record.endpoint, 0)
             per_block = 1000.0 / max(record.throughput, 1e-6)
-            return (per_block * (b - a) * load + self._rtt_ms(record)) * self._rng.uniform(0.9, 1.1)
+            noise = self._rng.uniform(1 - self.jitter, 1 + self.jitter)
+            return (per_block * (b - a) * load + self._rtt_ms(record)) * noise
 
         return self._route(start, end, cost)
 

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class RemoteSequential:
-    def __init__(self, swarm: Swarm, *, num_blocks: int, wire_dtype: torch.dtype | None = None,
-                 max_retries: int = 4) -> None:
+    def __init__(
+        self, swarm: Swarm, *, num_blocks: int, wire_dtype: torch.dtype | None = None, max_retries: int = 4
+    ) -> None:
         self.swarm = swarm
         self.num_blocks = num_blocks
         self.wire_dtype = wire_dtype
@@ -36,7 +37,9 @@ class RemoteSequential:
         out, _ = self.forward_with_trace(hidden, start, end)
         return out
 
-    def forward_with_trace(self, hidden: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+    def forward_with_trace(
+        self, hidden: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
         """The output, and each hop with the input it was given (what backward needs)."""
         trace: list[tuple[Hop, torch.Tensor]] = []
         x, at, failures = hidden.detach(), start, 0
@@ -56,8 +59,15 @@ class RemoteSequential:
             grad = self._backward_span(x, grad, hop.start, hop.end, preferred=hop)
         return grad
 
-    def _backward_span(self, x: torch.Tensor, grad: torch.Tensor, start: int, end: int,
-                       preferred: Hop | None = None, failures: int = 0) -> torch.Tensor:
+    def _backward_span(
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        start: int,
+        end: int,
+        preferred: Hop | None = None,
+        failures: int = 0,
+    ) -> torch.Tensor:
         hop = preferred
         while True:
             if hop is None:
@@ -78,8 +88,9 @@ class RemoteSequential:
         router.begin(hop.endpoint)
         try:
             if method == "forward":
-                out = stub.forward(x, model_id=self.swarm.model_id, start=hop.start, end=hop.end,
-                                   wire_dtype=self.wire_dtype)
+                out = stub.forward(
+                    x, model_id=self.swarm.model_id, start=hop.start, end=hop.end, wire_dtype=self.wire_dtype
+                )
             else:
                 if grad is None:
                     raise RoutingError("backward needs a gradient")
@@ -91,8 +102,14 @@ class RemoteSequential:
 
     def _failed(self, hop: Hop, exc: Exception, failures: int) -> int:
         duration = self.swarm.router.bans.ban(hop.endpoint)
-        log.warning("server %s failed on blocks %d:%d (%s); banned for %.1f s", hop.endpoint, hop.start, hop.end,
-                    exc, duration)
+        log.warning(
+            "server %s failed on blocks %d:%d (%s); banned for %.1f s",
+            hop.endpoint,
+            hop.start,
+            hop.end,
+            exc,
+            duration,
+        )
         failures += 1
         if failures > self.max_retries:
             raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc

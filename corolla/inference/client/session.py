@@ -33,8 +33,17 @@ class _Link:
 class InferenceSession:
     """Steps of `(B, T, H)` hidden states through blocks `[start, end)`, cached remotely."""
 
-    def __init__(self, swarm: Swarm, *, start: int, end: int, max_length: int, batch_size: int = 1,
-                 wire_dtype: torch.dtype | None = None, max_retries: int = 4) -> None:
+    def __init__(
+        self,
+        swarm: Swarm,
+        *,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int = 1,
+        wire_dtype: torch.dtype | None = None,
+        max_retries: int = 4,
+    ) -> None:
         self.swarm = swarm
         self.start = start
         self.end = end
@@ -107,8 +116,12 @@ class InferenceSession:
 
     def _open(self, hop: Hop) -> SessionStream:
         return self.swarm.stub(hop.endpoint).open_session(
-            session_id=uuid.uuid4().hex, model_id=self.swarm.model_id, start=hop.start, end=hop.end,
-            max_length=self.max_length, batch_size=self.batch_size,
+            session_id=uuid.uuid4().hex,
+            model_id=self.swarm.model_id,
+            start=hop.start,
+            end=hop.end,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
         )
 
     def _replace(self, index: int, exc: Exception, failures: int) -> None:
@@ -133,13 +146,24 @@ class InferenceSession:
                     link.stream.close()
                 failures += 1
                 self._ban(links[done].hop, exc2, failures)
-        log.info("blocks %d:%d moved to %s after %s", old.hop.start, old.hop.end,
-                 ", ".join(link.hop.endpoint for link in links), exc)
+        log.info(
+            "blocks %d:%d moved to %s after %s",
+            old.hop.start,
+            old.hop.end,
+            ", ".join(link.hop.endpoint for link in links),
+            exc,
+        )
         self._links[index : index + 1] = links
 
     def _ban(self, hop: Hop, exc: Exception, failures: int) -> None:
         duration = self.swarm.router.bans.ban(hop.endpoint)
-        log.warning("server %s failed on blocks %d:%d (%s); banned for %.1f s", hop.endpoint, hop.start, hop.end,
-                    exc, duration)
+        log.warning(
+            "server %s failed on blocks %d:%d (%s); banned for %.1f s",
+            hop.endpoint,
+            hop.start,
+            hop.end,
+            exc,
+            duration,
+        )
         if failures > self.max_retries:
             raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc

@@ -7,14 +7,19 @@ measured once per server with an `Info` call and kept; routing uses them.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
+
+import pydantic
 
 from corolla.inference.client.routing import BanList, Router
 from corolla.inference.client.transport import ServerStub
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import InferenceError, RoutingError
+
+log = logging.getLogger(__name__)
 
 
 class Swarm:
@@ -49,8 +54,9 @@ class Swarm:
     def stub(self, endpoint: str) -> ServerStub:
         with self._lock:
             if endpoint not in self._stubs:
-                self._stubs[endpoint] = ServerStub(endpoint, max_message_bytes=self.max_message_bytes,
-                                                   timeout=self.timeout)
+                self._stubs[endpoint] = ServerStub(
+                    endpoint, max_message_bytes=self.max_message_bytes, timeout=self.timeout
+                )
             return self._stubs[endpoint]
 
     def rtt_ms(self, record: ServerRecord) -> float:
@@ -76,12 +82,24 @@ class Swarm:
             if info.model_id != self.model_id:
                 continue
             now = time.time()
-            records.append(ServerRecord(
-                node_id=info.node_id, endpoint=endpoint, model_id=info.model_id, start=info.start, end=info.end,
-                throughput=info.throughput, step_ms_per_block=info.step_ms_per_block,
-                free_cache_bytes=info.free_cache_bytes, dtype=info.dtype, quant=info.quant or None,
-                updated_at=now, expires_at=now + 3600,
-            ))
+            fields = {
+                "node_id": info.node_id,
+                "endpoint": endpoint,
+                "model_id": info.model_id,
+                "start": info.start,
+                "end": info.end,
+                "throughput": info.throughput,
+                "step_ms_per_block": info.step_ms_per_block,
+                "free_cache_bytes": info.free_cache_bytes,
+                "dtype": info.dtype,
+                "quant": info.quant or None,
+                "updated_at": now,
+                "expires_at": now + 3600,
+            }
+            try:  # a server's self-description is network input: validated like a DHT record
+                records.append(ServerRecord.model_validate(fields))
+            except pydantic.ValidationError as exc:
+                log.warning("ignoring server %s: invalid Info reply: %s", endpoint, exc)
         return records
 
     def close(self) -> None:

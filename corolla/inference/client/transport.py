@@ -22,11 +22,8 @@ from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.tensors import deserialize, serialize
 
-
 _BY_NAME: dict[str, type[InferenceError]] = {
-    cls.__name__: cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, InferenceError)
+    cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, InferenceError)
 }
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -63,30 +60,52 @@ class ServerStub:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.endpoint) from None
 
-    def forward(self, hidden: torch.Tensor, *, model_id: str, start: int, end: int,
-                wire_dtype: torch.dtype | None = None) -> torch.Tensor:
-        request = pb.ForwardRequest(model_id=model_id, start=start, end=end,
-                                    hidden=serialize(hidden, wire_dtype=wire_dtype))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        model_id: str,
+        start: int,
+        end: int,
+        wire_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        request = pb.ForwardRequest(
+            model_id=model_id, start=start, end=end, hidden=serialize(hidden, wire_dtype=wire_dtype)
+        )
         try:
             response = self._stub.Forward(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.endpoint) from None
         return deserialize(response.hidden, name="hidden", shape=tuple(hidden.shape)).to(hidden.dtype)
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, *, model_id: str, start: int,
-                 end: int) -> torch.Tensor:
-        request = pb.BackwardRequest(model_id=model_id, start=start, end=end, hidden=serialize(hidden),
-                                     grad_output=serialize(grad_output))
+    def backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, *, model_id: str, start: int, end: int
+    ) -> torch.Tensor:
+        request = pb.BackwardRequest(
+            model_id=model_id,
+            start=start,
+            end=end,
+            hidden=serialize(hidden),
+            grad_output=serialize(grad_output),
+        )
         try:
             response = self._stub.Backward(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.endpoint) from None
         return deserialize(response.grad_input, name="grad_input", shape=tuple(hidden.shape))
 
-    def open_session(self, *, session_id: str, model_id: str, start: int, end: int, max_length: int,
-                     batch_size: int) -> SessionStream:
-        return SessionStream(self, session_id=session_id, model_id=model_id, start=start, end=end,
-                             max_length=max_length, batch_size=batch_size)
+    def open_session(
+        self, *, session_id: str, model_id: str, start: int, end: int, max_length: int, batch_size: int
+    ) -> SessionStream:
+        return SessionStream(
+            self,
+            session_id=session_id,
+            model_id=model_id,
+            start=start,
+            end=end,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
 
 
 _CLOSE = object()
@@ -95,19 +114,31 @@ _CLOSE = object()
 class SessionStream:
     """One server-side inference session: a bidirectional stream, one reply per step."""
 
-    def __init__(self, stub: ServerStub, *, session_id: str, model_id: str, start: int, end: int,
-                 max_length: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        stub: ServerStub,
+        *,
+        session_id: str,
+        model_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+    ) -> None:
         self.stub = stub
         self.session_id = session_id
         self.start = start
         self.end = end
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = threading.Event()
-        self._requests.put(pb.InferenceRequest(
-            session_id=session_id,
-            open=pb.OpenSession(model_id=model_id, start=start, end=end, max_length=max_length,
-                                batch_size=batch_size),
-        ))
+        self._requests.put(
+            pb.InferenceRequest(
+                session_id=session_id,
+                open=pb.OpenSession(
+                    model_id=model_id, start=start, end=end, max_length=max_length, batch_size=batch_size
+                ),
+            )
+        )
         self._call = stub._stub.Inference(self._request_iter())
         self._responses: Iterator[pb.InferenceResponse] = self._call
         self._next()  # the server's acknowledgement of `open`, or its refusal
@@ -128,9 +159,12 @@ class SessionStream:
             raise error_from_rpc(exc, self.stub.endpoint) from None
 
     def step(self, hidden: torch.Tensor, position: int, *, wire_dtype: torch.dtype | None = None) -> torch.Tensor:
-        self._requests.put(pb.InferenceRequest(
-            session_id=self.session_id, step=pb.Step(hidden=serialize(hidden, wire_dtype=wire_dtype),
-                                                     position=position)))
+        self._requests.put(
+            pb.InferenceRequest(
+                session_id=self.session_id,
+                step=pb.Step(hidden=serialize(hidden, wire_dtype=wire_dtype), position=position),
+            )
+        )
         response = self._next()
         return deserialize(response.hidden, name="hidden", shape=tuple(hidden.shape)).to(hidden.dtype)
 

@@ -130,6 +130,4 @@ def _key_files(root: Path) -> dict[str, Path]:
     if (root / _SINGLE).is_file():
         with safe_open(str(root / _SINGLE), framework="pt") as handle:
             return dict.fromkeys(handle.keys(), root / _SINGLE)
-    raise ModelLoadError(
-        f"{str(root)!r} has no {_SINGLE} or {_INDEX}; Corolla reads safetensors checkpoints only"
-    )
+    raise ModelLoadError(f"{str(root)!r} has no {_SINGLE} or {_INDEX}; Corolla reads safetensors checkpoints only")

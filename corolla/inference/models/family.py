@@ -16,7 +16,6 @@ from transformers import PretrainedConfig
 
 from corolla.inference.models.kv_cache import LayerCache
 
-
 PositionEncoder = Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 

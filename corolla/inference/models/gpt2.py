@@ -87,8 +87,11 @@ class GPT2Client(ClientParts):
         super().__init__()
         self.wte = nn.Embedding.from_pretrained(tensors["wte"], freeze=True)
         self.wpe = nn.Embedding.from_pretrained(tensors["wpe"], freeze=True)
-        self.ln_f = _layer_norm({"w.weight": tensors["ln_f.weight"], "w.bias": tensors["ln_f.bias"]}, "w",
-                                float(config.layer_norm_epsilon))
+        self.ln_f = _layer_norm(
+            {"w.weight": tensors["ln_f.weight"], "w.bias": tensors["ln_f.bias"]},
+            "w",
+            float(config.layer_norm_epsilon),
+        )
         self.lm_head = linear_from(tensors.get("lm_head", tensors["wte"]), None)
         self.max_positions = int(config.n_positions)
 

@@ -154,7 +154,7 @@ class LlamaFamily(ModelFamily):
         return n_kv, head_dim
 
     def position_encoder(self, config: PretrainedConfig) -> PositionEncoder:
-        rotary = LlamaRotaryEmbedding(config)  # Hugging Face's: it knows every rope scaling type
+        rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]  # Hugging Face's: it knows every rope scaling type
 
         def encode(positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
             cos, sin = rotary(torch.empty(0, dtype=dtype), positions)  # each (1, T, D)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
-import secrets
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +100,16 @@ class BlockServer:
             span, model_id=model_id, hidden_size=checkpoint.hidden_size, dtype=dtype, quant=cfg.quant
         )
         throughput, step_ms = measure(self.backend)
-        log.info("serving %s blocks %d:%d (%s%s): %.0f tok/s/block, %.3f ms/step/block", model_id, start, end,
-                 cfg.dtype, f", {cfg.quant}" if cfg.quant else "", throughput, step_ms)
+        log.info(
+            "serving %s blocks %d:%d (%s%s): %.0f tok/s/block, %.3f ms/step/block",
+            model_id,
+            start,
+            end,
+            cfg.dtype,
+            f", {cfg.quant}" if cfg.quant else "",
+            throughput,
+            step_ms,
+        )
         limits = ServiceLimits(
             max_message_bytes=cfg.max_message_bytes,
             max_sessions=cfg.max_sessions,
@@ -109,8 +117,9 @@ class BlockServer:
             max_length=cfg.max_length,
         )
         self.servicer = BlockServicer(
-            self.backend, limits=limits, stats=NodeStats(node_id=node_id, throughput=throughput,
-                                                         step_ms_per_block=step_ms)
+            self.backend,
+            limits=limits,
+            stats=NodeStats(node_id=node_id, throughput=throughput, step_ms_per_block=step_ms),
         )
         # each open inference stream holds a worker thread for its lifetime
         workers = cfg.max_sessions + 16

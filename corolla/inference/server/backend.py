@@ -48,9 +48,7 @@ class SpanBackend:
 
     def check_hidden(self, hidden: torch.Tensor, name: str = "hidden") -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise BadRequestError(
-                f"{name}: shape {tuple(hidden.shape)} is not (batch, tokens, {self.hidden_size})"
-            )
+            raise BadRequestError(f"{name}: shape {tuple(hidden.shape)} is not (batch, tokens, {self.hidden_size})")
         if hidden.shape[0] == 0 or hidden.shape[1] == 0:
             raise BadRequestError(f"{name}: empty batch or sequence {tuple(hidden.shape)}")
         if not torch.isfinite(hidden).all():
@@ -76,16 +74,14 @@ class SpanBackend:
         return grad.to(hidden.dtype)
 
     def new_cache(self, start: int, end: int, *, batch_size: int, max_length: int) -> SpanCache:
-        return self.span.new_cache(start=start, end=end, batch_size=batch_size, max_length=max_length,
-                                   dtype=self.dtype)
+        return self.span.new_cache(start=start, end=end, batch_size=batch_size, max_length=max_length, dtype=self.dtype)
 
     def cache_bytes(self, start: int, end: int, *, batch_size: int, max_length: int) -> int:
-        return self.span.cache_bytes(start=start, end=end, batch_size=batch_size, max_length=max_length,
-                                     dtype=self.dtype)
+        return self.span.cache_bytes(
+            start=start, end=end, batch_size=batch_size, max_length=max_length, dtype=self.dtype
+        )
 
-    def step(
-        self, hidden: torch.Tensor, *, cache: SpanCache, position: int, start: int, end: int
-    ) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, *, cache: SpanCache, position: int, start: int, end: int) -> torch.Tensor:
         """Run `T` new tokens at `position..position+T` through the cached session."""
         self.check_hidden(hidden)
         if hidden.shape[0] != cache.batch_size:

@@ -7,6 +7,7 @@ exception into INTERNAL after logging it: a bad request never takes the server d
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from corolla.inference.errors import (
     MaxLengthExceededError,
     SessionNotFoundError,
 )
+from corolla.inference.models.kv_cache import SpanCache
 from corolla.inference.server.backend import SpanBackend
 from corolla.inference.server.sessions import SessionRegistry
 from corolla.inference.wire import blocks_pb2 as pb
@@ -49,14 +51,23 @@ class NodeStats:
     step_ms_per_block: float
 
 
+@dataclass(slots=True)
+class _Session:
+    """An open inference session: its blocks, its cache, how many tokens it holds."""
+
+    session_id: str
+    start: int
+    end: int
+    cache: SpanCache
+    length: int = 0
+
+
 class BlockServicer(pb_grpc.BlockServiceServicer):
     def __init__(self, backend: SpanBackend, *, limits: ServiceLimits, stats: NodeStats) -> None:
         self.backend = backend
         self.limits = limits
         self.stats = stats
-        self.sessions = SessionRegistry(
-            max_sessions=limits.max_sessions, cache_budget_bytes=limits.cache_budget_bytes
-        )
+        self.sessions = SessionRegistry(max_sessions=limits.max_sessions, cache_budget_bytes=limits.cache_budget_bytes)
 
     # -- unary -----------------------------------------------------------------------------
 
@@ -101,48 +112,45 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def Inference(
         self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.InferenceResponse]:
-        session_id: str | None = None
-        try:
-            first = next(request_iterator, None)
-            if first is None:
-                return
-            open_msg = _guard(lambda: self._check_open(first), context)
-            session_id = first.session_id
-            nbytes = self.backend.cache_bytes(
-                open_msg.start, open_msg.end, batch_size=open_msg.batch_size, max_length=open_msg.max_length
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        opened = _guard(lambda: self._check_open(first), context)
+        nbytes = self.backend.cache_bytes(
+            opened.start, opened.end, batch_size=opened.batch_size, max_length=opened.max_length
+        )
+        _guard(lambda: self.sessions.reserve(first.session_id, nbytes), context)
+        try:  # from here on the reservation is ours: released however the stream ends
+            session = _Session(
+                session_id=first.session_id,
+                start=opened.start,
+                end=opened.end,
+                cache=self.backend.new_cache(
+                    opened.start, opened.end, batch_size=opened.batch_size, max_length=opened.max_length
+                ),
             )
-            _guard(lambda: self.sessions.reserve(first.session_id, nbytes), context)
-            cache = self.backend.new_cache(
-                open_msg.start, open_msg.end, batch_size=open_msg.batch_size, max_length=open_msg.max_length
-            )
-            length = 0
-            yield pb.InferenceResponse(session_id=session_id, length=0)
+            yield pb.InferenceResponse(session_id=session.session_id, length=0)
             for request in request_iterator:
-
-                def run(request: pb.InferenceRequest = request) -> tuple[pb.InferenceResponse, int]:
-                    if request.session_id != session_id:
-                        raise SessionNotFoundError(
-                            f"session {request.session_id!r} is not open on this stream (open: {session_id!r})"
-                        )
-                    if request.WhichOneof("kind") != "step":
-                        raise BadRequestError("a session is opened once; later messages must be steps")
-                    step = request.step
-                    if step.position > length:
-                        raise BadRequestError(
-                            f"step position {step.position} is past the session's length {length}"
-                        )
-                    hidden = self._hidden(step.hidden, "hidden")
-                    out = self.backend.step(
-                        hidden, cache=cache, position=step.position, start=open_msg.start, end=open_msg.end
-                    )
-                    new_length = step.position + hidden.shape[1]
-                    return pb.InferenceResponse(session_id=session_id, hidden=serialize(out), length=new_length), new_length
-
-                response, length = _guard(run, context)
-                yield response
+                yield _guard(functools.partial(self._step, session, request), context)
         finally:
-            if session_id is not None:
-                self.sessions.release(session_id)
+            self.sessions.release(first.session_id)
+
+    def _step(self, session: _Session, request: pb.InferenceRequest) -> pb.InferenceResponse:
+        if request.session_id != session.session_id:
+            raise SessionNotFoundError(
+                f"session {request.session_id!r} is not open on this stream (open: {session.session_id!r})"
+            )
+        if request.WhichOneof("kind") != "step":
+            raise BadRequestError("a session is opened once; later messages must be steps")
+        step = request.step
+        if step.position > session.length:
+            raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
+        hidden = self._hidden(step.hidden, "hidden")
+        out = self.backend.step(
+            hidden, cache=session.cache, position=step.position, start=session.start, end=session.end
+        )
+        session.length = step.position + hidden.shape[1]
+        return pb.InferenceResponse(session_id=session.session_id, hidden=serialize(out), length=session.length)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -165,8 +173,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
 
     def _hidden(self, message: pb.Tensor, name: str) -> torch.Tensor:
         max_elements = self.limits.max_message_bytes // 2
-        return deserialize(message, name=name, shape=(None, None, self.backend.hidden_size),
-                           max_elements=max_elements)
+        return deserialize(message, name=name, shape=(None, None, self.backend.hidden_size), max_elements=max_elements)
 
 
 def _guard(run: Callable[[], T], context: grpc.ServicerContext) -> T:

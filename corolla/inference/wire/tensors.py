@@ -55,10 +55,11 @@ def deserialize(
     got = tuple(int(d) for d in message.shape)
     if any(d < 0 for d in got):
         raise BadRequestError(f"{name}: negative dimension in shape {got}")
-    if shape is not None:
-        if len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got, strict=False)):
-            expected = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
-            raise BadRequestError(f"{name}: shape {got} does not match the expected {expected}")
+    if shape is not None and (
+        len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got, strict=False))
+    ):
+        expected = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+        raise BadRequestError(f"{name}: shape {got} does not match the expected {expected}")
     elements = 1
     for d in got:
         elements *= d

@@ -20,13 +20,18 @@ from corolla.platform.local_swarm import LocalSwarm, even_spans
 from corolla.platform.workspace import default_model, resolve_workspace
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("generate", help="generate text through the swarm")
     p.add_argument("prompt", nargs="?", default="The patient presented with", help="text to continue")
     p.add_argument("--model", help="checkpoint directory (client parts and tokenizer); default: tiny Llama")
     p.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="DHT peer (repeatable)")
-    p.add_argument("--servers", action="append", default=[], metavar="HOST:PORT",
-                   help="block server endpoint, without the DHT (repeatable)")
+    p.add_argument(
+        "--servers",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="block server endpoint, without the DHT (repeatable)",
+    )
     p.add_argument("--local-servers", type=int, default=2, help="servers of the embedded swarm (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -44,13 +49,16 @@ def run(args: argparse.Namespace) -> int:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
             blocks = Checkpoint.open(model_dir).num_blocks
-            print(f"starting an embedded swarm of {args.local_servers} servers on {model_dir} ...",
-                  file=sys.stderr, flush=True)
-            swarm = stack.enter_context(LocalSwarm(model_dir, even_spans(blocks, args.local_servers),
-                                                   torch_threads=1))
+            print(
+                f"starting an embedded swarm of {args.local_servers} servers on {model_dir} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            swarm = stack.enter_context(LocalSwarm(model_dir, even_spans(blocks, args.local_servers), torch_threads=1))
             peers = swarm.initial_peers
-        model = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers,
-                                                                           servers=servers))
+        model = stack.enter_context(
+            RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers)
+        )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer)

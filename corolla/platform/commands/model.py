@@ -7,7 +7,7 @@ import argparse
 from corolla.inference.models.tiny import ARCHES, TinySpec, init_tiny
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     model = sub.add_parser("model", help="model checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     tiny = model_sub.add_parser("init-tiny", help="write a small random checkpoint with a local tokenizer")

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from corolla.inference.errors import BadRequestError
-from corolla.inference.server.app import MiB, BlockServer, ServerConfig
+from corolla.inference.server.app import BlockServer, MiB, ServerConfig
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -22,7 +22,7 @@ def parse_span(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--blocks must look like START:END (e.g. 4:8), got {text!r}") from None
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("serve", help="serve a span of transformer blocks")
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
     p.add_argument("--blocks", type=parse_span, help="span START:END; default: the least-served span")
@@ -33,8 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
     p.add_argument("--announce-host", help="address to announce, if not --host")
     p.add_argument("--dht-port", type=int, default=0, help="libp2p port (default: any free port)")
-    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                   help="DHT peer to join (repeatable); none = be a bootstrap peer")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="DHT peer to join (repeatable); none = be a bootstrap peer",
+    )
     p.add_argument("--no-dht", action="store_true", help="serve by address only, without the DHT")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
@@ -73,13 +78,18 @@ def run(args: argparse.Namespace) -> int:
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    backend = server.backend
+    record = server.record()
     dht = server.dht.addrs[0] if server.dht is not None else "-"
     # One machine-readable line (launchers wait for it), then the human one.
-    print(f"READY endpoint={server.endpoint} dht={dht} blocks={backend.start}:{backend.end}"  # type: ignore[union-attr]
-          f" model_id={backend.model_id}", flush=True)  # type: ignore[union-attr]
-    print(f"serving blocks {backend.start}:{backend.end} of {backend.model_id} at {server.endpoint}; "  # type: ignore[union-attr]
-          "Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(
+        f"READY endpoint={server.endpoint} dht={dht} blocks={record.start}:{record.end} model_id={record.model_id}",
+        flush=True,
+    )
+    print(
+        f"serving blocks {record.start}:{record.end} of {record.model_id} at {server.endpoint}; Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
     stopped.wait()
     server.stop()
     return 0

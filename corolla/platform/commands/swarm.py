@@ -13,7 +13,7 @@ from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     swarm = sub.add_parser("swarm", help="the DHT: run a bootstrap peer, show servers")
     swarm_sub = swarm.add_subparsers(dest="swarm_command", required=True)
     boot = swarm_sub.add_parser("bootstrap", help="run a bare DHT peer that others can join through")
@@ -35,8 +35,11 @@ def run_bootstrap(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopped.set())
     with DhtNode(host=args.host, port=args.port, bootstrap=args.bootstrap) as node:
         print(f"READY dht={node.addrs[0]}", flush=True)
-        print(f"bootstrap peer {node.peer_id} listening; join with --bootstrap {node.addrs[0]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"bootstrap peer {node.peer_id} listening; join with --bootstrap {node.addrs[0]}",
+            file=sys.stderr,
+            flush=True,
+        )
         stopped.wait()
     return 0
 
@@ -56,13 +59,16 @@ def run_status(args: argparse.Namespace) -> int:
 def format_status(model_id: str, records: list[ServerRecord], num_blocks: int | None) -> str:
     now = time.time()
     lines = [f"model {model_id}: {len(records)} server(s)"]
-    header = f"{'endpoint':<22} {'blocks':>9} {'dtype':>9} {'quant':>5} {'tok/s/blk':>10} {'ms/step/blk':>11} " \
-             f"{'free cache':>11} {'expires':>8}  node"
+    header = (
+        f"{'endpoint':<22} {'blocks':>9} {'dtype':>9} {'quant':>5} {'tok/s/blk':>10} {'ms/step/blk':>11} "
+        f"{'free cache':>11} {'expires':>8}  node"
+    )
     lines.append(header)
     for r in sorted(records, key=lambda r: (r.start, r.end, r.endpoint)):
         lines.append(
             f"{r.endpoint:<22} {f'{r.start}:{r.end}':>9} {r.dtype:>9} {r.quant or '-':>5} {r.throughput:>10.0f} "
-            f"{r.step_ms_per_block:>11.3f} {r.free_cache_bytes / 2**20:>9.0f}Mi {r.expires_at - now:>7.0f}s  {r.node_id}"
+            f"{r.step_ms_per_block:>11.3f} {r.free_cache_bytes / 2**20:>9.0f}Mi {r.expires_at - now:>7.0f}s"
+            f"  {r.node_id}"
         )
     total = num_blocks if num_blocks is not None else max((r.end for r in records), default=0)
     covered = [0] * total

@@ -24,8 +24,10 @@ def test_round_trip_is_bit_exact(shape: list[int], dtype: torch.dtype, seed: int
     tensor = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     back = deserialize(serialize(tensor), name="x")
     assert back.dtype == dtype and back.shape == tensor.shape
-    assert torch.equal(back.view(-1).view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1),
-                       tensor.view(-1).view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1))
+    assert torch.equal(
+        back.view(-1).view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1),
+        tensor.view(-1).view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1),
+    )
 
 
 def test_known_bytes() -> None:
@@ -49,7 +51,10 @@ def test_wire_dtype_casts() -> None:
         (pb.Tensor(dtype="float32", shape=[1, 2, 4], data=b"\0" * 31), "truncated"),
         (pb.Tensor(dtype="float32", shape=[1, 2, 4], data=b"\0" * 33), "truncated or padded"),
         (pb.Tensor(dtype="float32", shape=[-1, 1, 4], data=b""), "negative dimension"),
-        (pb.Tensor(dtype="float32", shape=[1, 2, 5], data=b"\0" * 40), r"does not match the expected \(\*, \*, 4\)"),
+        (
+            pb.Tensor(dtype="float32", shape=[1, 2, 5], data=b"\0" * 40),
+            r"does not match the expected \(\*, \*, 4\)",
+        ),
         (pb.Tensor(dtype="float32", shape=[4], data=b"\0" * 16), "does not match"),
     ],
 )

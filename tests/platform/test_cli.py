@@ -1,0 +1,100 @@
+"""The `platform` command line: the embedded default, exit codes, status output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corolla.inference.discovery import ServerRecord
+from corolla.platform.cli import main
+from corolla.platform.commands.swarm import format_status
+
+
+def run_cli(*args: str, workspace: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COROLLA_WORKSPACE=str(workspace))
+    return subprocess.run(
+        [sys.executable, "-m", "corolla", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_init_tiny_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "init-tiny", str(tmp_path / "g"), "--arch", "gpt2", "--layers", "2"]) == 0
+    assert "tiny gpt2" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "g")
+    assert model.config.n_layer == 2
+    ids = tokenizer("fever and cough").input_ids
+    assert tokenizer.decode(ids) == "fever and cough"
+
+
+@pytest.mark.e2e
+def test_generate_with_no_arguments_runs_an_embedded_swarm(tmp_path: Path) -> None:
+    result = run_cli("generate", "--max-new-tokens", "8", workspace=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The patient presented with")
+    assert len(result.stdout.strip()) > len("The patient presented with")
+    assert "embedded swarm of 2 servers" in result.stderr
+    assert (tmp_path / "models" / "tiny-llama" / "config.json").is_file()
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--no-dht"]) == 4
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_span_syntax_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "x", "--blocks", "4"])
+    assert info.value.code == 2
+    assert "START:END" in capsys.readouterr().err
+
+
+def test_bad_bootstrap_address_is_a_clear_error(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["serve", "--model", str(tiny_llama), "--blocks", "0:2", "--bootstrap", "not-a-multiaddr"])
+    assert code == 6
+    assert "not-a-multiaddr" in capsys.readouterr().err
+
+
+def test_status_names_uncovered_blocks() -> None:
+    now = time.time()
+    records = [
+        ServerRecord(
+            node_id="QmA",
+            endpoint="127.0.0.1:5001",
+            model_id="m",
+            start=0,
+            end=2,
+            throughput=900.0,
+            step_ms_per_block=0.2,
+            free_cache_bytes=2**30,
+            dtype="float32",
+            quant=None,
+            updated_at=now,
+            expires_at=now + 30,
+        ),
+        ServerRecord(
+            node_id="QmB",
+            endpoint="127.0.0.1:5002",
+            model_id="m",
+            start=3,
+            end=5,
+            throughput=800.0,
+            step_ms_per_block=0.3,
+            free_cache_bytes=2**29,
+            dtype="bfloat16",
+            quant="nf4",
+            updated_at=now,
+            expires_at=now + 30,
+        ),
+    ]
+    text = format_status("m", records, 6)
+    assert "2 server(s)" in text
+    assert "NOT covered: 2:3, 5:6" in text
+    assert "servers per block: 1 1 0 1 1 0" in text
+    assert "127.0.0.1:5002" in text and "nf4" in text
