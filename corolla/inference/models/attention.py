@@ -27,18 +27,16 @@ def causal_attention(
     """query `(B, n_heads, T, D)`, key/value `(B, n_kv, T, D)` -> `(B, T, n_heads * D)`."""
     if cache is not None:
         key, value = cache.write(offset, key, value)
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
+    # grouped-query attention (fewer kv heads than query heads) is SDPA's `enable_gqa`
+    gqa = query.shape[1] != key.shape[1]
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
     elif kv_len == q_len:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         rows = torch.arange(q_len).unsqueeze(1) + (kv_len - q_len)
         mask = torch.arange(kv_len).unsqueeze(0) <= rows  # (T, kv_len), True = may attend
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
     batch = out.shape[0]
     return out.transpose(1, 2).reshape(batch, q_len, -1)

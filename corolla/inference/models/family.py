@@ -16,7 +16,8 @@ from transformers import PretrainedConfig
 
 from corolla.inference.models.kv_cache import LayerCache
 
-PositionEncoder = Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+# (offset, length, dtype) -> (cos, sin), each (1, length, head_dim)
+PositionEncoder = Callable[[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Block(nn.Module, ABC):
@@ -80,8 +81,8 @@ class ModelFamily(ABC):
         return int(config.hidden_size)
 
     def position_encoder(self, config: PretrainedConfig) -> PositionEncoder | None:
-        """Position encoding applied inside the blocks, as a function of `(1, T)` absolute
-        positions; None if the family adds positions at the embedding instead."""
+        """Position encoding applied inside the blocks, for `length` positions from `offset`;
+        None if the family adds positions at the embedding instead."""
         return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -19,6 +20,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from corolla.inference.models.attention import causal_attention
 from corolla.inference.models.family import Block, ClientParts, ModelFamily, PositionEncoder, linear_from
 from corolla.inference.models.kv_cache import LayerCache
+
+
+# rope types whose frequencies change with the sequence length: computed per call
+_LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +36,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel; equal to the formula below within float32 rounding
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -68,8 +76,8 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in rope)  # (1, 1, T, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qk = torch.cat((q, k), dim=1)  # rotate queries and keys in one pass: (B, nh + nkv, T, D)
+        q, k = (qk * cos + _rotate_half(qk) * sin).split([q.shape[1], k.shape[1]], dim=1)
         out = causal_attention(q, k, v, scale=self.head_dim**-0.5, cache=cache, offset=offset)
         return self.o_proj(out)
 
@@ -156,8 +164,26 @@ class LlamaFamily(ModelFamily):
     def position_encoder(self, config: PretrainedConfig) -> PositionEncoder:
         rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]  # Hugging Face's: it knows every rope scaling type
 
-        def encode(positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(offset: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            positions = torch.arange(offset, offset + length).unsqueeze(0)
             cos, sin = rotary(torch.empty(0, dtype=dtype), positions)  # each (1, T, D)
             return cos, sin
 
-        return encode
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type in _LENGTH_DEPENDENT_ROPE:
+            return encode
+        # Static rope types: one table for every position, sliced per call (a decode step
+        # then costs two slices instead of a dozen small kernels).
+        tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        max_positions = int(config.max_position_embeddings)
+
+        def lookup(offset: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            if offset + length > max_positions:
+                return encode(offset, length, dtype)
+            if dtype not in tables:  # a plain tensor even if first asked for in inference mode (backward saves it)
+                with torch.inference_mode(False), torch.no_grad():
+                    tables[dtype] = encode(0, max_positions, dtype)
+            cos, sin = tables[dtype]
+            return cos[:, offset : offset + length], sin[:, offset : offset + length]
+
+        return lookup

@@ -66,8 +66,7 @@ class Span(nn.Module):
         end = self.end if end is None else end
         rope = None
         if self._encode_positions is not None:
-            positions = torch.arange(offset, offset + hidden.shape[1]).unsqueeze(0)
-            rope = self._encode_positions(positions, hidden.dtype)
+            rope = self._encode_positions(offset, hidden.shape[1], hidden.dtype)
         for i, block in enumerate(self.blocks[start - self.start : end - self.start]):
             layer_cache = cache.layers[i] if cache is not None else None
             hidden = block(hidden, offset=offset, cache=layer_cache, rope=rope)
