@@ -21,7 +21,6 @@ from corolla.inference.models.attention import causal_attention
 from corolla.inference.models.family import Block, ClientParts, ModelFamily, PositionEncoder, linear_from
 from corolla.inference.models.kv_cache import LayerCache
 
-
 # rope types whose frequencies change with the sequence length: computed per call
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
