@@ -62,6 +62,13 @@ class MaxLengthExceededError(InferenceError):
     grpc_code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class AccessDeniedError(InferenceError):
+    """The peer's certificate is missing, untrusted, revoked, or of a role not allowed here."""
+
+    exit_code = 9
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class RemoteError(InferenceError):
     """A server answered with an error status that maps to no more specific class."""
 

@@ -1,7 +1,8 @@
 """`platform`: the command line. Errors become one clear line and a stable exit code.
 
 Exit codes: 0 success, 1 unexpected Corolla error, 2 usage, 3 inference, 4 model
-loading, 5 routing, 6 discovery, 7 local launch, 130 interrupted.
+loading, 5 routing, 6 discovery, 7 local launch, 8 PKI/workspace, 9 access denied,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from corolla.errors import CorollaError
-from corolla.platform.commands import generate, model, serve, swarm
+from corolla.platform.commands import generate, keys, model, serve, swarm
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="platform", description="Corolla: a consortium's shared language model")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (model, serve, swarm, generate):
+    for module in (keys, model, serve, swarm, generate):
         module.register(sub)
     return parser
 

@@ -53,7 +53,11 @@ class LocalSwarm:
         torch_threads: int | None = None,
         start_timeout: float = 120.0,
         bootstrap: str | None = None,
+        workspace: Path | None = None,
+        nodes: Sequence[str] | None = None,
     ) -> None:
+        """`workspace` and `nodes` (one node name of role server per span) make every
+        server run with its certificate; without them the servers run `--insecure`."""
         self.model = Path(model)
         self.spans = list(spans)
         self.extra_args = list(extra_args)
@@ -61,6 +65,10 @@ class LocalSwarm:
         self.torch_threads = torch_threads
         self.start_timeout = start_timeout
         self.bootstrap = bootstrap  # an existing DHT peer to join; None = the first server is one
+        if (workspace is None) != (nodes is None) or (nodes is not None and len(nodes) < len(self.spans)):
+            raise LaunchError("give both workspace and one node name per span, or neither")
+        self.workspace = workspace
+        self.nodes = list(nodes) if nodes is not None else None
         self.servers: list[ServerProcess] = []
 
     @property
@@ -77,14 +85,14 @@ class LocalSwarm:
         """Start the first server (the bootstrap peer), then the others all at once."""
         try:
             if self.bootstrap is None and self.spans:
-                first = self._spawn(self.spans[0], self.per_server_args[0])
+                first = self._spawn(self.spans[0], self.per_server_args[0], index=0)
                 self.servers.append(first)
                 self._wait_ready(first)
                 rest = list(range(1, len(self.spans)))
             else:
                 rest = list(range(len(self.spans)))
             spawned = [
-                self._spawn(self.spans[i], ["--bootstrap", self._bootstrap_addr(), *self.per_server_args[i]])
+                self._spawn(self.spans[i], ["--bootstrap", self._bootstrap_addr(), *self.per_server_args[i]], index=i)
                 for i in rest
             ]
             self.servers.extend(spawned)
@@ -96,7 +104,7 @@ class LocalSwarm:
         return self
 
     def add_server(self, span: tuple[int, int], extra: Sequence[str] = ()) -> ServerProcess:
-        server = self._spawn(span, ["--bootstrap", self._bootstrap_addr(), *extra])
+        server = self._spawn(span, ["--bootstrap", self._bootstrap_addr(), *extra], index=len(self.servers))
         self.servers.append(server)
         self._wait_ready(server)
         return server
@@ -104,7 +112,11 @@ class LocalSwarm:
     def _bootstrap_addr(self) -> str:
         return self.bootstrap or self.servers[0].dht_addr
 
-    def _spawn(self, span: tuple[int, int], extra: Sequence[str]) -> ServerProcess:
+    def _spawn(self, span: tuple[int, int], extra: Sequence[str], *, index: int) -> ServerProcess:
+        if self.workspace is not None and self.nodes is not None and index < len(self.nodes):
+            security = ["--workspace", str(self.workspace), "--node", self.nodes[index]]
+        else:
+            security = ["--insecure"]
         cmd = [
             sys.executable,
             "-m",
@@ -114,6 +126,7 @@ class LocalSwarm:
             str(self.model),
             "--blocks",
             f"{span[0]}:{span[1]}",
+            *security,
             *self.extra_args,
             *extra,
         ]

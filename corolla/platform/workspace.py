@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from corolla.inference.models.tiny import Arch, TinySpec, init_tiny
@@ -19,6 +20,29 @@ def resolve_workspace(explicit: str | Path | None = None) -> Path:
     root = Path(explicit or os.environ.get("COROLLA_WORKSPACE") or Path.home() / ".corolla").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@dataclass(frozen=True, slots=True)
+class LocalConsortium:
+    """A throwaway CA and its nodes, for the embedded defaults and tests."""
+
+    workspace: Path
+    servers: tuple[str, ...]  # node names of role server
+    sites: tuple[str, ...]  # node names of role site
+
+
+def throwaway_consortium(workspace: Path, *, servers: int, sites: int = 1) -> LocalConsortium:
+    """A fresh CA in `workspace` with `servers` server nodes and `sites` site nodes."""
+    from corolla.platform.pki import ConsortiumCA  # the PKI imports libp2p; only pay for it here
+
+    ca = ConsortiumCA.init(workspace, consortium="local")
+    server_names = tuple(f"server-{i}" for i in range(servers))
+    site_names = tuple(f"site-{i}" for i in range(sites))
+    for name in server_names:
+        ca.issue(name, "server")
+    for name in site_names:
+        ca.issue(name, "site")
+    return LocalConsortium(workspace=workspace, servers=server_names, sites=site_names)
 
 
 def default_model(workspace: Path, arch: Arch = "llama") -> Path:

@@ -19,7 +19,10 @@ from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
 from corolla.inference.models import Checkpoint
+from corolla.inference.security import TlsConfig
 from corolla.platform.local_swarm import LocalSwarm
+from corolla.platform.pki import NodeIdentity
+from corolla.platform.workspace import LocalConsortium, throwaway_consortium
 
 pytestmark = pytest.mark.e2e
 
@@ -27,9 +30,17 @@ TTL = 4.0
 
 
 @pytest.fixture
-def bootstrap() -> str:
+def consortium(tmp_path: Path) -> LocalConsortium:
+    """A CA with four server nodes (three serve, one is the bootstrap peer) and a site."""
+    # two sites: the client here, and `swarm status` (one identity is one DHT node at a time)
+    return throwaway_consortium(tmp_path / "ws", servers=4, sites=2)
+
+
+@pytest.fixture
+def bootstrap(consortium: LocalConsortium) -> str:
+    args = ["--workspace", str(consortium.workspace), "--node", consortium.servers[3]]
     process = subprocess.Popen(
-        [sys.executable, "-m", "corolla", "swarm", "bootstrap"],
+        [sys.executable, "-m", "corolla", "swarm", "bootstrap", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -43,14 +54,23 @@ def bootstrap() -> str:
         process.wait(timeout=10)
 
 
-def test_servers_and_client_meet_through_one_bootstrap(bootstrap: str, tiny_llama: Path) -> None:
+def test_servers_and_client_meet_through_one_bootstrap(
+    bootstrap: str, consortium: LocalConsortium, tiny_llama: Path
+) -> None:
     model_id = Checkpoint.open(tiny_llama).model_id
     spans = [(0, 2), (2, 4), (2, 4)]
+    site = TlsConfig.for_node(NodeIdentity.load(consortium.workspace / "nodes" / consortium.sites[0]))
     with (
         LocalSwarm(
-            tiny_llama, spans, torch_threads=1, bootstrap=bootstrap, extra_args=["--announce-ttl", str(TTL)]
+            tiny_llama,
+            spans,
+            torch_threads=1,
+            bootstrap=bootstrap,
+            workspace=consortium.workspace,
+            nodes=consortium.servers[:3],
+            extra_args=["--announce-ttl", str(TTL)],
         ) as swarm,
-        RemoteModelForCausalLM.from_pretrained(tiny_llama, initial_peers=[bootstrap]) as model,
+        RemoteModelForCausalLM.from_pretrained(tiny_llama, initial_peers=[bootstrap], tls=site) as model,
     ):
         records = model.swarm.router.records(refresh=True)
         assert sorted((r.endpoint, r.start, r.end) for r in records) == sorted(
@@ -69,6 +89,10 @@ def test_servers_and_client_meet_through_one_bootstrap(bootstrap: str, tiny_llam
                 bootstrap,
                 "--model",
                 str(tiny_llama),
+                "--workspace",
+                str(consortium.workspace),
+                "--node",
+                consortium.sites[1],
             ],
             capture_output=True,
             text=True,

@@ -44,8 +44,22 @@ def test_generate_with_no_arguments_runs_an_embedded_swarm(tmp_path: Path) -> No
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--model", str(tmp_path / "nope"), "--no-dht"]) == 4
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--no-dht", "--insecure"]) == 4
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_needs_an_identity_or_insecure(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(tiny_llama)]) == 8
+    assert "give --node NAME" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_certificate_of_another_role(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "init-ca", "--workspace", str(tmp_path)]) == 0
+    assert main(["keys", "issue", "--workspace", str(tmp_path), "--role", "site", "--name", "h1"]) == 0
+    assert main(["serve", "--model", str(tiny_llama), "--workspace", str(tmp_path), "--node", "h1"]) == 8
+    assert "role site" in capsys.readouterr().err
 
 
 def test_bad_span_syntax_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +70,9 @@ def test_bad_span_syntax_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_bad_bootstrap_address_is_a_clear_error(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["serve", "--model", str(tiny_llama), "--blocks", "0:2", "--bootstrap", "not-a-multiaddr"])
+    code = main(
+        ["serve", "--model", str(tiny_llama), "--blocks", "0:2", "--insecure", "--bootstrap", "not-a-multiaddr"]
+    )
     assert code == 6
     assert "not-a-multiaddr" in capsys.readouterr().err
 

@@ -30,6 +30,7 @@ from corolla.inference.client.session import InferenceSession
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.errors import BadRequestError
 from corolla.inference.models.checkpoint import Checkpoint
+from corolla.inference.security import TlsConfig
 
 _UNSET: Any = object()
 
@@ -60,9 +61,11 @@ class RemoteModelForCausalLM(nn.Module):
         wire_dtype: torch.dtype | None = None,
         bans: BanList | None = None,
         timeout: float = 60.0,
+        tls: TlsConfig | None = None,
     ) -> RemoteModelForCausalLM:
         """Load the client parts of the checkpoint at `path` and join the swarm through
-        `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints)."""
+        `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints). With `tls`
+        (this node's identity), every channel is mutual TLS and only certified servers count."""
         checkpoint = Checkpoint.open(path)
         swarm = Swarm(
             model_id=model_id or checkpoint.model_id,
@@ -70,6 +73,7 @@ class RemoteModelForCausalLM(nn.Module):
             servers=servers,
             bans=bans,
             timeout=timeout,
+            tls=tls,
         )
         return cls(checkpoint, swarm, wire_dtype=wire_dtype)
 

@@ -17,7 +17,8 @@ import pydantic
 from corolla.inference.client.routing import BanList, Router
 from corolla.inference.client.transport import ServerStub
 from corolla.inference.discovery import DhtNode, ServerRecord
-from corolla.inference.errors import InferenceError, RoutingError
+from corolla.inference.errors import AccessDeniedError, InferenceError, RoutingError
+from corolla.inference.security import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Swarm:
         timeout: float = 60.0,
         refresh_period: float = 5.0,
         bans: BanList | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         if not initial_peers and not servers:
             raise RoutingError("give initial_peers (DHT multiaddrs) or servers (gRPC host:port endpoints)")
@@ -42,10 +44,17 @@ class Swarm:
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self._static = list(servers)
+        self.tls = tls
         self._dht: DhtNode | None = None
         if initial_peers:
-            self._dht = DhtNode(bootstrap=list(initial_peers))
+            self._dht = DhtNode(
+                bootstrap=list(initial_peers),
+                key_pair=tls.identity.libp2p_key_pair() if tls else None,
+                psk=tls.identity.swarm_key if tls else None,
+                record_filter=tls.record_filter if tls else None,
+            )
             self._dht.start()
+        self._node_ids: dict[str, str] = {}  # endpoint -> node id whose certificate it showed
         self._stubs: dict[str, ServerStub] = {}
         self._rtt: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -54,10 +63,35 @@ class Swarm:
     def stub(self, endpoint: str) -> ServerStub:
         with self._lock:
             if endpoint not in self._stubs:
+                node_id = self._node_ids.get(endpoint)
+                if self.tls is not None and node_id is None:
+                    raise AccessDeniedError(f"{endpoint}: the server's certificate has not been verified")
                 self._stubs[endpoint] = ServerStub(
-                    endpoint, max_message_bytes=self.max_message_bytes, timeout=self.timeout
+                    endpoint,
+                    max_message_bytes=self.max_message_bytes,
+                    timeout=self.timeout,
+                    tls=self.tls,
+                    node_id=node_id,
                 )
             return self._stubs[endpoint]
+
+    def _admit(self, endpoint: str, node_id: str | None = None, fingerprint: str | None = None) -> bool:
+        """With TLS, check the certificate `endpoint` shows before any call goes there."""
+        if self.tls is None:
+            return True
+        try:
+            holder = self.tls.verify_server(endpoint, node_id=node_id, fingerprint=fingerprint)
+        except AccessDeniedError as exc:
+            log.warning("refusing server %s: %s", endpoint, exc)
+            self.router.bans.ban(endpoint)
+            return False
+        with self._lock:
+            if self._node_ids.get(endpoint) != holder.node_id:
+                self._node_ids[endpoint] = holder.node_id
+                stale = self._stubs.pop(endpoint, None)
+                if stale is not None:
+                    stale.close()
+        return True
 
     def rtt_ms(self, record: ServerRecord) -> float:
         if record.endpoint not in self._rtt:
@@ -73,8 +107,14 @@ class Swarm:
     def _fetch(self) -> list[ServerRecord]:
         records: list[ServerRecord] = []
         if self._dht is not None:
-            records.extend(r for r in self._dht.find_servers(self.model_id) if r.model_id == self.model_id)
+            records.extend(
+                r
+                for r in self._dht.find_servers(self.model_id)
+                if r.model_id == self.model_id and self._admit(r.endpoint, r.node_id, r.tls_fingerprint)
+            )
         for endpoint in self._static:
+            if not self._admit(endpoint):
+                continue
             try:
                 info = self.stub(endpoint).info(timeout=5.0)
             except InferenceError:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import torch
 
 from corolla.inference import errors
-from corolla.inference.errors import InferenceError, RemoteError, ServerUnavailableError
+from corolla.inference.errors import AccessDeniedError, InferenceError, RemoteError, ServerUnavailableError
+from corolla.inference.security import TlsConfig
 from corolla.inference.server.app import grpc_options
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
@@ -45,10 +47,27 @@ def error_from_rpc(exc: grpc.RpcError, endpoint: str) -> InferenceError:
 class ServerStub:
     """A channel to one server. Thread-safe; cheap calls share one HTTP/2 connection."""
 
-    def __init__(self, endpoint: str, *, max_message_bytes: int = 64 << 20, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        max_message_bytes: int = 64 << 20,
+        timeout: float = 60.0,
+        tls: TlsConfig | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        """With `tls`, a mutual-TLS channel that accepts only the certificate of `node_id`
+        (required then: the caller has checked who that is, see `TlsConfig.verify_server`)."""
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(endpoint, options=grpc_options(max_message_bytes))
+        options: list[tuple[str, Any]] = list(grpc_options(max_message_bytes))
+        if tls is None:
+            self._channel = grpc.insecure_channel(endpoint, options=options)
+        else:
+            if node_id is None:
+                raise AccessDeniedError(f"{endpoint}: a TLS channel needs the server's verified node id")
+            options += tls.channel_options(node_id)
+            self._channel = grpc.secure_channel(endpoint, tls.channel_credentials(), options=options)
         self._stub = pb_grpc.BlockServiceStub(self._channel)
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ _KAD_LOGGER = "libp2p.kad_dht.kad_dht"
 _KAD_EOF_MESSAGE = "Failed to read DHT message from stream: "
 
 
-def make_host(key_pair: KeyPair | None = None) -> IHost:
+def make_host(key_pair: KeyPair | None = None, psk: bytes | None = None) -> IHost:
     """A TCP host with one connection per peer.
 
     `max_connections_per_peer=1`: py-libp2p's dialer cuts its 250 ms happy-eyeballs
@@ -41,7 +41,12 @@ def make_host(key_pair: KeyPair | None = None) -> IHost:
     `_HAPPY_EYEBALLS_DELAY`), so with the default of 3 every dial takes 250 ms.
     """
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=DIAL_TIMEOUT_S)
-    host = libp2p.new_host(key_pair=key_pair, connection_config=config, addrs_factory=advertised_addrs)
+    host = libp2p.new_host(
+        key_pair=key_pair,
+        connection_config=config,
+        addrs_factory=advertised_addrs,
+        psk=psk.hex() if psk is not None else None,  # libp2p pnet: every connection encrypted with it
+    )
     network = host.get_network()
     # `new_host` does not pass `retry_config` on to the swarm; the default retries a
     # refused dial 3 times over ~0.7 s, which every lookup touching a dead peer pays.

@@ -32,6 +32,7 @@ from typing import Any, Self
 import libp2p
 import trio
 from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.peer.id import ID
@@ -74,7 +75,14 @@ class DhtNode:
         port: int = 0,
         bootstrap: Sequence[str] = (),
         start_timeout: float = 20.0,
+        key_pair: KeyPair | None = None,
+        psk: bytes | None = None,
+        record_filter: Callable[[ServerRecord], str | None] | None = None,
     ) -> None:
+        """`key_pair`: the node's identity (default: a fresh one, so a new peer id each
+        start). `psk`: the consortium's 32-byte pre-shared key, making the DHT a private
+        network that peers without it cannot even connect to. `record_filter`: returns why
+        a server record must be ignored (e.g. its certificate does not check), or None."""
         if isinstance(bootstrap, str):
             raise DiscoveryError("bootstrap must be a sequence of multiaddrs, not one string")
         if not start_timeout > 0:
@@ -83,7 +91,11 @@ class DhtNode:
         self._listen_port = port
         self._bootstrap = tuple(bootstrap)
         self._start_timeout = float(start_timeout)
-        self._key_pair = libp2p.generate_new_ed25519_identity()
+        if psk is not None and len(psk) != 32:
+            raise DiscoveryError(f"the DHT pre-shared key must be 32 bytes, got {len(psk)}")
+        self._psk = psk
+        self._record_filter = record_filter
+        self._key_pair = key_pair or libp2p.generate_new_ed25519_identity()
         self._peer_id = ID.from_pubkey(self._key_pair.public_key).to_base58()
         self._shard = _keys.shard_of(self._peer_id)
 
@@ -267,7 +279,7 @@ class DhtNode:
         self._token = trio.lowlevel.current_trio_token()
         if self._stop_requested.is_set():
             return
-        host = _host.make_host(self._key_pair)
+        host = _host.make_host(self._key_pair, psk=self._psk)
         try:
             with scope:
                 async with host.run(listen_addrs=[listen]):
@@ -436,6 +448,15 @@ class DhtNode:
             logger.warning("find_servers(%r) timed out after %s s; partial results", model_id, timeout)
         now = time.time()
         live = [r for r in found.values() if r.expires_at > now and r.model_id == model_id]
+        if self._record_filter is not None:
+            accepted = []
+            for record in live:
+                reason = self._record_filter(record)
+                if reason is None:
+                    accepted.append(record)
+                else:
+                    logger.warning("ignoring the record of %s (%s): %s", record.node_id, record.endpoint, reason)
+            live = accepted
         return sorted(live, key=lambda r: (r.start, r.end, r.node_id))
 
     async def _fetch_record(self, model_id: str, provider: PeerInfo, found: dict[str, ServerRecord]) -> None:

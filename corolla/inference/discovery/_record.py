@@ -55,6 +55,9 @@ class ServerRecord(pydantic.BaseModel):
     expires_at: float = Field(ge=0)
     """Unix seconds after which the record is ignored."""
     tls_fingerprint: str | None = Field(default=None, min_length=1, max_length=256)
+    """SHA-256 (hex) of the server's TLS certificate; clients accept only that certificate."""
+    certificate: str | None = Field(default=None, min_length=1, max_length=4096)
+    """The node's identity certificate (base64 DER), checked against the consortium CA."""
 
     @pydantic.field_validator("endpoint")
     @classmethod

@@ -17,6 +17,7 @@ import grpc
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import BadRequestError, ModelLoadError
 from corolla.inference.models.checkpoint import Checkpoint
+from corolla.inference.security import TlsConfig
 from corolla.inference.server.backend import SpanBackend
 from corolla.inference.server.service import BlockServicer, NodeStats, ServiceLimits
 from corolla.inference.server.span_choice import choose_span
@@ -49,6 +50,8 @@ class ServerConfig:
     max_length: int = 4096  # longest inference session, tokens
     announce_ttl: float = 30.0  # seconds a DHT record stays valid without a refresh
     model_id: str | None = None  # override the checkpoint's fingerprinted id
+    tls: TlsConfig | None = None  # mutual TLS, signed records, private DHT; None = plaintext (dev only)
+    announce_port: int | None = None  # port put in the DHT record; None = the gRPC port (e.g. behind a proxy)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -84,9 +87,19 @@ class BlockServer:
         checkpoint = Checkpoint.open(cfg.model)
         model_id = cfg.model_id or checkpoint.model_id
         if cfg.dht:
-            self.dht = DhtNode(bootstrap=cfg.bootstrap, port=cfg.dht_port, host=cfg.host)
+            tls = cfg.tls
+            self.dht = DhtNode(
+                bootstrap=cfg.bootstrap,
+                port=cfg.dht_port,
+                host=cfg.host,
+                key_pair=tls.identity.libp2p_key_pair() if tls else None,
+                psk=tls.identity.swarm_key if tls else None,
+                record_filter=tls.record_filter if tls else None,
+            )
             self.dht.start()
             node_id = self.dht.peer_id
+        elif cfg.tls is not None:
+            node_id = cfg.tls.identity.node_id
         else:
             node_id = "Static" + "".join(secrets.choice(_BASE58) for _ in range(20))
         start, end = self._pick_span(checkpoint, model_id)
@@ -127,9 +140,14 @@ class BlockServer:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corolla-rpc"),
             options=grpc_options(cfg.max_message_bytes),
             maximum_concurrent_rpcs=workers,
+            interceptors=[cfg.tls.server_interceptor()] if cfg.tls else None,
         )
         pb_grpc.add_BlockServiceServicer_to_server(self.servicer, self._grpc)
-        self._port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls is not None:
+            self._port = self._grpc.add_secure_port(address, cfg.tls.server_credentials())
+        else:
+            self._port = self._grpc.add_insecure_port(address)
         if self._port == 0:
             raise ModelLoadError(f"cannot listen on {cfg.host}:{cfg.port}")
         self._grpc.start()
@@ -161,13 +179,17 @@ class BlockServer:
     @property
     def endpoint(self) -> str:
         host = self.config.announce_host or self.config.host
-        return f"{host}:{self._port}"
+        return f"{host}:{self.config.announce_port or self._port}"
+
+    @property
+    def port(self) -> int:
+        return self._port
 
     def record(self) -> ServerRecord:
         if self.backend is None or self.servicer is None:
             raise ModelLoadError("server is not started")
         now = time.time()
-        return ServerRecord(
+        record = ServerRecord(
             node_id=self.servicer.stats.node_id,
             endpoint=self.endpoint,
             model_id=self.backend.model_id,
@@ -181,6 +203,7 @@ class BlockServer:
             updated_at=now,
             expires_at=now + self.config.announce_ttl,
         )
+        return self.config.tls.record(record) if self.config.tls is not None else record
 
     def announce(self) -> None:
         if self.dht is not None:

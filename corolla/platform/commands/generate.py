@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,8 +17,11 @@ from transformers import AutoTokenizer, TextStreamer
 
 from corolla.inference.client import RemoteModelForCausalLM
 from corolla.inference.models.checkpoint import Checkpoint
+from corolla.inference.security import TlsConfig
+from corolla.platform.identity_args import add_identity_options, tls_from_args
 from corolla.platform.local_swarm import LocalSwarm, even_spans
-from corolla.platform.workspace import default_model, resolve_workspace
+from corolla.platform.pki import NodeIdentity
+from corolla.platform.workspace import default_model, resolve_workspace, throwaway_consortium
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -39,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
+    add_identity_options(p, role_hint="site")
     p.set_defaults(run=run)
 
 
@@ -48,16 +52,34 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
+            # The embedded default: a throwaway CA, so even the local swarm is mutual TLS.
             blocks = Checkpoint.open(model_dir).num_blocks
             print(
-                f"starting an embedded swarm of {args.local_servers} servers on {model_dir} ...",
+                f"starting an embedded swarm of {args.local_servers} servers on {model_dir} (throwaway CA) ...",
                 file=sys.stderr,
                 flush=True,
             )
-            swarm = stack.enter_context(LocalSwarm(model_dir, even_spans(blocks, args.local_servers), torch_threads=1))
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corolla-embedded-")))
+            consortium = throwaway_consortium(tmp, servers=args.local_servers, sites=1)
+            swarm = stack.enter_context(
+                LocalSwarm(
+                    model_dir,
+                    even_spans(blocks, args.local_servers),
+                    torch_threads=1,
+                    workspace=consortium.workspace,
+                    nodes=consortium.servers,
+                )
+            )
             peers = swarm.initial_peers
+            tls = (
+                None
+                if args.insecure
+                else TlsConfig.for_node(NodeIdentity.load(consortium.workspace / "nodes" / consortium.sites[0]))
+            )
+        else:
+            tls = tls_from_args(args, "generate")
         model = stack.enter_context(
-            RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers)
+            RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers, tls=tls)
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from corolla.inference.errors import BadRequestError
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
+from corolla.platform.identity_args import add_identity_options, tls_from_args
+from corolla.platform.pki import Role, WorkspaceError
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -41,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="DHT peer to join (repeatable); none = be a bootstrap peer",
     )
     p.add_argument("--no-dht", action="store_true", help="serve by address only, without the DHT")
+    p.add_argument("--announce-port", type=int, help="port to announce, if not --port (e.g. behind a proxy)")
+    add_identity_options(p, role_hint="server")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
     p.add_argument("--max-length", type=int, default=4096, help="longest inference session, tokens")
@@ -51,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
 
 def run(args: argparse.Namespace) -> int:
+    tls = tls_from_args(args, "serve")
+    if tls is not None and tls.identity.role != Role.SERVER:
+        raise WorkspaceError(
+            f"platform serve: node {tls.identity.name!r} has role {tls.identity.role}; serving needs a certificate "
+            "issued with --role server"
+        )
     try:
         config = ServerConfig(
             model=Path(args.model),
@@ -70,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             announce_ttl=args.announce_ttl,
             model_id=args.model_id,
+            tls=tls,
+            announce_port=args.announce_port,
         )
     except BadRequestError as exc:
         print(f"platform serve: {exc}", file=sys.stderr)

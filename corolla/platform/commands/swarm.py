@@ -8,9 +8,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
+from corolla.inference.security import TlsConfig
+from corolla.platform.identity_args import add_identity_options, tls_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -20,12 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     boot.add_argument("--host", default="127.0.0.1")
     boot.add_argument("--port", type=int, default=0, help="libp2p port (default: any free port)")
     boot.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR")
+    add_identity_options(boot, role_hint="server")
     boot.set_defaults(run=run_bootstrap)
     status = swarm_sub.add_parser("status", help="servers of a model, their spans, and uncovered blocks")
     status.add_argument("--peers", action="append", required=True, metavar="MULTIADDR")
     which = status.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint directory (gives the model id and block count)")
     which.add_argument("--model-id", help="model id as announced (block count then from the records)")
+    add_identity_options(status, role_hint="site")
     status.set_defaults(run=run_status)
 
 
@@ -33,7 +38,8 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    with DhtNode(host=args.host, port=args.port, bootstrap=args.bootstrap) as node:
+    tls = tls_from_args(args, "swarm bootstrap")
+    with DhtNode(host=args.host, port=args.port, bootstrap=args.bootstrap, **dht_security(tls)) as node:
         print(f"READY dht={node.addrs[0]}", flush=True)
         print(
             f"bootstrap peer {node.peer_id} listening; join with --bootstrap {node.addrs[0]}",
@@ -50,10 +56,23 @@ def run_status(args: argparse.Namespace) -> int:
         model_id, num_blocks = checkpoint.model_id, checkpoint.num_blocks
     else:
         model_id, num_blocks = args.model_id, None
-    with DhtNode(bootstrap=args.peers) as node:
+    tls = tls_from_args(args, "swarm status")
+    with DhtNode(bootstrap=args.peers, **dht_security(tls)) as node:
         records = node.find_servers(model_id)
     print(format_status(model_id, records, num_blocks))
     return 0
+
+
+def dht_security(tls: TlsConfig | None) -> dict[str, Any]:
+    """DhtNode options for a node with this identity: its key, the swarm's pre-shared
+    key, and the certificate check on every record."""
+    if tls is None:
+        return {}
+    return {
+        "key_pair": tls.identity.libp2p_key_pair(),
+        "psk": tls.identity.swarm_key,
+        "record_filter": tls.record_filter,
+    }
 
 
 def format_status(model_id: str, records: list[ServerRecord], num_blocks: int | None) -> str:

@@ -1,0 +1,70 @@
+"""`platform keys`: the consortium CA and node certificates in a workspace."""
+
+from __future__ import annotations
+
+import argparse
+
+from corolla.platform.pki import ConsortiumCA, Role
+from corolla.platform.workspace import resolve_workspace
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
+    keys = sub.add_parser("keys", help="consortium CA, node certificates, revocation")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    init = keys_sub.add_parser("init-ca", help="create the consortium CA in the workspace")
+    init.add_argument("--consortium", default="corolla", help="consortium name, in every certificate")
+    init.add_argument("--days", type=int, default=3650, help="CA validity (default 10 years)")
+    init.set_defaults(run=run_init_ca)
+
+    issue = keys_sub.add_parser("issue", help="issue a node its keys and certificates")
+    issue.add_argument("--role", required=True, choices=[r.value for r in Role])
+    issue.add_argument("--name", required=True, help="node name, unique in the consortium")
+    issue.add_argument("--days", type=int, default=365, help="certificate validity (default 1 year)")
+    issue.add_argument("--host", action="append", default=[], help="extra TLS name or IP (repeatable)")
+    issue.set_defaults(run=run_issue)
+
+    revoke = keys_sub.add_parser("revoke", help="revoke a node: add it to the CA-signed revocation list")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=run_revoke)
+
+    listing = keys_sub.add_parser("list", help="nodes issued by this CA")
+    listing.set_defaults(run=run_list)
+    for p in (init, issue, revoke, listing):
+        p.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
+
+
+def run_init_ca(args: argparse.Namespace) -> int:
+    workspace = resolve_workspace(args.workspace)
+    ConsortiumCA.init(workspace, consortium=args.consortium, days=args.days)
+    print(f"created the {args.consortium} consortium CA in {workspace / 'ca'}")
+    print("keep ca/ca.key and ca/consortium.secret offline; give nodes their nodes/<name>/ directory")
+    return 0
+
+
+def run_issue(args: argparse.Namespace) -> int:
+    ca = ConsortiumCA.open(resolve_workspace(args.workspace))
+    node = ca.issue(args.name, args.role, days=args.days, hosts=args.host)
+    print(f"issued {node.name} ({node.role}) node id {node.node_id}")
+    print(f"its files: {node.directory}  (copy the whole directory to the node)")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    ca = ConsortiumCA.open(resolve_workspace(args.workspace))
+    node = ca.revoke(args.name)
+    print(f"revoked {node.name} ({node.role}, node id {node.node_id})")
+    print(f"distribute {ca.dir / 'crl.pem'} to every node's crl.pem; running nodes re-read it")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    ca = ConsortiumCA.open(resolve_workspace(args.workspace))
+    nodes = ca.list()
+    print(f"{'name':<20} {'role':<12} {'status':<8} {'expires':<26} node id")
+    for node in nodes:
+        status = "revoked" if node.revoked_at else "valid"
+        print(f"{node.name:<20} {node.role:<12} {status:<8} {node.expires_at:<26} {node.node_id}")
+    if not nodes:
+        print("(no nodes issued yet: platform keys issue --role server --name NAME)")
+    return 0
