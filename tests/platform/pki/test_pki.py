@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 from libp2p.peer.id import ID
 
-from corolla.platform.pki import CertificateError, ConsortiumCA, NodeIdentity, Role, WorkspaceError, tls_server_name
-from corolla.platform.pki import _x509
+from corolla.platform.pki import (
+    CertificateError,
+    ConsortiumCA,
+    NodeIdentity,
+    Role,
+    WorkspaceError,
+    _x509,
+    tls_server_name,
+)
 
 VECTORS = Path(__file__).parents[2] / "vectors" / "swarm_key.json"
 
@@ -53,7 +60,7 @@ def test_issued_node_binds_its_libp2p_id_and_role(ca: ConsortiumCA) -> None:
 def test_issue_rejects_bad_names_roles_and_duplicates(ca: ConsortiumCA) -> None:
     with pytest.raises(WorkspaceError, match="role 'admin' is not one of"):
         ca.issue("x", "admin")
-    with pytest.raises(WorkspaceError, match="node name"):
+    with pytest.raises(WorkspaceError, match=r"node name"):
         ca.issue("../escape", "server")
     ca.issue("x", "site")
     with pytest.raises(WorkspaceError, match="already issued"):
@@ -123,5 +130,5 @@ def test_forged_revocation_list_is_refused(ca: ConsortiumCA, tmp_path: Path) -> 
 def test_node_directory_must_be_complete(ca: ConsortiumCA) -> None:
     node = ca.issue("n", "server")
     (node.directory / "tls.key").unlink()
-    with pytest.raises(WorkspaceError, match="lacks tls.key"):
+    with pytest.raises(WorkspaceError, match=r"lacks tls\.key"):
         NodeIdentity.load(node.directory)
