@@ -27,6 +27,7 @@ PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 URI_NODE = "urn:corolla:node:"  # SAN URI prefix carrying the node id
 URI_ROLE = "urn:corolla:role:"  # SAN URI prefix carrying the role
+URI_FLOWER_KEY = "urn:corolla:flower-auth:"  # SAN URI: SHA-256 of the site's Flower node-auth public key
 DNS_SUFFIX = ".node.corolla"  # TLS certs name the node as <node id, lowercase>.node.corolla
 
 
@@ -56,6 +57,22 @@ def ed25519_raw(key: ed25519.Ed25519PrivateKey) -> tuple[bytes, bytes]:
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return seed, public
+
+
+def new_flower_auth_key() -> tuple[bytes, bytes]:
+    """A Flower SuperNode authentication key: (OpenSSH private key, OpenSSH public line).
+    Flower 1.42 accepts only ECDSA on a NIST curve, in OpenSSH format, for node auth."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public
+
+
+def public_line_digest(public_line: bytes) -> str:
+    """SHA-256 (hex) of an OpenSSH public key line, whitespace-trimmed."""
+    return hashlib.sha256(public_line.strip()).hexdigest()
 
 
 def ed25519_seed(pem: bytes) -> bytes | None:
@@ -154,12 +171,14 @@ def build_leaf(
     days: int,
     tls: bool,
     hosts: Sequence[str] = (),
+    extra_uris: Sequence[str] = (),
 ) -> x509.Certificate:
     """A node certificate: identity (`tls=False`, Ed25519 key) or TLS (P-256 key)."""
     organisation = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
     names: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(URI_NODE + node_id),
         x509.UniformResourceIdentifier(URI_ROLE + role),
+        *(x509.UniformResourceIdentifier(uri) for uri in extra_uris),
     ]
     if tls:
         names.append(x509.DNSName(node_id.lower() + DNS_SUFFIX))

@@ -88,12 +88,22 @@ class ConsortiumCA:
         identity_key, tls_key = _x509.new_identity_key(), _x509.new_tls_key()
         node_id = node_id_from_public(_x509.ed25519_raw(identity_key)[1])
         common = {"name": name, "node_id": node_id, "role": role.value, "now": now, "days": days}
-        identity = _x509.build_leaf(ca_key, ca_cert, identity_key.public_key(), tls=False, **common)  # type: ignore[arg-type]
+        flower: tuple[bytes, bytes] | None = None
+        extra_uris: list[str] = []
+        if role is Role.SITE:  # a site is also a Flower SuperNode: certify its node-auth key
+            flower = _x509.new_flower_auth_key()
+            extra_uris.append(_x509.URI_FLOWER_KEY + _x509.public_line_digest(flower[1]))
+        identity = _x509.build_leaf(
+            ca_key, ca_cert, identity_key.public_key(), tls=False, extra_uris=extra_uris, **common
+        )  # type: ignore[arg-type]
         tls = _x509.build_leaf(ca_key, ca_cert, tls_key.public_key(), tls=True, hosts=hosts, **common)  # type: ignore[arg-type]
         node_dir = self.workspace / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
         _write_private(node_dir / "node.key", _x509.key_to_pem(identity_key))
         _write_private(node_dir / "tls.key", _x509.key_to_pem(tls_key))
+        if flower is not None:
+            _write_private(node_dir / "flower-auth.key", flower[0])
+            (node_dir / "flower-auth.pub").write_bytes(flower[1] + b"\n")
         (node_dir / "node.pem").write_bytes(_x509.cert_to_pem(identity))
         (node_dir / "tls.pem").write_bytes(_x509.cert_to_pem(tls))
         shutil.copyfile(self.dir / "ca.pem", node_dir / "ca.pem")

@@ -129,6 +129,16 @@ class Verifier:
             raise CertificateError(f"{holder.name!r} has role {holder.role!s}; allowed here: {allowed}")
         return holder
 
+    def check_flower_key(self, identity_pem: bytes, public_line: bytes) -> PeerCertificate:
+        """A site whose identity certificate certifies this Flower node-auth public key:
+        what the coordinator checks before enrolling a SuperNode."""
+        cert = _x509.cert_from_pem(identity_pem)
+        holder = self.check(cert, roles=frozenset({Role.SITE}))
+        wanted = _x509.URI_FLOWER_KEY + _x509.public_line_digest(public_line)
+        if wanted not in _x509.san_uris(cert):
+            raise CertificateError(f"the Flower key offered for {holder.name!r} is not the one its certificate names")
+        return holder
+
     def check_identity_der(self, der: bytes, *, node_id: str, roles: frozenset[Role]) -> PeerCertificate:
         """An identity certificate whose Ed25519 key is the key of `node_id`."""
         cert = _x509.cert_from_der(der)
