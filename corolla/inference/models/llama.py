@@ -52,15 +52,42 @@ def _linear(state: Mapping[str, torch.Tensor], name: str) -> nn.Linear:
     return linear_from(state[f"{name}.weight"], state.get(f"{name}.bias"))
 
 
+class _Fused:
+    """Several projections of the same input as one matmul (a decode step is a few
+    dozen tiny kernels, so each one saved counts). The projections stay separate
+    `nn.Linear` modules, with HF names, whose weights are views of the fused tensor:
+    no extra memory. If a module is replaced (quantization), the fused path is dropped."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        weights = [state[f"{n}.weight"] for n in names]
+        biases = [state.get(f"{n}.bias") for n in names]
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = torch.cat(weights)
+        self.bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
+        self.fusable = all(b is None for b in biases) or self.bias is not None
+        self.modules: list[nn.Linear] = []
+        start = 0
+        for size, bias in zip(self.sizes, biases, strict=True):
+            view_bias = self.bias[start : start + size] if self.bias is not None else bias
+            self.modules.append(linear_from(self.weight[start : start + size], view_bias))
+            start += size
+
+    def __call__(self, x: torch.Tensor, current: list[nn.Module]) -> list[torch.Tensor]:
+        if self.fusable and all(a is b for a, b in zip(current, self.modules, strict=True)):
+            return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        self.fusable = False  # modules were swapped: free the fused tensor's extra reference
+        self.weight = self.bias = None  # type: ignore[assignment]
+        return [m(x) for m in current]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.n_heads = int(config.num_attention_heads)
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
-        self.q_proj = _linear(state, "self_attn.q_proj")
-        self.k_proj = _linear(state, "self_attn.k_proj")
-        self.v_proj = _linear(state, "self_attn.v_proj")
+        self._qkv = _Fused(state, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+        self.q_proj, self.k_proj, self.v_proj = self._qkv.modules
         self.o_proj = _linear(state, "self_attn.o_proj")
 
     def forward(
@@ -71,9 +98,10 @@ class LlamaAttention(nn.Module):
         offset: int,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
-        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
-        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
+        k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in rope)  # (1, 1, T, D)
         qk = torch.cat((q, k), dim=1)  # rotate queries and keys in one pass: (B, nh + nkv, T, D)
         q, k = (qk * cos + _rotate_half(qk) * sin).split([q.shape[1], k.shape[1]], dim=1)
@@ -84,13 +112,14 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.gate_proj = _linear(state, "mlp.gate_proj")
-        self.up_proj = _linear(state, "mlp.up_proj")
+        self._gate_up = _Fused(state, ["mlp.gate_proj", "mlp.up_proj"])
+        self.gate_proj, self.up_proj = self._gate_up.modules
         self.down_proj = _linear(state, "mlp.down_proj")
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._gate_up(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class LlamaBlock(Block):
