@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -102,17 +103,26 @@ class InferenceSession:
         failures = 0
         while True:
             route = self.swarm.router.generation_route(start, end)
-            links: list[_Link] = []
-            try:
-                for hop in route:
-                    links.append(_Link(hop, self._open(hop)))
-                return links
-            except RemoteError as exc:
-                for link in links:
-                    link.stream.close()
-                failed = route[len(links)]
+            # all hops at once: a session costs one round trip to open, not one per hop
+            with ThreadPoolExecutor(max_workers=len(route)) as pool:
+                opened = list(pool.map(self._try_open, route))
+            failed = [
+                (hop, result) for hop, result in zip(route, opened, strict=True) if isinstance(result, RemoteError)
+            ]
+            if not failed:
+                return [_Link(hop, stream) for hop, stream in zip(route, opened, strict=True)]  # type: ignore[arg-type]
+            for result in opened:
+                if isinstance(result, SessionStream):
+                    result.close()
+            for hop, exc in failed:
                 failures += 1
-                self._ban(failed, exc, failures)
+                self._ban(hop, exc, failures)
+
+    def _try_open(self, hop: Hop) -> SessionStream | RemoteError:
+        try:
+            return self._open(hop)
+        except RemoteError as exc:
+            return exc
 
     def _open(self, hop: Hop) -> SessionStream:
         return self.swarm.stub(hop.endpoint).open_session(

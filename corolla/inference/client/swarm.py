@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pydantic
 
@@ -95,14 +96,30 @@ class Swarm:
 
     def rtt_ms(self, record: ServerRecord) -> float:
         if record.endpoint not in self._rtt:
-            began = time.perf_counter()
+            self._measure([record.endpoint])
+        return self._rtt.get(record.endpoint, float("inf"))
+
+    def _measure(self, endpoints: Sequence[str]) -> None:
+        """Round trips to new servers, probed concurrently: one `Info` to open the channel
+        (connection and TLS handshake are not the round trip), then the best of three."""
+
+        def probe(endpoint: str) -> None:
             try:
-                self.stub(record.endpoint).info(timeout=5.0)
-                self._rtt[record.endpoint] = (time.perf_counter() - began) * 1000
+                stub = self.stub(endpoint)
+                stub.info(timeout=5.0)
+                samples = []
+                for _ in range(3):
+                    began = time.perf_counter()
+                    stub.info(timeout=5.0)
+                    samples.append((time.perf_counter() - began) * 1000)
+                self._rtt[endpoint] = min(samples)
             except InferenceError:
-                self.router.bans.ban(record.endpoint)
-                return float("inf")
-        return self._rtt[record.endpoint]
+                self.router.bans.ban(endpoint)
+
+        fresh = [e for e in dict.fromkeys(endpoints) if e not in self._rtt]
+        if fresh:
+            with ThreadPoolExecutor(max_workers=min(16, len(fresh))) as pool:
+                list(pool.map(probe, fresh))
 
     def _fetch(self) -> list[ServerRecord]:
         records: list[ServerRecord] = []
@@ -140,6 +157,7 @@ class Swarm:
                 records.append(ServerRecord.model_validate(fields))
             except pydantic.ValidationError as exc:
                 log.warning("ignoring server %s: invalid Info reply: %s", endpoint, exc)
+        self._measure([r.endpoint for r in records])
         return records
 
     def close(self) -> None:
