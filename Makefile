@@ -39,6 +39,7 @@ proto: setup
 
 bench: setup
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/wan.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -87,16 +87,35 @@ class ConsortiumCA:
         ca_key, ca_cert = self._ca()
         identity_key, tls_key = _x509.new_identity_key(), _x509.new_tls_key()
         node_id = node_id_from_public(_x509.ed25519_raw(identity_key)[1])
-        common = {"name": name, "node_id": node_id, "role": role.value, "now": now, "days": days}
         flower: tuple[bytes, bytes] | None = None
         extra_uris: list[str] = []
         if role is Role.SITE:  # a site is also a Flower SuperNode: certify its node-auth key
             flower = _x509.new_flower_auth_key()
             extra_uris.append(_x509.URI_FLOWER_KEY + _x509.public_line_digest(flower[1]))
         identity = _x509.build_leaf(
-            ca_key, ca_cert, identity_key.public_key(), tls=False, extra_uris=extra_uris, **common
-        )  # type: ignore[arg-type]
-        tls = _x509.build_leaf(ca_key, ca_cert, tls_key.public_key(), tls=True, hosts=hosts, **common)  # type: ignore[arg-type]
+            ca_key,
+            ca_cert,
+            identity_key.public_key(),
+            name=name,
+            node_id=node_id,
+            role=role.value,
+            now=now,
+            days=days,
+            tls=False,
+            extra_uris=extra_uris,
+        )
+        tls = _x509.build_leaf(
+            ca_key,
+            ca_cert,
+            tls_key.public_key(),
+            name=name,
+            node_id=node_id,
+            role=role.value,
+            now=now,
+            days=days,
+            tls=True,
+            hosts=hosts,
+        )
         node_dir = self.workspace / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
         _write_private(node_dir / "node.key", _x509.key_to_pem(identity_key))

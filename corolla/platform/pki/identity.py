@@ -115,7 +115,7 @@ class Verifier:
                 node_id = uri[len(_x509.URI_NODE) :]
             elif uri.startswith(_x509.URI_ROLE):
                 role = uri[len(_x509.URI_ROLE) :]
-        if node_id is None or role not in Role.__members__.values():
+        if node_id is None or role is None or role not in {r.value for r in Role}:
             raise CertificateError("certificate names no node id or no known role")
         holder = PeerCertificate(
             node_id=node_id,
