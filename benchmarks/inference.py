@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import torch
@@ -61,6 +61,14 @@ TARGET_FORWARD_RATIO = 1.15  # (b): remote forward within 15% of local
 # -- configuration ------------------------------------------------------------------------------
 
 
+ExtraRow = Literal["mtls", "servers_2_threads", "one_server"]
+EXTRA_ROWS: dict[ExtraRow, str] = {
+    "mtls": "the same swarm with mutual TLS between consortium members (the production data plane)",
+    "servers_2_threads": "the same swarm with 2 torch threads per server (the default on a 2-core machine)",
+    "one_server": "one server holding all blocks: one hop instead of two, so the difference is what a hop costs",
+}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationBench:
     spec: TinySpec
@@ -70,8 +78,7 @@ class GenerationBench:
     warmup: int  # untimed generations per variant before the timed ones
     repeats: int  # timed generations per variant
     threads: int  # torch threads: each server, the client and the local baselines
-    mtls: bool  # extra row through a swarm with mutual TLS
-    extra_server_threads: int | None  # extra row: servers with this many threads (None = skip)
+    extra_rows: tuple[ExtraRow, ...]  # more swarms, one row each (see EXTRA_ROWS)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "repeats", "threads"):
@@ -114,7 +121,7 @@ SMALL = TinySpec(arch="llama", hidden_size=256, num_layers=4, num_heads=4, num_k
 
 FULL = Plan(
     generation=GenerationBench(spec=TINY, spans=((0, 2), (2, 4)), prompt_tokens=16, new_tokens=64, warmup=2,
-                               repeats=5, threads=1, extra_server_threads=2, mtls=True),
+                               repeats=5, threads=1, extra_rows=("mtls", "one_server", "servers_2_threads")),
     forward=ForwardBench(spec=MID, spans=((0, 4), (4, 8)), batch=8, tokens=128, warmup=1, repeats=7,
                          server_threads=2, local_threads=2, mtls=True),
 )
@@ -122,7 +129,7 @@ FULL = Plan(
 # is not the figure the target is about.
 QUICK = Plan(
     generation=GenerationBench(spec=TINY, spans=((0, 2), (2, 4)), prompt_tokens=16, new_tokens=32, warmup=1,
-                               repeats=2, threads=1, extra_server_threads=None, mtls=False),
+                               repeats=2, threads=1, extra_rows=()),
     forward=ForwardBench(spec=SMALL, spans=((0, 2), (2, 4)), batch=2, tokens=64, warmup=1, repeats=3,
                          server_threads=2, local_threads=2, mtls=False),
 )
@@ -393,23 +400,27 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
                 static = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
                 rows["remote_static_endpoints"] = _remote_row(static[cfg.warmup:], cfg, reference,
                                                               discovery="static (servers=endpoints, no client DHT)")
-        # The production data plane: mutual TLS between members of a consortium.
-        if cfg.mtls:
-            consortium = Consortium.create(workdir / "gen-ca", len(cfg.spans))
-            with LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.threads, workspace=consortium.workspace,
-                            nodes=consortium.servers) as swarm, \
+        # Extra rows, each through a swarm of its own started after the others stopped.
+        for extra in cfg.extra_rows:
+            spans, threads, consortium = cfg.spans, cfg.threads, None
+            if extra == "mtls":
+                consortium = Consortium.create(workdir / "gen-ca", len(cfg.spans))
+            elif extra == "servers_2_threads":
+                threads = 2
+            else:
+                spans = ((0, cfg.spec.num_layers),)
+            with LocalSwarm(model_dir, spans, torch_threads=threads,
+                            workspace=consortium.workspace if consortium else None,
+                            nodes=consortium.servers if consortium else None) as swarm, \
                     RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
-                                                           tls=consortium.site) as model:
-                secure = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
-                rows["remote_mtls"] = _remote_row(secure[cfg.warmup:], cfg, reference,
-                                                  discovery="dht, mutual TLS (consortium identities)")
-        if cfg.extra_server_threads is not None:
-            with LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.extra_server_threads) as swarm, \
-                    RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model:
-                extra = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
-                rows[f"remote_servers_{cfg.extra_server_threads}_threads"] = _remote_row(
-                    extra[cfg.warmup:], cfg, reference, discovery="dht (client joins via initial_peers)",
-                    server_threads=cfg.extra_server_threads)
+                                                           tls=consortium.site if consortium else None) as model:
+                runs_extra = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
+            rows[f"remote_{extra}"] = {
+                **_remote_row(runs_extra[cfg.warmup:], cfg, reference, discovery="dht (client joins via initial_peers)",
+                              server_threads=threads),
+                "servers": [f"{a}:{b}" for a, b in spans],
+                "what": EXTRA_ROWS[extra],
+            }
 
     hf = generation_figures(hf_runs, cfg.new_tokens)
     blocks = generation_figures(block_runs, cfg.new_tokens)
@@ -425,7 +436,7 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
             "warmup_generations": cfg.warmup,
             "repeats": cfg.repeats,
             "torch_threads": {"each_server": cfg.threads, "client": cfg.threads, "local": cfg.threads},
-            "security": "remote rows: plaintext gRPC (servers --insecure); remote_mtls: mutual TLS with "
+            "security": "plaintext gRPC (servers --insecure) except remote_mtls: mutual TLS with "
                         "consortium identities",
             "per_step_definition": "client loop per token after the prefill: embed + session.step "
                                    "(both hops) + head + argmax; session open and prefill reported apart",
@@ -450,6 +461,10 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
             "remote_minus_local_blocks_step_p50_ms": round(
                 remote["per_step_ms"]["p50"] - blocks["per_step_ms"]["p50"], 4),
             "petals_over_remote_step_mean": round(PETALS_STEP_MS / remote["per_step_ms"]["mean"], 2),
+            # two hops minus one hop over the same blocks: the cost of one more hop per step
+            "second_hop_step_p50_ms": round(
+                remote["per_step_ms"]["p50"] - rows["remote_one_server"]["per_step_ms"]["p50"], 4)
+            if "remote_one_server" in rows else None,
         },
         "reference_petals": {"per_step_ms": PETALS_STEP_MS, "tokens_per_s": list(PETALS_TOKENS_PER_S),
                              "source": "issue text: Petals on this shape on this kind of machine"},

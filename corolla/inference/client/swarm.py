@@ -19,6 +19,7 @@ from corolla.inference.client.routing import BanList, Router
 from corolla.inference.client.transport import ServerStub
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import AccessDeniedError, InferenceError, RoutingError
+from corolla.inference.grpc_tuning import tune_for_latency
 from corolla.inference.security import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Swarm:
     ) -> None:
         if not initial_peers and not servers:
             raise RoutingError("give initial_peers (DHT multiaddrs) or servers (gRPC host:port endpoints)")
+        tune_for_latency()
         self.model_id = model_id
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout

@@ -16,6 +16,7 @@ import grpc
 
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import BadRequestError, ModelLoadError
+from corolla.inference.grpc_tuning import tune_for_latency
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.inference.server.backend import SpanBackend
@@ -83,6 +84,7 @@ class BlockServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> BlockServer:
+        tune_for_latency()
         cfg = self.config
         checkpoint = Checkpoint.open(cfg.model)
         model_id = cfg.model_id or checkpoint.model_id
