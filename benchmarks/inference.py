@@ -11,9 +11,12 @@
     (`Checkpoint.load_span(0, 8)`, the code the servers run) and against `transformers`'
     `LlamaModel` forward; with float32 and bfloat16 on the wire.
 
+Extra rows put figures on what the headline depends on: mutual TLS (the production data
+plane), one server instead of two (what a hop costs), two torch threads per server.
+
 Results go to `benchmarks/results/inference.json`; a summary is printed.
 
-    python benchmarks/inference.py            # full run, about a minute and a half
+    python benchmarks/inference.py            # full run, about two and a half minutes
     python benchmarks/inference.py --quick    # smoke run, under a minute
 """
 
@@ -122,7 +125,7 @@ SMALL = TinySpec(arch="llama", hidden_size=256, num_layers=4, num_heads=4, num_k
 FULL = Plan(
     generation=GenerationBench(spec=TINY, spans=((0, 2), (2, 4)), prompt_tokens=16, new_tokens=64, warmup=2,
                                repeats=5, threads=1, extra_rows=("mtls", "one_server", "servers_2_threads")),
-    forward=ForwardBench(spec=MID, spans=((0, 4), (4, 8)), batch=8, tokens=128, warmup=1, repeats=7,
+    forward=ForwardBench(spec=MID, spans=((0, 4), (4, 8)), batch=8, tokens=128, warmup=1, repeats=9,
                          server_threads=2, local_threads=2, mtls=True),
 )
 # Smoke run: the same code paths on smaller work; (b) uses a smaller model, so its ratio
@@ -515,10 +518,10 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             started = time.perf_counter()
             swarm = stack.enter_context(LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.server_threads))
             swarm_start_s = time.perf_counter() - started
-            fp32 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(
-                model_dir, initial_peers=swarm.initial_peers))
+            # Clients by endpoint: no libp2p thread in this process, where the local baselines run.
+            fp32 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints))
             bf16 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(
-                model_dir, initial_peers=swarm.initial_peers, wire_dtype=torch.bfloat16))
+                model_dir, servers=swarm.endpoints, wire_dtype=torch.bfloat16))
             ports = {name: [int(e.rsplit(":", 1)[1]) for e in swarm.endpoints] for name in ("remote_fp32",
                                                                                           "remote_bf16_wire")}
             variants = {
@@ -535,7 +538,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
                     model_dir, cfg.spans, torch_threads=cfg.server_threads, workspace=consortium.workspace,
                     nodes=consortium.servers))
                 secure = stack.enter_context(RemoteModelForCausalLM.from_pretrained(
-                    model_dir, initial_peers=secure_swarm.initial_peers, tls=consortium.site))
+                    model_dir, servers=secure_swarm.endpoints, tls=consortium.site))
                 variants["remote_fp32_mtls"] = lambda: secure.blocks(x)
                 ports["remote_fp32_mtls"] = [int(e.rsplit(":", 1)[1]) for e in secure_swarm.endpoints]
                 servers += secure_swarm.servers
@@ -611,7 +614,8 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
                               "servers_OMP_NUM_THREADS_seen": server_threads_seen},
             "local_baseline": "Checkpoint.load_span(0, 8) in this process (the code the servers run); "
                               "also transformers LlamaModel(inputs_embeds=...) for reference",
-            "remote": "RemoteModelForCausalLM.blocks(hidden): RemoteSequential, one unary Forward per server",
+            "remote": "RemoteModelForCausalLM.blocks(hidden): RemoteSequential, one unary Forward per server; "
+                      "clients name the servers by endpoint (no DHT node in the benchmark process)",
             "security": "remote_fp32 / remote_bf16_wire: plaintext gRPC (LocalSwarm without a workspace runs "
                         "the servers --insecure); remote_fp32_mtls: mutual TLS with consortium identities",
             "statistic": "median of the timed repeats (min and per-round paired ratios too); variants "
