@@ -103,12 +103,6 @@ class LocalSwarm:
             raise
         return self
 
-    def add_server(self, span: tuple[int, int], extra: Sequence[str] = ()) -> ServerProcess:
-        server = self._spawn(span, ["--bootstrap", self._bootstrap_addr(), *extra], index=len(self.servers))
-        self.servers.append(server)
-        self._wait_ready(server)
-        return server
-
     def _bootstrap_addr(self) -> str:
         return self.bootstrap or self.servers[0].dht_addr
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import random
 import threading
 import time
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 from corolla.inference.discovery import ServerRecord
 from corolla.inference.errors import RoutingError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +102,7 @@ def shortest_chain(
         missing = [i for i in range(start, end) if i not in covered]
         raise RoutingError(
             f"no chain of live servers covers blocks {start}:{end}"
-            + (f"; blocks with no server: {_ranges(missing)}" if missing else "")
+            + (f"; blocks with no server: {block_ranges(missing)}" if missing else "")
         )
     chain: list[Hop] = []
     at = end
@@ -163,6 +166,16 @@ class Router:
         except RoutingError:
             return shortest_chain(self.records(refresh=True), start, end, cost)
 
+    def report_failure(self, hop: Hop, exc: Exception, *, failures: int, max_retries: int) -> None:
+        """Ban the hop's server (exponential backoff) and log it; after more than
+        `max_retries` failures of one request, give up with `RoutingError`."""
+        duration = self.bans.ban(hop.endpoint)
+        log.warning(
+            "server %s failed on blocks %d:%d (%s); banned for %.1f s", hop.endpoint, hop.start, hop.end, exc, duration
+        )
+        if failures > max_retries:
+            raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc
+
     def begin(self, endpoint: str) -> None:
         with self._lock:
             self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
@@ -172,12 +185,12 @@ class Router:
             self._in_flight[endpoint] = max(0, self._in_flight.get(endpoint, 0) - 1)
 
 
-def _ranges(indices: list[int]) -> str:
-    parts: list[str] = []
+def block_ranges(indices: list[int]) -> str:
+    """Sorted block indices as `start:end` ranges, e.g. [2, 3, 5] -> "2:4, 5:6"."""
+    out: list[list[int]] = []
     for i in indices:
-        if parts and int(parts[-1].split(":")[-1]) == i:
-            first = parts[-1].split(":")[0]
-            parts[-1] = f"{first}:{i + 1}"
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
         else:
-            parts.append(f"{i}:{i + 1}")
-    return ", ".join(parts)
+            out.append([i, i + 1])
+    return ", ".join(f"{a}:{b}" for a, b in out)

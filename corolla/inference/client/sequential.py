@@ -101,18 +101,8 @@ class RemoteSequential:
         return out
 
     def _failed(self, hop: Hop, exc: Exception, failures: int) -> int:
-        duration = self.swarm.router.bans.ban(hop.endpoint)
-        log.warning(
-            "server %s failed on blocks %d:%d (%s); banned for %.1f s",
-            hop.endpoint,
-            hop.start,
-            hop.end,
-            exc,
-            duration,
-        )
         failures += 1
-        if failures > self.max_retries:
-            raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc
+        self.swarm.router.report_failure(hop, exc, failures=failures, max_retries=self.max_retries)
         return failures
 
 

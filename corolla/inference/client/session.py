@@ -166,14 +166,4 @@ class InferenceSession:
         self._links[index : index + 1] = links
 
     def _ban(self, hop: Hop, exc: Exception, failures: int) -> None:
-        duration = self.swarm.router.bans.ban(hop.endpoint)
-        log.warning(
-            "server %s failed on blocks %d:%d (%s); banned for %.1f s",
-            hop.endpoint,
-            hop.start,
-            hop.end,
-            exc,
-            duration,
-        )
-        if failures > self.max_retries:
-            raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc
+        self.swarm.router.report_failure(hop, exc, failures=failures, max_retries=self.max_retries)

@@ -24,11 +24,6 @@ class Span(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self._encode_positions = family.position_encoder(config)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        norm_weight = next(p for name, p in self.named_parameters() if "norm" in name or "ln_" in name)
-        return norm_weight.dtype
-
     def new_cache(self, *, start: int, end: int, batch_size: int, max_length: int, dtype: torch.dtype) -> SpanCache:
         n_kv, head_dim = self.family.kv_heads_and_dim(self.config)
         return SpanCache(

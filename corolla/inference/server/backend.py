@@ -7,8 +7,6 @@ dtype they came in, so a client never has to know how a server computes.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from corolla.inference.errors import BadRequestError, MaxLengthExceededError, SpanNotServedError
@@ -23,8 +21,6 @@ class SpanBackend:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.quant = quant
-        self._in_flight = 0
-        self._lock = threading.Lock()
 
     @property
     def start(self) -> int:
@@ -33,10 +29,6 @@ class SpanBackend:
     @property
     def end(self) -> int:
         return self.span.end
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def check_request(self, model_id: str, start: int, end: int) -> None:
         if model_id and model_id != self.model_id:
@@ -56,7 +48,7 @@ class SpanBackend:
 
     def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         self.check_hidden(hidden)
-        with self._counted(), torch.inference_mode():
+        with torch.inference_mode():
             out = self.span(hidden.to(self.dtype), start=start, end=end)
         return out.to(hidden.dtype)
 
@@ -67,7 +59,7 @@ class SpanBackend:
             raise BadRequestError(
                 f"grad_output: shape {tuple(grad_output.shape)} differs from hidden {tuple(hidden.shape)}"
             )
-        with self._counted(), torch.enable_grad():
+        with torch.enable_grad():
             inputs = hidden.to(self.dtype).detach().requires_grad_(True)
             out = self.span(inputs, start=start, end=end)
             (grad,) = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
@@ -90,24 +82,6 @@ class SpanBackend:
             raise MaxLengthExceededError(
                 f"{position + hidden.shape[1]} tokens would exceed the session's max_length {cache.max_length}"
             )
-        with self._counted(), torch.inference_mode():
+        with torch.inference_mode():
             out = self.span(hidden.to(self.dtype), start=start, end=end, offset=position, cache=cache)
         return out.to(hidden.dtype)
-
-    def _counted(self) -> _InFlight:
-        return _InFlight(self)
-
-
-class _InFlight:
-    """Counts requests being computed, announced as the server's current load."""
-
-    def __init__(self, backend: SpanBackend) -> None:
-        self.backend = backend
-
-    def __enter__(self) -> None:
-        with self.backend._lock:
-            self.backend._in_flight += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self.backend._lock:
-            self.backend._in_flight -= 1

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corolla.inference.client.routing import block_ranges
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
@@ -95,16 +96,6 @@ def format_status(model_id: str, records: list[ServerRecord], num_blocks: int | 
         for i in range(r.start, min(r.end, total)):
             covered[i] += 1
     missing = [i for i, n in enumerate(covered) if n == 0]
-    lines.append(f"blocks 0:{total}: " + ("all covered" if not missing else f"NOT covered: {_ranges(missing)}"))
+    lines.append(f"blocks 0:{total}: " + ("all covered" if not missing else f"NOT covered: {block_ranges(missing)}"))
     lines.append("servers per block: " + " ".join(str(n) for n in covered))
     return "\n".join(lines)
-
-
-def _ranges(indices: list[int]) -> str:
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return ", ".join(f"{a}:{b}" for a, b in out)
