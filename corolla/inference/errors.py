@@ -50,6 +50,18 @@ class SessionNotFoundError(InferenceError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class AdapterNotFoundError(InferenceError):
+    """The request names an adapter this server does not hold (never put, or evicted): put it again."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StepNotFoundError(InferenceError):
+    """ClipSum names a step whose per-sample gradients this server does not hold (expired or used)."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
 class SessionLimitError(InferenceError):
     """Too many sessions, or their KV caches would exceed the server's memory budget."""
 

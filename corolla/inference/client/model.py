@@ -24,6 +24,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import CausalLMOutput
 
+from corolla.inference.client.adapter import LoraAdapter
+from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.routing import BanList
 from corolla.inference.client.sequential import RemoteSequential
 from corolla.inference.client.session import InferenceSession
@@ -45,6 +47,7 @@ class RemoteModelForCausalLM(nn.Module):
         self.client_parts = checkpoint.load_client()
         self.num_blocks = checkpoint.num_blocks
         self.blocks = RemoteSequential(swarm, num_blocks=self.num_blocks, wire_dtype=wire_dtype)
+        self.adapter: LoraAdapter | None = None
         try:
             self.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         except OSError:
@@ -76,6 +79,18 @@ class RemoteModelForCausalLM(nn.Module):
             tls=tls,
         )
         return cls(checkpoint, swarm, wire_dtype=wire_dtype)
+
+    def use_adapter(self, adapter: LoraAdapter | None) -> None:
+        """Apply `adapter` (client-held LoRA weights) in every forward, backward and generation
+        from now on; None goes back to the base model."""
+        self.adapter = adapter
+        self.blocks.adapter = None if adapter is None else AdapterSync(adapter, model_id=self.swarm.model_id)
+
+    def load_adapter(self, directory: str | Path) -> LoraAdapter:
+        """Load a PEFT LoRA adapter directory and apply it (see `use_adapter`)."""
+        adapter = LoraAdapter.load_peft(directory, self.checkpoint)
+        self.use_adapter(adapter)
+        return adapter
 
     def close(self) -> None:
         self.swarm.close()
@@ -113,6 +128,7 @@ class RemoteModelForCausalLM(nn.Module):
             max_length=max_length,
             batch_size=batch_size,
             wire_dtype=self.wire_dtype,
+            adapter=self.blocks.adapter,
         )
 
     @torch.no_grad()

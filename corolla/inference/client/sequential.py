@@ -4,20 +4,39 @@
 fails, it is banned and the rest of the chain is routed again, so one dead replica
 costs one retry, not the request. With `hidden.requires_grad`, the call is an autograd
 function: backward sends each hop its input and the output gradient, in reverse.
+
+With an adapter (`RemoteSequential.adapter`), every hop applies the client's LoRA
+weights, and `backward_through` can also bring back what DP-SGD needs for them:
+per-sample gradients, or per-sample squared norms whose clipped sum `clip_sums` asks
+for once the client knows the clip factors (flat clipping).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
-from corolla.inference.errors import RemoteError, RoutingError
+from corolla.inference.errors import RemoteError
+from corolla.inference.server.backend import AdapterGrads, BackwardResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HopGrads:
+    """One server's backward over `[hop.start, hop.end)`: enough to redo it elsewhere."""
+
+    hop: Hop
+    hidden: torch.Tensor  # the hop's forward input (B, T, H)
+    grad_output: torch.Tensor  # gradient at its output (B, T, H)
+    result: BackwardResult
+    step_id: str  # NORMS: the key of the per-sample gradients the server keeps
 
 
 class RemoteSequential:
@@ -28,6 +47,7 @@ class RemoteSequential:
         self.num_blocks = num_blocks
         self.wire_dtype = wire_dtype
         self.max_retries = max_retries
+        self.adapter: AdapterSync | None = None  # LoRA weights every hop applies; None = the base model
 
     def __call__(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.num_blocks if end is None else end
@@ -46,7 +66,7 @@ class RemoteSequential:
         while at < end:
             hop = self.swarm.router.forward_route(at, end)[0]
             try:
-                y = self._call(hop, "forward", x)
+                y = self._forward(hop, x)
             except RemoteError as exc:
                 failures = self._failed(hop, exc, failures)
                 continue
@@ -54,10 +74,60 @@ class RemoteSequential:
             x, at = y, hop.end
         return x, trace
 
-    def backward_through(self, trace: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor) -> torch.Tensor:
-        for hop, x in reversed(trace):
-            grad = self._backward_span(x, grad, hop.start, hop.end, preferred=hop)
-        return grad
+    def backward_through(
+        self,
+        trace: list[tuple[Hop, torch.Tensor]],
+        grad: torch.Tensor,
+        *,
+        adapter_grads: AdapterGrads = AdapterGrads.NONE,
+        step_id: str = "",
+        grad_input: bool = True,
+    ) -> tuple[torch.Tensor | None, list[HopGrads]]:
+        """Backward through `trace` in reverse. Returns the gradient at the first hop's input
+        (None if `grad_input` is False: nobody upstream needs it) and every hop's result."""
+        done: list[HopGrads] = []
+        g: torch.Tensor | None = grad
+        for i in range(len(trace) - 1, -1, -1):
+            hop, x = trace[i]
+            if g is None:
+                raise RemoteError(f"{hop.endpoint}: returned no input gradient")
+            g, parts = self._backward_span(
+                x,
+                g,
+                hop.start,
+                hop.end,
+                preferred=hop,
+                adapter_grads=adapter_grads,
+                step_id=step_id,
+                grad_input=grad_input or i > 0,
+            )
+            done.extend(parts)
+        return g, done
+
+    def clip_sums(self, parts: list[HopGrads], clip_factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat clipping: each server's sum of `clip_factors[b] * grad[b]`, merged by name.
+        A server that died since its NORMS backward is replaced: its backward is redone on
+        a replica (same inputs, same result) and the sum asked of that one."""
+        sums: dict[str, torch.Tensor] = {}
+        for part in parts:
+            pending, failures = [part], 0
+            while pending:
+                item = pending.pop()
+                try:
+                    sums.update(self.swarm.stub(item.hop.endpoint).clip_sum(item.step_id, clip_factors))
+                except RemoteError as exc:
+                    failures = self._failed(item.hop, exc, failures)
+                    _, redone = self._backward_span(
+                        item.hidden,
+                        item.grad_output,
+                        item.hop.start,
+                        item.hop.end,
+                        adapter_grads=AdapterGrads.NORMS,
+                        step_id=item.step_id.rsplit("@", 1)[0],
+                        grad_input=False,
+                    )
+                    pending.extend(redone)
+        return sums
 
     def _backward_span(
         self,
@@ -65,36 +135,76 @@ class RemoteSequential:
         grad: torch.Tensor,
         start: int,
         end: int,
+        *,
         preferred: Hop | None = None,
-        failures: int = 0,
-    ) -> torch.Tensor:
-        hop = preferred
+        adapter_grads: AdapterGrads = AdapterGrads.NONE,
+        step_id: str = "",
+        grad_input: bool = True,
+    ) -> tuple[torch.Tensor | None, list[HopGrads]]:
+        hop, failures = preferred, 0
         while True:
             if hop is None:
                 route = self.swarm.router.forward_route(start, end)
                 if len(route) > 1:  # no single server holds it any more: recompute the inputs
                     _, trace = self.forward_with_trace(x, start, end)
-                    return self.backward_through(trace, grad)
+                    return self.backward_through(
+                        trace, grad, adapter_grads=adapter_grads, step_id=step_id, grad_input=grad_input
+                    )
                 hop = route[0]
+            hop_step = f"{step_id}@{hop.start}:{hop.end}" if step_id else ""
             try:
-                return self._call(hop, "backward", x, grad)
+                result = self._backward(hop, x, grad, adapter_grads, hop_step, grad_input)
             except RemoteError as exc:
                 failures = self._failed(hop, exc, failures)
                 hop = None
+                continue
+            return result.grad_input, [HopGrads(hop=hop, hidden=x, grad_output=grad, result=result, step_id=hop_step)]
 
-    def _call(self, hop: Hop, method: str, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, hop: Hop, x: torch.Tensor) -> torch.Tensor:
         stub = self.swarm.stub(hop.endpoint)
+
+        def call(adapter: str) -> torch.Tensor:
+            return stub.forward(
+                x,
+                model_id=self.swarm.model_id,
+                start=hop.start,
+                end=hop.end,
+                wire_dtype=self.wire_dtype,
+                adapter=adapter,
+            )
+
+        return self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+
+    def _backward(
+        self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, mode: AdapterGrads, step_id: str, grad_input: bool
+    ) -> BackwardResult:
+        stub = self.swarm.stub(hop.endpoint)
+
+        def call(adapter: str) -> BackwardResult:
+            return stub.backward(
+                x,
+                grad,
+                model_id=self.swarm.model_id,
+                start=hop.start,
+                end=hop.end,
+                adapter=adapter,
+                adapter_grads=mode,
+                step_id=step_id,
+                grad_input=grad_input,
+            )
+
+        return self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+
+    def _with_adapter(self, stub: Any, hop: Hop, call: Any) -> Any:
+        if self.adapter is None:
+            return call("")
+        return self.adapter.call(stub, hop.start, hop.end, call)
+
+    def _tracked(self, hop: Hop, run: Any) -> Any:
         router = self.swarm.router
         router.begin(hop.endpoint)
         try:
-            if method == "forward":
-                out = stub.forward(
-                    x, model_id=self.swarm.model_id, start=hop.start, end=hop.end, wire_dtype=self.wire_dtype
-                )
-            else:
-                if grad is None:
-                    raise RoutingError("backward needs a gradient")
-                out = stub.backward(x, grad, model_id=self.swarm.model_id, start=hop.start, end=hop.end)
+            out = run()
         finally:
             router.finish(hop.endpoint)
         router.bans.succeeded(hop.endpoint)
@@ -116,5 +226,5 @@ class _RemoteBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad = ctx.blocks.backward_through(ctx.trace, grad_output.contiguous())
+        grad, _ = ctx.blocks.backward_through(ctx.trace, grad_output.contiguous())
         return grad, None, None, None

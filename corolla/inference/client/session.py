@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.client.transport import SessionStream
@@ -44,8 +45,10 @@ class InferenceSession:
         batch_size: int = 1,
         wire_dtype: torch.dtype | None = None,
         max_retries: int = 4,
+        adapter: AdapterSync | None = None,
     ) -> None:
         self.swarm = swarm
+        self.adapter = adapter  # LoRA weights each server applies, put there before its session opens
         self.start = start
         self.end = end
         self.max_length = max_length
@@ -125,14 +128,20 @@ class InferenceSession:
             return exc
 
     def _open(self, hop: Hop) -> SessionStream:
-        return self.swarm.stub(hop.endpoint).open_session(
-            session_id=uuid.uuid4().hex,
-            model_id=self.swarm.model_id,
-            start=hop.start,
-            end=hop.end,
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-        )
+        stub = self.swarm.stub(hop.endpoint)
+
+        def open_with(adapter: str) -> SessionStream:
+            return stub.open_session(
+                session_id=uuid.uuid4().hex,
+                model_id=self.swarm.model_id,
+                start=hop.start,
+                end=hop.end,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                adapter=adapter,
+            )
+
+        return open_with("") if self.adapter is None else self.adapter.call(stub, hop.start, hop.end, open_with)
 
     def _replace(self, index: int, exc: Exception, failures: int) -> None:
         """Swap link `index` for a new chain over its blocks, replaying its inputs there."""

@@ -20,8 +20,10 @@ from corolla.inference import errors
 from corolla.inference.errors import AccessDeniedError, InferenceError, RemoteError, ServerUnavailableError
 from corolla.inference.security import TlsConfig
 from corolla.inference.server.app import grpc_options
+from corolla.inference.server.backend import AdapterGrads, BackwardResult
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
+from corolla.inference.wire.adapters import adapter_message
 from corolla.inference.wire.tensors import deserialize, serialize
 
 _BY_NAME: dict[str, type[InferenceError]] = {
@@ -87,9 +89,14 @@ class ServerStub:
         start: int,
         end: int,
         wire_dtype: torch.dtype | None = None,
+        adapter: str = "",
     ) -> torch.Tensor:
         request = pb.ForwardRequest(
-            model_id=model_id, start=start, end=end, hidden=serialize(hidden, wire_dtype=wire_dtype)
+            model_id=model_id,
+            start=start,
+            end=end,
+            hidden=serialize(hidden, wire_dtype=wire_dtype),
+            adapter=adapter,
         )
         try:
             response = self._stub.Forward(request, timeout=self.timeout)
@@ -98,23 +105,72 @@ class ServerStub:
         return deserialize(response.hidden, name="hidden", shape=tuple(hidden.shape)).to(hidden.dtype)
 
     def backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, *, model_id: str, start: int, end: int
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        *,
+        model_id: str,
+        start: int,
+        end: int,
+        adapter: str = "",
+        adapter_grads: AdapterGrads = AdapterGrads.NONE,
+        step_id: str = "",
+        grad_input: bool = True,
+    ) -> BackwardResult:
         request = pb.BackwardRequest(
             model_id=model_id,
             start=start,
             end=end,
             hidden=serialize(hidden),
             grad_output=serialize(grad_output),
+            adapter=adapter,
+            adapter_grads=int(adapter_grads),
+            step_id=step_id,
+            skip_grad_input=not grad_input,
         )
         try:
             response = self._stub.Backward(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.endpoint) from None
-        return deserialize(response.grad_input, name="grad_input", shape=tuple(hidden.shape))
+        batch = hidden.shape[0]
+        g_in = deserialize(response.grad_input, name="grad_input", shape=tuple(hidden.shape)) if grad_input else None
+        per_sample = {
+            item.name: deserialize(item.tensor, name=item.name, shape=None) for item in response.adapter_grads
+        }
+        if any(t.dim() < 1 or t.shape[0] != batch for t in per_sample.values()):
+            raise errors.RemoteError(f"{self.endpoint}: per-sample gradients with a batch other than {batch}")
+        norms = None
+        if adapter_grads == AdapterGrads.NORMS:
+            norms = deserialize(response.squared_norms, name="squared_norms", shape=(batch,))
+        return BackwardResult(grad_input=g_in, per_sample=per_sample, squared_norms=norms)
+
+    def put_adapter(self, tensors: dict[str, torch.Tensor], *, scaling: float, model_id: str, digest: str) -> None:
+        request = pb.PutAdapterRequest(model_id=model_id, adapter=adapter_message(tensors, scaling, digest))
+        try:
+            response = self._stub.PutAdapter(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.endpoint) from None
+        if response.hash != digest:
+            raise errors.RemoteError(f"{self.endpoint}: stored the adapter under another hash")
+
+    def clip_sum(self, step_id: str, clip_factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        request = pb.ClipSumRequest(step_id=step_id, clip_factors=serialize(clip_factors.float()))
+        try:
+            response = self._stub.ClipSum(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.endpoint) from None
+        return {item.name: deserialize(item.tensor, name=item.name, shape=None) for item in response.adapter_grads}
 
     def open_session(
-        self, *, session_id: str, model_id: str, start: int, end: int, max_length: int, batch_size: int
+        self,
+        *,
+        session_id: str,
+        model_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        adapter: str = "",
     ) -> SessionStream:
         return SessionStream(
             self,
@@ -124,6 +180,7 @@ class ServerStub:
             end=end,
             max_length=max_length,
             batch_size=batch_size,
+            adapter=adapter,
         )
 
 
@@ -143,6 +200,7 @@ class SessionStream:
         end: int,
         max_length: int,
         batch_size: int,
+        adapter: str = "",
     ) -> None:
         self.stub = stub
         self.session_id = session_id
@@ -154,7 +212,12 @@ class SessionStream:
             pb.InferenceRequest(
                 session_id=session_id,
                 open=pb.OpenSession(
-                    model_id=model_id, start=start, end=end, max_length=max_length, batch_size=batch_size
+                    model_id=model_id,
+                    start=start,
+                    end=end,
+                    max_length=max_length,
+                    batch_size=batch_size,
+                    adapter=adapter,
                 ),
             )
         )

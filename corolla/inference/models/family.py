@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from corolla.inference.models.kv_cache import LayerCache
+from corolla.inference.models.lora import BlockLora
 
 # (offset, length, dtype) -> (cos, sin), each (1, length, head_dim)
 PositionEncoder = Callable[[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
@@ -22,7 +23,8 @@ PositionEncoder = Callable[[int, int, torch.dtype], tuple[torch.Tensor, torch.Te
 
 class Block(nn.Module, ABC):
     """One transformer block. `hidden` is `(B, T, H)`; `offset` is the absolute position
-    of its first token; `rope` is the family's precomputed position encoding, if any."""
+    of its first token; `rope` is the family's precomputed position encoding, if any;
+    `lora` adds an adapter's low-rank terms to the projections it names."""
 
     @abstractmethod
     def forward(
@@ -32,6 +34,7 @@ class Block(nn.Module, ABC):
         offset: int,
         cache: LayerCache | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -76,6 +79,14 @@ class ModelFamily(ABC):
     @abstractmethod
     def kv_heads_and_dim(self, config: PretrainedConfig) -> tuple[int, int]:
         """`(n_kv_heads, head_dim)`: the shape of one token's cache entry per layer."""
+
+    @abstractmethod
+    def lora_modules(self) -> tuple[str, ...]:
+        """Module paths inside a block (Hugging Face names) that may carry LoRA weights."""
+
+    @abstractmethod
+    def lora_shapes(self, config: PretrainedConfig) -> Mapping[str, tuple[int, int]]:
+        """`(in_features, out_features)` of each module of `lora_modules`."""
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return int(config.hidden_size)

@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from corolla.inference.models.attention import causal_attention
 from corolla.inference.models.family import Block, ClientParts, ModelFamily, linear_from
 from corolla.inference.models.kv_cache import LayerCache
+from corolla.inference.models.lora import BlockLora
 
 
 def _conv1d_as_linear(state: Mapping[str, torch.Tensor], name: str) -> nn.Linear:
@@ -43,11 +44,19 @@ class GPT2Attention(nn.Module):
         self.c_attn = _conv1d_as_linear(state, "attn.c_attn")
         self.c_proj = _conv1d_as_linear(state, "attn.c_proj")
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None, offset: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache | None, offset: int, lora: BlockLora | None = None
+    ) -> torch.Tensor:
         batch, length, hidden = x.shape
-        q, k, v = self.c_attn(x).split(hidden, dim=2)
+        qkv = self.c_attn(x)
+        if lora is not None:
+            qkv = lora.apply("attn.c_attn", x, qkv)
+        q, k, v = qkv.split(hidden, dim=2)
         q, k, v = (t.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        return self.c_proj(causal_attention(q, k, v, scale=self.scale, cache=cache, offset=offset))
+        out = causal_attention(q, k, v, scale=self.scale, cache=cache, offset=offset)
+        if lora is not None:
+            return lora.apply("attn.c_proj", out, self.c_proj(out))
+        return self.c_proj(out)
 
 
 class GPT2MLP(nn.Module):
@@ -57,8 +66,11 @@ class GPT2MLP(nn.Module):
         self.c_proj = _conv1d_as_linear(state, "mlp.c_proj")
         self.act = ACT2FN[config.activation_function]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x: torch.Tensor, lora: BlockLora | None = None) -> torch.Tensor:
+        if lora is None:
+            return self.c_proj(self.act(self.c_fc(x)))
+        inner = self.act(lora.apply("mlp.c_fc", x, self.c_fc(x)))
+        return lora.apply("mlp.c_proj", inner, self.c_proj(inner))
 
 
 class GPT2Block(Block):
@@ -77,9 +89,10 @@ class GPT2Block(Block):
         offset: int,
         cache: LayerCache | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), cache, offset)
-        return hidden + self.mlp(self.ln_2(hidden))
+        hidden = hidden + self.attn(self.ln_1(hidden), cache, offset, lora)
+        return hidden + self.mlp(self.ln_2(hidden), lora)
 
 
 class GPT2Client(ClientParts):
@@ -127,6 +140,19 @@ class GPT2Family(ModelFamily):
 
     def build_client(self, config: PretrainedConfig, tensors: Mapping[str, torch.Tensor]) -> ClientParts:
         return GPT2Client(config, tensors)
+
+    def lora_modules(self) -> tuple[str, ...]:
+        return ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+    def lora_shapes(self, config: PretrainedConfig) -> Mapping[str, tuple[int, int]]:
+        hidden = int(config.hidden_size)
+        inner = int(getattr(config, "n_inner", None) or 4 * hidden)
+        return {
+            "attn.c_attn": (hidden, 3 * hidden),
+            "attn.c_proj": (hidden, hidden),
+            "mlp.c_fc": (hidden, inner),
+            "mlp.c_proj": (inner, hidden),
+        }
 
     def kv_heads_and_dim(self, config: PretrainedConfig) -> tuple[int, int]:
         n_heads = int(config.num_attention_heads)

@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from corolla.inference.models.attention import causal_attention
 from corolla.inference.models.family import Block, ClientParts, ModelFamily, PositionEncoder, linear_from
 from corolla.inference.models.kv_cache import LayerCache
+from corolla.inference.models.lora import BlockLora
 
 # rope types whose frequencies change with the sequence length: computed per call
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
@@ -96,9 +97,14 @@ class LlamaAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache | None,
         offset: int,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self._qkv(x, [self.q_proj, self.k_proj, self.v_proj])
+        if lora is not None:
+            q = lora.apply("self_attn.q_proj", x, q)
+            k = lora.apply("self_attn.k_proj", x, k)
+            v = lora.apply("self_attn.v_proj", x, v)
         q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
         k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -106,6 +112,8 @@ class LlamaAttention(nn.Module):
         qk = torch.cat((q, k), dim=1)  # rotate queries and keys in one pass: (B, nh + nkv, T, D)
         q, k = (qk * cos + _rotate_half(qk) * sin).split([q.shape[1], k.shape[1]], dim=1)
         out = causal_attention(q, k, v, scale=self.head_dim**-0.5, cache=cache, offset=offset)
+        if lora is not None:
+            return lora.apply("self_attn.o_proj", out, self.o_proj(out))
         return self.o_proj(out)
 
 
@@ -117,9 +125,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = _linear(state, "mlp.down_proj")
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: BlockLora | None = None) -> torch.Tensor:
         gate, up = self._gate_up(x, [self.gate_proj, self.up_proj])
-        return self.down_proj(self.act_fn(gate) * up)
+        if lora is None:
+            return self.down_proj(self.act_fn(gate) * up)
+        gate = lora.apply("mlp.gate_proj", x, gate)
+        up = lora.apply("mlp.up_proj", x, up)
+        inner = self.act_fn(gate) * up
+        return lora.apply("mlp.down_proj", inner, self.down_proj(inner))
 
 
 class LlamaBlock(Block):
@@ -138,11 +151,12 @@ class LlamaBlock(Block):
         offset: int,
         cache: LayerCache | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
         if rope is None:
             raise ValueError("Llama blocks need rotary position embeddings")
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, offset)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, offset, lora)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)
 
 
 class LlamaClient(ClientParts):
@@ -182,6 +196,23 @@ class LlamaFamily(ModelFamily):
 
     def build_client(self, config: PretrainedConfig, tensors: Mapping[str, torch.Tensor]) -> ClientParts:
         return LlamaClient(config, tensors)
+
+    def lora_modules(self) -> tuple[str, ...]:
+        return tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(f"mlp.{p}_proj" for p in ("gate", "up", "down"))
+
+    def lora_shapes(self, config: PretrainedConfig) -> Mapping[str, tuple[int, int]]:
+        hidden, inner = int(config.hidden_size), int(config.intermediate_size)
+        n_kv, head_dim = self.kv_heads_and_dim(config)
+        q_out = int(config.num_attention_heads) * head_dim
+        return {
+            "self_attn.q_proj": (hidden, q_out),
+            "self_attn.k_proj": (hidden, n_kv * head_dim),
+            "self_attn.v_proj": (hidden, n_kv * head_dim),
+            "self_attn.o_proj": (q_out, hidden),
+            "mlp.gate_proj": (hidden, inner),
+            "mlp.up_proj": (hidden, inner),
+            "mlp.down_proj": (inner, hidden),
+        }
 
     def kv_heads_and_dim(self, config: PretrainedConfig) -> tuple[int, int]:
         n_heads = int(config.num_attention_heads)

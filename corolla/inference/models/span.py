@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from corolla.inference.models.family import Block, ModelFamily
 from corolla.inference.models.kv_cache import SpanCache
+from corolla.inference.models.lora import SpanAdapter
 
 
 class Span(nn.Module):
@@ -54,9 +55,11 @@ class Span(nn.Module):
         end: int | None = None,
         offset: int = 0,
         cache: SpanCache | None = None,
+        adapter: SpanAdapter | None = None,
     ) -> torch.Tensor:
         """`(B, T, H)` -> `(B, T, H)` through blocks `[start, end)` (default: all), the
-        first token at absolute position `offset`. `cache` must cover exactly `[start, end)`."""
+        first token at absolute position `offset`. `cache` must cover exactly `[start, end)`;
+        `adapter` holds LoRA pairs by absolute block index."""
         start = self.start if start is None else start
         end = self.end if end is None else end
         rope = None
@@ -64,5 +67,6 @@ class Span(nn.Module):
             rope = self._encode_positions(offset, hidden.shape[1], hidden.dtype)
         for i, block in enumerate(self.blocks[start - self.start : end - self.start]):
             layer_cache = cache.layers[i] if cache is not None else None
-            hidden = block(hidden, offset=offset, cache=layer_cache, rope=rope)
+            lora = adapter.block(start + i) if adapter is not None else None
+            hidden = block(hidden, offset=offset, cache=layer_cache, rope=rope, lora=lora)
         return hidden

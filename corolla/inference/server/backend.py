@@ -7,11 +7,36 @@ dtype they came in, so a client never has to know how a server computes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import IntEnum
+
 import torch
 
 from corolla.inference.errors import BadRequestError, MaxLengthExceededError, SpanNotServedError
 from corolla.inference.models.kv_cache import SpanCache
+from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.models.span import Span
+from corolla.inference.wire.adapters import tensor_name
+
+
+class AdapterGrads(IntEnum):
+    """What backward returns for the adapter's weights (values as in blocks.proto)."""
+
+    NONE = 0  # input gradient only
+    PER_SAMPLE = 1  # (B, *shape) per weight
+    NORMS = 2  # per-sample squared norms (B,); the per-sample gradients are kept for clip_sum
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardResult:
+    grad_input: torch.Tensor | None  # (B, T, H), None when not asked for
+    per_sample: dict[str, torch.Tensor]  # adapter tensor name -> (B, *shape) float32; empty for NONE
+    squared_norms: torch.Tensor | None  # (B,) float32 for NORMS
+
+
+def clip_sum(per_sample: dict[str, torch.Tensor], clip_factors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sum over samples of `clip_factors[b] * grad[b]`: Opacus's `clip_and_accumulate` formula."""
+    return {name: torch.einsum("i,i...", clip_factors, g) for name, g in per_sample.items()}
 
 
 class SpanBackend:
@@ -46,24 +71,70 @@ class SpanBackend:
         if not torch.isfinite(hidden).all():
             raise BadRequestError(f"{name}: contains NaN or infinite values")
 
-    def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, start: int, end: int, *, adapter: SpanAdapter | None = None
+    ) -> torch.Tensor:
         self.check_hidden(hidden)
         with torch.inference_mode():
-            out = self.span(hidden.to(self.dtype), start=start, end=end)
+            out = self.span(hidden.to(self.dtype), start=start, end=end, adapter=adapter)
         return out.to(hidden.dtype)
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Gradient of `sum(out * grad_output)` with respect to `hidden`; weights stay frozen."""
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        *,
+        adapter: SpanAdapter | None = None,
+        adapter_grads: AdapterGrads = AdapterGrads.NONE,
+        grad_input: bool = True,
+    ) -> BackwardResult:
+        """Gradients of `sum(out * grad_output)`: with respect to `hidden` (base weights stay
+        frozen) and, per sample, with respect to the adapter's weights in `[start, end)`.
+
+        Per-sample gradients are exact: every sample gets its own copy of each LoRA weight,
+        so autograd's gradient of copy `b` is sample `b`'s gradient (what Opacus computes
+        from the captured activations and output gradients)."""
         self.check_hidden(hidden)
         if grad_output.shape != hidden.shape:
             raise BadRequestError(
                 f"grad_output: shape {tuple(grad_output.shape)} differs from hidden {tuple(hidden.shape)}"
             )
+        if adapter_grads != AdapterGrads.NONE and adapter is None:
+            raise BadRequestError("adapter gradients were asked for without an adapter")
+        batch = hidden.shape[0]
+        leaves: dict[str, torch.Tensor] = {}
+        run_adapter = adapter
+        if adapter is not None and adapter_grads != AdapterGrads.NONE:
+            pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+            for index in range(start, end):
+                block = adapter.block(index)
+                for module, (a, b) in block.pairs.items() if block is not None else ():
+                    a_n = a.unsqueeze(0).repeat(batch, 1, 1).requires_grad_(True)  # (B, r, in)
+                    b_n = b.unsqueeze(0).repeat(batch, 1, 1).requires_grad_(True)  # (B, out, r)
+                    leaves[tensor_name(index, module, "lora_A")] = a_n
+                    leaves[tensor_name(index, module, "lora_B")] = b_n
+                    pairs[(index, module)] = (a_n, b_n)
+            run_adapter = SpanAdapter.from_pairs(pairs, adapter.scaling)
+        if not grad_input and not leaves:
+            raise BadRequestError("nothing to compute: no input gradient and no adapter weights in these blocks")
         with torch.enable_grad():
-            inputs = hidden.to(self.dtype).detach().requires_grad_(True)
-            out = self.span(inputs, start=start, end=end)
-            (grad,) = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
-        return grad.to(hidden.dtype)
+            inputs = hidden.to(self.dtype).detach().requires_grad_(grad_input)
+            out = self.span(inputs, start=start, end=end, adapter=run_adapter)
+            targets = ([inputs] if grad_input else []) + list(leaves.values())
+            grads = list(torch.autograd.grad(out, targets, grad_output.to(out.dtype), allow_unused=True))
+        g_in = grads.pop(0).to(hidden.dtype) if grad_input else None
+        per_sample = {
+            name: torch.zeros_like(leaf) if g is None else g.float()
+            for (name, leaf), g in zip(leaves.items(), grads, strict=True)
+        }
+        norms = None
+        if adapter_grads == AdapterGrads.NORMS:
+            norms = torch.zeros(batch, dtype=torch.float32)
+            for g in per_sample.values():
+                norms += g.reshape(batch, -1).pow(2).sum(dim=1)
+        return BackwardResult(grad_input=g_in, per_sample=per_sample, squared_norms=norms)
 
     def new_cache(self, start: int, end: int, *, batch_size: int, max_length: int) -> SpanCache:
         return self.span.new_cache(start=start, end=end, batch_size=batch_size, max_length=max_length, dtype=self.dtype)
@@ -73,7 +144,16 @@ class SpanBackend:
             start=start, end=end, batch_size=batch_size, max_length=max_length, dtype=self.dtype
         )
 
-    def step(self, hidden: torch.Tensor, *, cache: SpanCache, position: int, start: int, end: int) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        *,
+        cache: SpanCache,
+        position: int,
+        start: int,
+        end: int,
+        adapter: SpanAdapter | None = None,
+    ) -> torch.Tensor:
         """Run `T` new tokens at `position..position+T` through the cached session."""
         self.check_hidden(hidden)
         if hidden.shape[0] != cache.batch_size:
@@ -83,5 +163,5 @@ class SpanBackend:
                 f"{position + hidden.shape[1]} tokens would exceed the session's max_length {cache.max_length}"
             )
         with torch.inference_mode():
-            out = self.span(hidden.to(self.dtype), start=start, end=end, offset=position, cache=cache)
+            out = self.span(hidden.to(self.dtype), start=start, end=end, offset=position, cache=cache, adapter=adapter)
         return out.to(hidden.dtype)

@@ -23,11 +23,16 @@ from corolla.inference.errors import (
     SessionNotFoundError,
 )
 from corolla.inference.models.kv_cache import SpanCache
-from corolla.inference.server.backend import SpanBackend
+from corolla.inference.models.lora import SpanAdapter
+from corolla.inference.server.adapters import AdapterStore, GradStore, check_adapter
+from corolla.inference.server.backend import AdapterGrads, SpanBackend, clip_sum
 from corolla.inference.server.sessions import SessionRegistry
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
+from corolla.inference.wire.adapters import named_tensors, parse_adapter
 from corolla.inference.wire.tensors import DTYPE_NAMES, deserialize, serialize
+
+MiB = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ class ServiceLimits:
     max_sessions: int  # open inference sessions at once
     cache_budget_bytes: int  # KV cache memory for all sessions together
     max_length: int  # longest session a client may open, tokens
+    adapter_budget_bytes: int = 256 * MiB  # LoRA adapters held for clients, all together
+    grad_budget_bytes: int = 512 * MiB  # per-sample gradients waiting for ClipSum, all together
+    grad_ttl: float = 120.0  # seconds per-sample gradients wait for ClipSum
 
 
 @dataclass(slots=True)
@@ -59,6 +67,7 @@ class _Session:
     start: int
     end: int
     cache: SpanCache
+    adapter: SpanAdapter | None = None
     length: int = 0
 
 
@@ -68,6 +77,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self.limits = limits
         self.stats = stats
         self.sessions = SessionRegistry(max_sessions=limits.max_sessions, cache_budget_bytes=limits.cache_budget_bytes)
+        # adapters are refreshed every optimizer step; one left unused for an hour is gone
+        self.adapters = AdapterStore(budget_bytes=limits.adapter_budget_bytes, ttl=3600.0)
+        self.grads = GradStore(budget_bytes=limits.grad_budget_bytes, ttl=limits.grad_ttl)
 
     # -- unary -----------------------------------------------------------------------------
 
@@ -92,7 +104,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         def run() -> pb.ForwardResponse:
             self.backend.check_request(request.model_id, request.start, request.end)
             hidden = self._hidden(request.hidden, "hidden")
-            out = self.backend.forward(hidden, request.start, request.end)
+            adapter = self._adapter(request.adapter)
+            out = self.backend.forward(hidden, request.start, request.end, adapter=adapter)
             return pb.ForwardResponse(hidden=serialize(out))
 
         return _guard(run, context)
@@ -102,8 +115,50 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             self.backend.check_request(request.model_id, request.start, request.end)
             hidden = self._hidden(request.hidden, "hidden")
             grad_output = self._hidden(request.grad_output, "grad_output")
-            grad = self.backend.backward(hidden, grad_output, request.start, request.end)
-            return pb.BackwardResponse(grad_input=serialize(grad))
+            try:
+                mode = AdapterGrads(request.adapter_grads)
+            except ValueError:
+                raise BadRequestError(f"adapter_grads={request.adapter_grads} is not a known mode") from None
+            if mode == AdapterGrads.NORMS and not request.step_id:
+                raise BadRequestError("a NORMS backward needs a step_id for its ClipSum")
+            result = self.backend.backward(
+                hidden,
+                grad_output,
+                request.start,
+                request.end,
+                adapter=self._adapter(request.adapter),
+                adapter_grads=mode,
+                grad_input=not request.skip_grad_input,
+            )
+            response = pb.BackwardResponse()
+            if result.grad_input is not None:
+                response.grad_input.CopyFrom(serialize(result.grad_input))
+            if mode == AdapterGrads.PER_SAMPLE:
+                response.adapter_grads.extend(named_tensors(result.per_sample))
+            elif mode == AdapterGrads.NORMS and result.squared_norms is not None:
+                self.grads.put(request.step_id, hidden.shape[0], result.per_sample)
+                response.squared_norms.CopyFrom(serialize(result.squared_norms))
+            return response
+
+        return _guard(run, context)
+
+    def PutAdapter(self, request: pb.PutAdapterRequest, context: grpc.ServicerContext) -> pb.PutAdapterResponse:
+        def run() -> pb.PutAdapterResponse:
+            b = self.backend
+            b.check_request(request.model_id, b.start, b.end)
+            digest, scaling, tensors = parse_adapter(request.adapter, max_elements=self.limits.max_message_bytes // 2)
+            self.adapters.put(digest, check_adapter(b.span, scaling, tensors))
+            return pb.PutAdapterResponse(hash=digest)
+
+        return _guard(run, context)
+
+    def ClipSum(self, request: pb.ClipSumRequest, context: grpc.ServicerContext) -> pb.ClipSumResponse:
+        def run() -> pb.ClipSumResponse:
+            batch, grads = self.grads.pop(request.step_id)
+            factors = deserialize(request.clip_factors, name="clip_factors", shape=(batch,))
+            if factors.dtype != torch.float32 or not torch.isfinite(factors).all() or (factors < 0).any():
+                raise BadRequestError("clip_factors must be finite, non-negative float32")
+            return pb.ClipSumResponse(adapter_grads=named_tensors(clip_sum(grads, factors)))
 
         return _guard(run, context)
 
@@ -128,6 +183,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 cache=self.backend.new_cache(
                     opened.start, opened.end, batch_size=opened.batch_size, max_length=opened.max_length
                 ),
+                adapter=_guard(lambda: self._adapter(opened.adapter), context),
             )
             yield pb.InferenceResponse(session_id=session.session_id, length=0)
             for request in request_iterator:
@@ -147,7 +203,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
         hidden = self._hidden(step.hidden, "hidden")
         out = self.backend.step(
-            hidden, cache=session.cache, position=step.position, start=session.start, end=session.end
+            hidden,
+            cache=session.cache,
+            position=step.position,
+            start=session.start,
+            end=session.end,
+            adapter=session.adapter,
         )
         session.length = step.position + hidden.shape[1]
         return pb.InferenceResponse(session_id=session.session_id, hidden=serialize(out), length=session.length)
@@ -170,6 +231,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 f"max_length={msg.max_length} must be between 1 and this server's limit {self.limits.max_length}"
             )
         return msg
+
+    def _adapter(self, digest: str) -> SpanAdapter | None:
+        return self.adapters.get(digest) if digest else None
 
     def _hidden(self, message: pb.Tensor, name: str) -> torch.Tensor:
         max_elements = self.limits.max_message_bytes // 2

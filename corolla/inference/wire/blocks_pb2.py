@@ -24,35 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62locks.proto\x12\x14\x63orolla.inference.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xfa\x01\n\x0cInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05quant\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x19\n\x11step_ms_per_block\x18\x08 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\t \x01(\x04\x12\x13\n\x0bhidden_size\x18\n \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\"l\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12,\n\x06hidden\x18\x04 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"?\n\x0f\x46orwardResponse\x12,\n\x06hidden\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"\xa0\x01\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12,\n\x06hidden\x18\x04 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x31\n\x0bgrad_output\x18\x05 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"D\n\x10\x42\x61\x63kwardResponse\x12\x30\n\ngrad_input\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"c\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"F\n\x04Step\x12,\n\x06hidden\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\"\x8d\x01\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x31\n\x04open\x18\x02 \x01(\x0b\x32!.corolla.inference.v1.OpenSessionH\x00\x12*\n\x04step\x18\x03 \x01(\x0b\x32\x1a.corolla.inference.v1.StepH\x00\x42\x06\n\x04kind\"e\n\x11InferenceResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06hidden\x18\x02 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r2\xf2\x02\n\x0c\x42lockService\x12M\n\x04Info\x12!.corolla.inference.v1.InfoRequest\x1a\".corolla.inference.v1.InfoResponse\x12V\n\x07\x46orward\x12$.corolla.inference.v1.ForwardRequest\x1a%.corolla.inference.v1.ForwardResponse\x12Y\n\x08\x42\x61\x63kward\x12%.corolla.inference.v1.BackwardRequest\x1a&.corolla.inference.v1.BackwardResponse\x12`\n\tInference\x12&.corolla.inference.v1.InferenceRequest\x1a\'.corolla.inference.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62locks.proto\x12\x14\x63orolla.inference.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06tensor\x18\x02 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"\\\n\x07\x41\x64\x61pter\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0f\n\x07scaling\x18\x02 \x01(\x01\x12\x32\n\x07tensors\x18\x03 \x03(\x0b\x32!.corolla.inference.v1.NamedTensor\"U\n\x11PutAdapterRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12.\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1d.corolla.inference.v1.Adapter\"\"\n\x12PutAdapterResponse\x12\x0c\n\x04hash\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xfa\x01\n\x0cInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05quant\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x19\n\x11step_ms_per_block\x18\x08 \x01(\x01\x12\x18\n\x10\x66ree_cache_bytes\x18\t \x01(\x04\x12\x13\n\x0bhidden_size\x18\n \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\"}\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12,\n\x06hidden\x18\x04 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"?\n\x0f\x46orwardResponse\x12,\n\x06hidden\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"\x96\x02\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12,\n\x06hidden\x18\x04 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x31\n\x0bgrad_output\x18\x05 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x39\n\radapter_grads\x18\x07 \x01(\x0e\x32\".corolla.inference.v1.AdapterGrads\x12\x0f\n\x07step_id\x18\x08 \x01(\t\x12\x17\n\x0fskip_grad_input\x18\t \x01(\x08\"\xb3\x01\n\x10\x42\x61\x63kwardResponse\x12\x30\n\ngrad_input\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x38\n\radapter_grads\x18\x02 \x03(\x0b\x32!.corolla.inference.v1.NamedTensor\x12\x33\n\rsquared_norms\x18\x03 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"U\n\x0e\x43lipSumRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x32\n\x0c\x63lip_factors\x18\x02 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\"K\n\x0f\x43lipSumResponse\x12\x38\n\radapter_grads\x18\x01 \x03(\x0b\x32!.corolla.inference.v1.NamedTensor\"t\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\"F\n\x04Step\x12,\n\x06hidden\x18\x01 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\"\x8d\x01\n\x10InferenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x31\n\x04open\x18\x02 \x01(\x0b\x32!.corolla.inference.v1.OpenSessionH\x00\x12*\n\x04step\x18\x03 \x01(\x0b\x32\x1a.corolla.inference.v1.StepH\x00\x42\x06\n\x04kind\"e\n\x11InferenceResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06hidden\x18\x02 \x01(\x0b\x32\x1c.corolla.inference.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r*]\n\x0c\x41\x64\x61pterGrads\x12\x16\n\x12\x41\x44\x41PTER_GRADS_NONE\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_GRADS_PER_SAMPLE\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_GRADS_NORMS\x10\x02\x32\xab\x04\n\x0c\x42lockService\x12M\n\x04Info\x12!.corolla.inference.v1.InfoRequest\x1a\".corolla.inference.v1.InfoResponse\x12V\n\x07\x46orward\x12$.corolla.inference.v1.ForwardRequest\x1a%.corolla.inference.v1.ForwardResponse\x12Y\n\x08\x42\x61\x63kward\x12%.corolla.inference.v1.BackwardRequest\x1a&.corolla.inference.v1.BackwardResponse\x12_\n\nPutAdapter\x12\'.corolla.inference.v1.PutAdapterRequest\x1a(.corolla.inference.v1.PutAdapterResponse\x12V\n\x07\x43lipSum\x12$.corolla.inference.v1.ClipSumRequest\x1a%.corolla.inference.v1.ClipSumResponse\x12`\n\tInference\x12&.corolla.inference.v1.InferenceRequest\x1a\'.corolla.inference.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blocks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ADAPTERGRADS']._serialized_start=1908
+  _globals['_ADAPTERGRADS']._serialized_end=2001
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=90
-  _globals['_INFOREQUEST']._serialized_start=92
-  _globals['_INFOREQUEST']._serialized_end=105
-  _globals['_INFORESPONSE']._serialized_start=108
-  _globals['_INFORESPONSE']._serialized_end=358
-  _globals['_FORWARDREQUEST']._serialized_start=360
-  _globals['_FORWARDREQUEST']._serialized_end=468
-  _globals['_FORWARDRESPONSE']._serialized_start=470
-  _globals['_FORWARDRESPONSE']._serialized_end=533
-  _globals['_BACKWARDREQUEST']._serialized_start=536
-  _globals['_BACKWARDREQUEST']._serialized_end=696
-  _globals['_BACKWARDRESPONSE']._serialized_start=698
-  _globals['_BACKWARDRESPONSE']._serialized_end=766
-  _globals['_OPENSESSION']._serialized_start=768
-  _globals['_OPENSESSION']._serialized_end=867
-  _globals['_STEP']._serialized_start=869
-  _globals['_STEP']._serialized_end=939
-  _globals['_INFERENCEREQUEST']._serialized_start=942
-  _globals['_INFERENCEREQUEST']._serialized_end=1083
-  _globals['_INFERENCERESPONSE']._serialized_start=1085
-  _globals['_INFERENCERESPONSE']._serialized_end=1186
-  _globals['_BLOCKSERVICE']._serialized_start=1189
-  _globals['_BLOCKSERVICE']._serialized_end=1559
+  _globals['_NAMEDTENSOR']._serialized_start=92
+  _globals['_NAMEDTENSOR']._serialized_end=165
+  _globals['_ADAPTER']._serialized_start=167
+  _globals['_ADAPTER']._serialized_end=259
+  _globals['_PUTADAPTERREQUEST']._serialized_start=261
+  _globals['_PUTADAPTERREQUEST']._serialized_end=346
+  _globals['_PUTADAPTERRESPONSE']._serialized_start=348
+  _globals['_PUTADAPTERRESPONSE']._serialized_end=382
+  _globals['_INFOREQUEST']._serialized_start=384
+  _globals['_INFOREQUEST']._serialized_end=397
+  _globals['_INFORESPONSE']._serialized_start=400
+  _globals['_INFORESPONSE']._serialized_end=650
+  _globals['_FORWARDREQUEST']._serialized_start=652
+  _globals['_FORWARDREQUEST']._serialized_end=777
+  _globals['_FORWARDRESPONSE']._serialized_start=779
+  _globals['_FORWARDRESPONSE']._serialized_end=842
+  _globals['_BACKWARDREQUEST']._serialized_start=845
+  _globals['_BACKWARDREQUEST']._serialized_end=1123
+  _globals['_BACKWARDRESPONSE']._serialized_start=1126
+  _globals['_BACKWARDRESPONSE']._serialized_end=1305
+  _globals['_CLIPSUMREQUEST']._serialized_start=1307
+  _globals['_CLIPSUMREQUEST']._serialized_end=1392
+  _globals['_CLIPSUMRESPONSE']._serialized_start=1394
+  _globals['_CLIPSUMRESPONSE']._serialized_end=1469
+  _globals['_OPENSESSION']._serialized_start=1471
+  _globals['_OPENSESSION']._serialized_end=1587
+  _globals['_STEP']._serialized_start=1589
+  _globals['_STEP']._serialized_end=1659
+  _globals['_INFERENCEREQUEST']._serialized_start=1662
+  _globals['_INFERENCEREQUEST']._serialized_end=1803
+  _globals['_INFERENCERESPONSE']._serialized_start=1805
+  _globals['_INFERENCERESPONSE']._serialized_end=1906
+  _globals['_BLOCKSERVICE']._serialized_start=2004
+  _globals['_BLOCKSERVICE']._serialized_end=2559
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class BlockServiceStub:
                 request_serializer=blocks__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=blocks__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.PutAdapter = channel.unary_unary(
+                '/corolla.inference.v1.BlockService/PutAdapter',
+                request_serializer=blocks__pb2.PutAdapterRequest.SerializeToString,
+                response_deserializer=blocks__pb2.PutAdapterResponse.FromString,
+                _registered_method=True)
+        self.ClipSum = channel.unary_unary(
+                '/corolla.inference.v1.BlockService/ClipSum',
+                request_serializer=blocks__pb2.ClipSumRequest.SerializeToString,
+                response_deserializer=blocks__pb2.ClipSumResponse.FromString,
+                _registered_method=True)
         self.Inference = channel.stream_stream(
                 '/corolla.inference.v1.BlockService/Inference',
                 request_serializer=blocks__pb2.InferenceRequest.SerializeToString,
@@ -77,6 +87,18 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClipSum(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Inference(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -100,6 +122,16 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=blocks__pb2.BackwardRequest.FromString,
                     response_serializer=blocks__pb2.BackwardResponse.SerializeToString,
+            ),
+            'PutAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutAdapter,
+                    request_deserializer=blocks__pb2.PutAdapterRequest.FromString,
+                    response_serializer=blocks__pb2.PutAdapterResponse.SerializeToString,
+            ),
+            'ClipSum': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClipSum,
+                    request_deserializer=blocks__pb2.ClipSumRequest.FromString,
+                    response_serializer=blocks__pb2.ClipSumResponse.SerializeToString,
             ),
             'Inference': grpc.stream_stream_rpc_method_handler(
                     servicer.Inference,
@@ -188,6 +220,60 @@ class BlockService:
             '/corolla.inference.v1.BlockService/Backward',
             blocks__pb2.BackwardRequest.SerializeToString,
             blocks__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corolla.inference.v1.BlockService/PutAdapter',
+            blocks__pb2.PutAdapterRequest.SerializeToString,
+            blocks__pb2.PutAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClipSum(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corolla.inference.v1.BlockService/ClipSum',
+            blocks__pb2.ClipSumRequest.SerializeToString,
+            blocks__pb2.ClipSumResponse.FromString,
             options,
             channel_credentials,
             insecure,
