@@ -1,0 +1,114 @@
+"""The settings of one federated training run, and their form in Flower's run config.
+
+`TrainConfig` is what `platform train` parses from its flags; the ServerApp and every
+ClientApp rebuild the same object from Flower's run config (a flat map of hyphenated
+keys to bool/int/float/str), so one run has one set of settings everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from corolla.errors import CorollaError
+
+Exchange = Literal["per-sample", "flat"]
+_EXCHANGES = ("per-sample", "flat")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainConfigError(CorollaError):
+    """A training setting is out of range or malformed."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    model: str  # local checkpoint directory (the base model, as clients and servers have it)
+    out_dir: str  # where the coordinator writes the adapter, progress.jsonl and summary.json
+    rounds: int = 5  # Flower rounds
+    steps_per_round: int = 20  # DP-SGD optimizer steps each site takes per round
+    batch_size: int = 32  # expected batch size; Poisson sampling with q = batch_size / N
+    lr: float = 5e-3  # Adam learning rate of the site optimizers
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / r)
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get LoRA weights
+    dp_epsilon: float | None = 3.0  # each site's total budget for the run; None = no DP (said loudly)
+    dp_delta: float | None = None  # None = below 1/N of each site's records
+    max_grad_norm: float = 1.0  # per-sample clipping bound
+    exchange: Exchange = "flat"  # how servers hand DP-SGD what it needs: per-sample grads or flat clipping
+    max_length: int = 96  # longest record, tokens
+    seed: int = 0  # adapter init, sampling and noise seeds derive from it
+    secure_agg: bool = True  # combine site updates by secure aggregation
+    round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
+    sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online
+    eval_records: int = 256  # held-out records scored after each round (0 = all)
+    test_data: str = ""  # held-out JSONL the coordinator scores (on the coordinator's machine)
+    peers: tuple[str, ...] = ()  # DHT multiaddrs of the swarm serving `model`
+    workspace: str = ""  # the coordinator's workspace (its node identity); "" = plaintext swarm (dev only)
+    node: str = ""  # the coordinator's node name in `workspace`
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "steps_per_round", "batch_size", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise TrainConfigError(f"{name}={value} must be a positive number")
+        if self.dp_epsilon is not None and not (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0):
+            raise TrainConfigError(f"dp_epsilon={self.dp_epsilon} must be a positive number (or off for no DP)")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise TrainConfigError(f"dp_delta={self.dp_delta} must be in (0, 1)")
+        if self.exchange not in _EXCHANGES:
+            raise TrainConfigError(f"exchange={self.exchange!r} must be one of {', '.join(_EXCHANGES)}")
+        if any("," in p for p in self.peers):
+            raise TrainConfigError(f"peers={self.peers!r}: a multiaddr cannot contain a comma")
+        if not self.targets or any(not t or not t.replace("_", "").replace(".", "").isalnum() for t in self.targets):
+            raise TrainConfigError(f"targets={self.targets!r} must be module names such as q_proj,v_proj")
+        if self.sites < 0:
+            raise TrainConfigError(f"sites={self.sites} must be 0 (do not wait) or more")
+        if self.eval_records < 0:
+            raise TrainConfigError(f"eval_records={self.eval_records} must be 0 (all) or more")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_epsilon is not None
+
+    # -- Flower run config -------------------------------------------------------------------
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat hyphenated keys; None is written as "" (strings) or -1 (numbers), tuples comma-joined."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif value is None:
+                value = -1.0
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> TrainConfig:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in config:
+                continue
+            value = config[key]
+            if f.name in ("targets", "peers"):
+                value = tuple(t for t in str(value).split(",") if t)
+            elif f.name in ("dp_epsilon", "dp_delta"):
+                value = None if float(value) < 0 else float(value)
+            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout"):
+                value = float(value)
+            kwargs[f.name] = value
+        missing = [k for k in ("model", "out_dir") if k not in kwargs]
+        if missing:
+            raise TrainConfigError(f"run config lacks {', '.join(m.replace('_', '-') for m in missing)}")
+        return cls(**kwargs)
