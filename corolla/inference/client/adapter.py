@@ -83,6 +83,15 @@ class LoraAdapter(nn.Module):
                 tensors[tensor_name(block, module, "lora_B")] = torch.zeros(out_features, settings.r)
         return cls(checkpoint, settings, tensors)
 
+    @classmethod
+    def from_state(
+        cls, checkpoint: Checkpoint, settings: LoraSettings, tensors: Mapping[str, torch.Tensor]
+    ) -> LoraAdapter:
+        """An adapter of `settings` holding `tensors`; names and shapes must be exactly its own."""
+        adapter = cls.init(checkpoint, settings)
+        adapter.load_state(tensors)
+        return adapter
+
     # -- weights -----------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:

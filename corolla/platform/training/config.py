@@ -40,7 +40,7 @@ class TrainConfig:
     dp_delta: float | None = None  # None = below 1/N of each site's records
     max_grad_norm: float = 1.0  # per-sample clipping bound
     exchange: Exchange = "flat"  # how servers hand DP-SGD what it needs: per-sample grads or flat clipping
-    max_length: int = 96  # longest record, tokens
+    max_length: int = 192  # longest record, tokens
     seed: int = 0  # adapter init, sampling and noise seeds derive from it
     secure_agg: bool = True  # combine site updates by secure aggregation
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
@@ -48,6 +48,7 @@ class TrainConfig:
     eval_records: int = 256  # held-out records scored after each round (0 = all)
     test_data: str = ""  # held-out JSONL the coordinator scores (on the coordinator's machine)
     peers: tuple[str, ...] = ()  # DHT multiaddrs of the swarm serving `model`
+    servers: tuple[str, ...] = ()  # or fixed gRPC endpoints host:port (no DHT; tests, static setups)
     workspace: str = ""  # the coordinator's workspace (its node identity); "" = plaintext swarm (dev only)
     node: str = ""  # the coordinator's node name in `workspace`
 
@@ -101,7 +102,7 @@ class TrainConfig:
             if key not in config:
                 continue
             value = config[key]
-            if f.name in ("targets", "peers"):
+            if f.name in ("targets", "peers", "servers"):
                 value = tuple(t for t in str(value).split(",") if t)
             elif f.name in ("dp_epsilon", "dp_delta"):
                 value = None if float(value) < 0 else float(value)

@@ -1,0 +1,161 @@
+"""One site's round: DP-SGD on its own records, through the swarm, from the given weights.
+
+The privacy budget is charged *before* training (a round that crashes half-way still
+counts) in the site's own ledger, so neither a fresh ClientApp process nor the
+coordinator can reset it. Poisson sampling and the DP noise draw from generators seeded
+by the operating system's CSPRNG on the site: a seed known to anyone else (the run
+config's `seed`, say) would let them subtract the noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from corolla.errors import CorollaError
+from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM
+from corolla.inference.security import TlsConfig
+from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.data import DataError, EncodedBatch, encode, load_jsonl
+from corolla.platform.training.privacy import BudgetExhaustedError, DpPlan, DpSettings, plan_noise, warn_dp_off
+from corolla.platform.training.privacy_ledger import PrivacyLedger
+from corolla.platform.training.swarm_trainer import SwarmTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SiteEnv:
+    """What a SuperNode's node config tells its ClientApp."""
+
+    data: Path  # the site's training JSONL
+    store: Path  # the site's private directory (privacy ledger)
+    workspace: Path | None  # the site's workspace (node identity for mTLS to the swarm); None = plaintext
+    node: str  # the site's node name in that workspace
+
+
+class SiteRefused(CorollaError):
+    """The site declines this round (its privacy budget would be exceeded)."""
+
+    exit_code = 11
+
+
+@dataclass(frozen=True, slots=True)
+class SiteResult:
+    update: dict[str, np.ndarray]  # the site's new weights minus the given ones, float32
+    metrics: dict[str, float | int | str]
+
+
+def lora_settings(config: TrainConfig) -> LoraSettings:
+    return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, targets=config.targets)
+
+
+def dp_plan(config: TrainConfig, n_records: int) -> DpPlan | None:
+    """The run's noise, fixed once from the site's budget over all rounds; None without DP."""
+    if config.dp_epsilon is None:
+        return None
+    settings = DpSettings(epsilon=config.dp_epsilon, delta=config.dp_delta, max_grad_norm=config.max_grad_norm)
+    return plan_noise(
+        settings, n_records=n_records, batch_size=config.batch_size, total_steps=config.rounds * config.steps_per_round
+    )
+
+
+def poisson_batches(data: EncodedBatch, *, sample_rate: float, steps: int, generator: torch.Generator):
+    """`steps` Poisson draws (each record in with probability `sample_rate`), trimmed to
+    their longest record; None for an empty draw."""
+    n = data.input_ids.shape[0]
+    for _ in range(steps):
+        index = (torch.rand(n, generator=generator) < sample_rate).nonzero().squeeze(1)
+        if len(index) == 0:
+            yield None
+            continue
+        width = int(data.lengths[index].max())
+        yield EncodedBatch(
+            input_ids=data.input_ids[index, :width],
+            loss_mask=data.loss_mask[index, :width],
+            lengths=data.lengths[index],
+        )
+
+
+def secret_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def train_site_round(
+    config: TrainConfig,
+    env: SiteEnv,
+    weights: Mapping[str, np.ndarray],
+    *,
+    server_round: int,
+    run_key: str,
+) -> SiteResult:
+    started = time.monotonic()
+    torch.set_num_threads(1)  # sites, servers and the coordinator share the machine's cores
+    records = load_jsonl(env.data)
+    n = len(records)
+    plan = dp_plan(config, n)
+    epsilon = math.nan
+    if plan is None:
+        warn_dp_off(log)
+    else:
+        ledger = PrivacyLedger.open(env.store, run_key, plan)
+        try:
+            epsilon = ledger.charge(config.steps_per_round)
+        except BudgetExhaustedError as exc:
+            raise SiteRefused(f"site {env.node or env.data.name}: {exc}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    try:
+        data = encode(records, tokenizer, max_length=config.max_length)
+    except DataError as exc:
+        raise DataError(f"{env.data}: {exc}") from None
+    sample_rate = plan.sample_rate if plan is not None else min(1.0, config.batch_size / n)
+    tls = None
+    if env.workspace is not None:
+        from corolla.platform.pki import NodeIdentity
+
+        tls = TlsConfig.for_node(NodeIdentity.load(env.workspace / "nodes" / env.node))
+    start = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+    with RemoteModelForCausalLM.from_pretrained(
+        config.model, initial_peers=config.peers, servers=config.servers, tls=tls
+    ) as model:
+        adapter = LoraAdapter.from_state(model.checkpoint, lora_settings(config), start)
+        trainer = SwarmTrainer(
+            model,
+            adapter,
+            lr=config.lr,
+            exchange=config.exchange,
+            noise_multiplier=plan.noise_multiplier if plan is not None else None,
+            max_grad_norm=config.max_grad_norm,
+            expected_batch_size=config.batch_size,
+            generator=secret_generator(),
+        )
+        losses = [
+            trainer.step(batch)
+            for batch in poisson_batches(
+                data, sample_rate=sample_rate, steps=config.steps_per_round, generator=secret_generator()
+            )
+        ]
+        new = adapter.state()
+    update = {name: (new[name] - start[name]).numpy() for name in start}
+    seen = [x for x in losses if not math.isnan(x)]
+    metrics: dict[str, float | int | str] = {
+        "site": env.node or env.data.stem,
+        "round": server_round,
+        "loss": float(np.mean(seen)) if seen else math.nan,
+        "steps": config.steps_per_round,
+        "seconds": time.monotonic() - started,
+        "dp": int(plan is not None),
+        "sample_rate": sample_rate,
+    }
+    if plan is not None:
+        metrics |= {"epsilon": epsilon, "noise_multiplier": plan.noise_multiplier, "delta": plan.delta}
+    return SiteResult(update=update, metrics=metrics)
