@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
-from corolla.inference.client import RemoteModelForCausalLM
+from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.platform.identity_args import add_identity_options, tls_from_args
@@ -43,12 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory (e.g. from `platform train`), applied by the servers",
+    )
     add_identity_options(p, role_hint="site")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
+    if args.adapter:  # before any server starts: a bad directory is a quick, clear error
+        LoraAdapter.load_peft(args.adapter, Checkpoint.open(model_dir))
     with contextlib.ExitStack() as stack:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
@@ -81,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         model = stack.enter_context(
             RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers, tls=tls)
         )
+        if args.adapter:
+            model.load_adapter(args.adapter)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer)
