@@ -13,14 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from corolla.errors import CorollaError
-from corolla.platform.commands import generate, keys, model, serve, swarm
+from corolla.platform.commands import generate, keys, model, serve, swarm, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="platform", description="Corolla: a consortium's shared language model")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (keys, model, serve, swarm, generate):
+    for module in (keys, model, serve, swarm, generate, train):
         module.register(sub)
     return parser
 

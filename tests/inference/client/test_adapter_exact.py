@@ -44,7 +44,7 @@ def _per_sample_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _wire_name(peft_name: str) -> str:
-    """`..._module.base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight` -> `2.self_attn.q_proj.lora_A`."""
+    """PEFT parameter name (`...layers.2.self_attn.q_proj.lora_A.default.weight`) -> `2.self_attn.q_proj.lora_A`."""
     match = re.search(r"(?:layers|h)\.(\d+)\.(.+)\.(lora_[AB])\.default\.weight$", peft_name)
     assert match is not None, peft_name
     return f"{match[1]}.{match[2]}.{match[3]}"

@@ -1,0 +1,181 @@
+"""`platform train`: federated DP fine-tuning of a LoRA adapter through the swarm.
+
+With no `--superlink`, a local consortium is started for the run (block servers, a
+SuperLink, one SuperNode per site, all real processes with a throwaway CA) on the
+workspace's tiny Llama and synthetic clinical notes, unless `--model`/`--data` say
+otherwise. With `--superlink HOST:PORT` the run is submitted to an existing federation.
+`--local` trains in this process without Flower (the reference for the federated run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from corolla.platform.training.config import TrainConfig, TrainConfigError
+from corolla.platform.workspace import default_model, resolve_workspace
+
+_DP_OFF_WARNING = """\
+WARNING: differential privacy is OFF (--dp-epsilon off).
+WARNING: site updates are not clipped or noised: they can reveal the sites' training records.
+WARNING: use this only with synthetic or public data."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
+    p = sub.add_parser(
+        "train",
+        help="federated DP fine-tuning of a LoRA adapter",
+        description="Fine-tune a LoRA adapter with DP-SGD at every site, combined round by round with Flower.",
+    )
+    p.add_argument("--adapter", default="lora", choices=["lora"], help="adapter kind (only lora for now)")
+    dp = p.add_argument_group("differential privacy")
+    dp.add_argument("--dp-epsilon", type=_epsilon, metavar="FLOAT|off", help="each site's total budget (default 3)")
+    dp.add_argument("--dp-delta", type=float, metavar="F", help="default: below 1/N of each site's records")
+    dp.add_argument("--max-grad-norm", type=float, metavar="F", help="per-sample clipping bound (default 1.0)")
+    dp.add_argument("--exchange", choices=["flat", "per-sample"], help="how servers give DP-SGD what it needs")
+    opt = p.add_argument_group("training")
+    opt.add_argument("--rounds", type=int, metavar="N")
+    opt.add_argument("--steps-per-round", type=int, metavar="N")
+    opt.add_argument("--batch-size", type=int, metavar="N", help="expected batch size (Poisson sampling)")
+    opt.add_argument("--lr", type=float, metavar="F")
+    opt.add_argument("--lora-r", type=int, metavar="N")
+    opt.add_argument("--lora-alpha", type=float, metavar="F")
+    opt.add_argument("--targets", type=_targets, metavar="q_proj,v_proj", help="module names that get LoRA weights")
+    opt.add_argument("--max-length", type=int, metavar="N", help="longest record, tokens")
+    opt.add_argument("--seed", type=int, metavar="N")
+    opt.add_argument("--round-timeout", type=float, metavar="S", help="seconds to wait for a round's replies")
+    opt.add_argument(
+        "--no-secure-agg", action="store_true", help="aggregate site updates in the clear (the coordinator sees each)"
+    )
+    where = p.add_argument_group("where")
+    where.add_argument("--model", metavar="DIR", help="base model checkpoint (default: the workspace's tiny Llama)")
+    where.add_argument(
+        "--data", nargs="+", type=Path, metavar="JSONL", help="one JSONL per site, or one directory of them"
+    )
+    where.add_argument("--test-data", type=Path, metavar="JSONL", help="held-out records the coordinator scores")
+    where.add_argument("--out", type=Path, metavar="DIR", help="adapter, progress.jsonl and summary.json")
+    where.add_argument("--sites", type=int, metavar="N", help="sites of the local consortium (default 3)")
+    where.add_argument("--servers", type=int, default=2, metavar="N", help="block servers of the local consortium")
+    mode = where.add_mutually_exclusive_group()
+    mode.add_argument("--superlink", metavar="HOST:PORT", help="submit to this federation instead of a local one")
+    mode.add_argument("--local", action="store_true", help="train in this process, without Flower")
+    where.add_argument(
+        "--superlink-ca", type=Path, metavar="PEM", help="CA of the SuperLink (default: the workspace's)"
+    )
+    where.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="the swarm (with --superlink)")
+    where.add_argument("--node", help="the coordinator's node name in the workspace (with --superlink)")
+    where.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
+    p.set_defaults(run=run)
+
+
+def _epsilon(value: str) -> float | str:
+    """A positive float, or "off" (kept as the string, so that it differs from "not given")."""
+    if value.strip().lower() == "off":
+        return "off"
+    try:
+        epsilon = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number or 'off'") from None
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise argparse.ArgumentTypeError(f"{value}: epsilon must be a positive number (or 'off' for no DP)")
+    return epsilon
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+_TRAIN_FLAGS = (
+    "rounds",
+    "steps_per_round",
+    "batch_size",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+    "targets",
+    "dp_delta",
+    "max_grad_norm",
+    "exchange",
+    "max_length",
+    "seed",
+    "round_timeout",
+)
+
+
+def config_from_args(args: argparse.Namespace, **where: Any) -> TrainConfig:
+    """The run's settings: the flags given, TrainConfig's defaults for the rest."""
+    kwargs = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.dp_epsilon is not None:
+        kwargs["dp_epsilon"] = None if args.dp_epsilon == "off" else args.dp_epsilon
+    return TrainConfig(**kwargs, secure_agg=not args.no_secure_agg, **where)
+
+
+def run(args: argparse.Namespace) -> int:
+    config_from_args(args, model="-", out_dir="-")  # bad flags fail here, before anything starts
+    workspace = resolve_workspace(args.workspace)
+    root = workspace / "train-local"
+    out_dir = (args.out or root / "out").resolve()
+    if args.dp_epsilon == "off":
+        print(_DP_OFF_WARNING, file=sys.stderr, flush=True)
+    if args.no_secure_agg:
+        print("note: --no-secure-agg: site updates are aggregated in the clear", file=sys.stderr, flush=True)
+    summary = (_submit if args.superlink else _run_here)(args, workspace, root, out_dir)
+    print(f"adapter: {summary.get('adapter')}")
+    final = summary.get("final") or {}
+    if final:
+        print("held-out: " + "  ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, int | float)))
+    return 0
+
+
+def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
+    from corolla.inference.models.checkpoint import Checkpoint
+    from corolla.platform.training.launcher import LocalConsortiumRun, prepare_data
+
+    model = Path(args.model).expanduser() if args.model else default_model(workspace)
+    Checkpoint.open(model)  # a missing or unreadable model is a clear error before anything starts
+    sites = args.sites if args.sites is not None else (0 if args.data else 3)
+    if args.data and args.sites is not None:
+        raise TrainConfigError("--sites and --data exclude each other: with --data there is one site per file")
+    if not args.data and sites < 1:
+        raise TrainConfigError(f"--sites {sites}: at least 1 site is needed")
+    site_data, test_data = prepare_data(
+        root / "data", sites=sites, seed=args.seed or 0, given=args.data or (), test=args.test_data
+    )
+    config = config_from_args(
+        args, model=str(model.resolve()), out_dir=str(out_dir), test_data=str(test_data), sites=len(site_data)
+    )
+    if args.local:
+        from corolla.platform.training.local import run_local
+
+        return run_local(config, site_data, test_data)
+    if args.servers < 1:
+        raise TrainConfigError(f"--servers {args.servers}: at least 1 block server is needed")
+    return LocalConsortiumRun(config, root=root, servers=args.servers, site_data=site_data, test_data=test_data).run()
+
+
+def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
+    from corolla.platform.federation import ControlClient, SuperLinkConnection
+    from corolla.platform.training.launcher import submit
+
+    if args.data:
+        raise TrainConfigError("--data is for local runs: with --superlink each site reads its own data")
+    if not args.model:
+        raise TrainConfigError("--superlink needs --model: the checkpoint directory on the coordinator's machine")
+    if not args.peers:
+        raise TrainConfigError("--superlink needs --peers: the DHT of the swarm serving the model")
+    ca = args.superlink_ca or (workspace / "nodes" / args.node / "ca.pem" if args.node else workspace / "ca" / "ca.pem")
+    config = config_from_args(
+        args,
+        model=str(Path(args.model).expanduser()),
+        out_dir=str(out_dir),
+        test_data=str(args.test_data.resolve()) if args.test_data else "",
+        peers=tuple(args.peers),
+        workspace=str(workspace) if args.node else "",
+        node=args.node or "",
+        sites=args.sites or 0,
+    )
+    control = ControlClient(SuperLinkConnection(address=args.superlink, root_certificates=ca), work_dir=root / "cli")
+    return submit(config, control)

@@ -1,0 +1,3 @@
+"""Federated DP fine-tuning of LoRA adapters through the swarm (`platform train`)."""
+
+__all__: list[str] = []

@@ -1,0 +1,149 @@
+"""The ClientApp's work on a train message, apart from the ML (`site_round_fn`).
+
+The SuperNode's node config says where the site keeps things (keys `data`, `store`,
+`workspace`, `node`; see `site_env_kwargs`); the run config is the run's `TrainConfig`.
+A `SiteRefused` becomes an error reply with code `SITE_REFUSED`, any other Corolla error
+`SITE_FAILED`, anything else `SITE_CRASHED` (with its traceback in the SuperNode's log
+only): the reason names the site, the exception class and its message, never data.
+
+Flower starts a fresh ClientApp process for every message; what a site keeps between
+rounds lives in its `store` (Flower's `context.state` would survive between messages of
+one run, but only in the SuperNode's memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+
+from corolla.errors import CorollaError
+from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.flower_app.records import (
+    METRICS,
+    ROUND,
+    SERVER_ROUND,
+    SITE,
+    SITE_CRASHED,
+    SITE_FAILED,
+    SITE_REFUSED,
+    UPDATE,
+    WEIGHTS,
+    RecordError,
+    check_like,
+    from_array_record,
+    site_error,
+    to_array_record,
+    to_metrics_record,
+)
+
+_log = logging.getLogger(__name__)
+
+
+class NodeConfigError(CorollaError):
+    """The SuperNode's node config lacks a key or names a path that is not there."""
+
+    exit_code = 2
+
+
+class SiteResultLike(Protocol):
+    @property
+    def update(self) -> Mapping[str, np.ndarray]: ...  # the site's new weights minus the given ones
+
+    @property
+    def metrics(self) -> Mapping[str, float | int | str]: ...  # e.g. loss, epsilon, steps, records, seconds
+
+
+SiteRoundFn = Callable[..., SiteResultLike]  # (config, env, weights, *, server_round, run_key) -> result
+
+
+def site_env_kwargs(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`SiteEnv` fields from a node config: `data` (an existing JSONL file), `store` (a
+    directory, made if missing), `workspace` ("" for none, else an existing directory) and
+    `node` (the site's name in that workspace)."""
+    values: dict[str, str] = {}
+    for key in ("data", "store", "workspace", "node"):
+        value = node_config.get(key)
+        if not isinstance(value, str):
+            raise NodeConfigError(f"node config {key!r} = {value!r}: expected a string (set with --node-config)")
+        values[key] = value
+    data = Path(values["data"]).expanduser()
+    if not data.is_file():
+        raise NodeConfigError(f"node config 'data' = {values['data']!r}: no such file")
+    if not values["store"]:
+        raise NodeConfigError("node config 'store' is empty: give the site's private directory")
+    store = Path(values["store"]).expanduser()
+    store.mkdir(parents=True, exist_ok=True)
+    workspace = Path(values["workspace"]).expanduser() if values["workspace"] else None
+    if workspace is not None and not workspace.is_dir():
+        raise NodeConfigError(f"node config 'workspace' = {values['workspace']!r}: no such directory")
+    if workspace is not None and not values["node"]:
+        raise NodeConfigError("node config 'node' is empty: name the site's node in its workspace")
+    return {"data": data, "store": store, "workspace": workspace, "node": values["node"]}
+
+
+def run_key(context: Context) -> str:
+    """What the site's ledger files this run under. Taken from the SuperNode's context, not
+    from the message, so the coordinator cannot start a fresh budget in every round."""
+    return f"flower-run-{context.run_id}"
+
+
+def handle_train(
+    msg: Message,
+    context: Context,
+    site_round_fn: SiteRoundFn,
+    *,
+    env_type: Callable[..., Any] | None = None,
+    refusals: tuple[type[BaseException], ...] | None = None,
+) -> Message:
+    """Train one round on this site and reply with the update and metrics, or an error.
+
+    `env_type` builds the site's environment from `site_env_kwargs` and `refusals` are the
+    exceptions that mean "the site declines"; by default `SiteEnv` and `SiteRefused` of
+    `corolla.platform.training.site`.
+    """
+    node = context.node_config.get("node")
+    site = node if isinstance(node, str) and node else f"node-{context.node_id}"
+    try:
+        if env_type is None or refusals is None:
+            from corolla.platform.training.site import SiteEnv, SiteRefused
+
+            env_type = SiteEnv if env_type is None else env_type
+            refusals = (SiteRefused,) if refusals is None else refusals
+        return _train(msg, context, site_round_fn, env_type, site)
+    except Exception as exc:  # every failure becomes a reply the coordinator can record
+        if refusals and isinstance(exc, refusals):
+            code = SITE_REFUSED
+            _log.warning("site %s refused round: %s", site, exc)
+        elif isinstance(exc, CorollaError):
+            code = SITE_FAILED
+            _log.error("site %s failed: %s", site, exc)
+        else:
+            code = SITE_CRASHED
+            _log.exception("site %s crashed", site)
+        return Message(site_error(code, site=site, exc=exc), reply_to=msg)
+
+
+def _train(
+    msg: Message, context: Context, site_round_fn: SiteRoundFn, env_type: Callable[..., Any], site: str
+) -> Message:
+    config = TrainConfig.from_run_config(context.run_config)
+    env = env_type(**site_env_kwargs(context.node_config))
+    content = msg.content
+    try:
+        weights = from_array_record(content[WEIGHTS])
+        server_round = int(content[ROUND][SERVER_ROUND])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"malformed train message: {type(exc).__name__}: {exc}") from None
+    result = site_round_fn(config, env, weights, server_round=server_round, run_key=run_key(context))
+    try:
+        check_like(result.update, weights)
+        update = to_array_record(result.update)  # float32; refuses non-float and non-finite arrays
+    except RecordError as exc:
+        raise RecordError(f"the site's update does not fit the weights it was sent: {exc}") from None
+    metrics = to_metrics_record({**result.metrics, SITE: site})
+    return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,282 @@
+"""The coordinator's loop over Flower rounds, independent of the model being trained.
+
+Each round: sample every online SuperNode, send it the current weights, wait for the
+replies, add the mean of the updates that came back, evaluate, log. A site that refuses
+(e.g. its privacy budget is spent), fails, or does not answer is recorded and the round
+goes on with the others; a round with no update keeps the weights and says so.
+
+How flwr 1.42 reports a site that is gone (read from its source and checked end to end by
+`tests/platform/training/test_flower_rounds_e2e.py`):
+
+- `Grid.send_and_receive(messages, timeout=T)` pushes, then pulls every 3 s until every
+  message has a reply or T passes; it returns only what arrived.
+- A SuperNode heartbeats every 17.5-22.5 s (interval 30 s minus 5 s, times 0.7-0.9); the
+  SuperLink keeps it online until 2 x 30 s after the last one (`HEARTBEAT_PATIENCE`).
+  While pulling, the SuperLink answers a message whose destination is offline with an error
+  reply, code 5 `NODE_UNAVAILABLE`, from node 0 with `reply_to_message_id` set. So a
+  SuperNode killed mid-round (SIGKILL) is reported 37.5-60 s after its last heartbeat, and
+  the round ends then instead of at T. A SuperNode stopped cleanly deactivates itself and
+  is reported at the next pull. Either is recorded here as `offline`.
+- A node that is online but never replies (a ClientApp stuck) is recorded as `missing`
+  when T passes; so is a message the SuperLink reports expired (codes 3 and 4). Messages
+  are sent with TTL = T, so a node that comes back late does not train a stale round.
+- An exception in a ClientApp reaches us as code 2 with Flower's text; our ClientApp
+  replies with its own codes instead (`records.SITE_REFUSED` etc.).
+- `Grid.get_node_ids()` lists the nodes the SuperLink holds online now (same heartbeat rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from corolla.errors import CorollaError
+from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.flower_app.progress import ProgressLog
+from corolla.platform.training.flower_app.records import (
+    METRICS,
+    ROUND,
+    SERVER_ROUND,
+    SITE,
+    UPDATE,
+    WEIGHTS,
+    RecordError,
+    Weights,
+    from_array_record,
+    from_metrics_record,
+    read_error,
+    to_array_record,
+)
+
+_log = logging.getLogger(__name__)
+
+Aggregate = Callable[[list[Weights]], Weights]
+NODE_POLL = 1.0  # seconds between looks at the online nodes while waiting for sites
+
+
+class RoundError(CorollaError):
+    """The coordinator's loop cannot go on (e.g. an aggregate of the wrong shape)."""
+
+
+class CoordinatorLike(Protocol):
+    """What the loop needs from the model side (`corolla.platform.training.coordinator`)."""
+
+    def initial_weights(self) -> dict[str, np.ndarray]: ...
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]: ...
+
+    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path: ...
+
+
+def mean_update(updates: list[Weights]) -> Weights:
+    """The uniform mean of the updates (not weighted by record counts: that would reveal them)."""
+    if not updates:
+        raise ValueError("mean_update needs at least one update")
+    first = updates[0]
+    for update in updates[1:]:
+        if update.keys() != first.keys() or any(update[k].shape != first[k].shape for k in first):
+            raise ValueError("updates differ in names or shapes")
+    out: Weights = {}
+    for name in first:
+        total = np.zeros(first[name].shape, dtype=np.float64)
+        for update in updates:
+            total += update[name]
+        out[name] = (total / len(updates)).astype(np.float32)
+    return out
+
+
+def run_rounds(
+    grid: Grid,
+    config: TrainConfig,
+    coordinator: CoordinatorLike,
+    *,
+    progress: ProgressLog,
+    aggregate: Aggregate = mean_update,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Run `config.rounds` rounds; save through `coordinator.save` and return the summary
+    (with "adapter", the directory `save` returned)."""
+    weights = _checked_weights(coordinator.initial_weights())
+    state = _RunState()
+    aggregation = getattr(aggregate, "__name__", type(aggregate).__name__)
+    progress.emit(
+        {
+            "event": "start",
+            "rounds": config.rounds,
+            "dp": config.dp,
+            "dp_epsilon": config.dp_epsilon,
+            "secure_agg": config.secure_agg and aggregate is not mean_update,
+            "aggregation": aggregation,
+            "sites_expected": config.sites,
+        }
+    )
+    if config.secure_agg and aggregate is mean_update:
+        _log.warning("secure aggregation is not available yet: site updates are aggregated in the clear")
+    evaluation: dict[str, Any] = {}
+    for server_round in range(1, config.rounds + 1):
+        started = clock()
+        want = config.sites if server_round == 1 else 1
+        nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
+        updates, outcomes = _exchange(grid, nodes, weights, server_round, config.round_timeout, state)
+        if updates:
+            delta = aggregate(updates)
+            _check_aggregate(delta, weights)
+            weights = {name: (weights[name] + delta[name]).astype(np.float32) for name in weights}
+        else:
+            _log.warning("round %d: no site sent an update; the weights are unchanged", server_round)
+        evaluation = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
+        record = {
+            "round": server_round,
+            "rounds": config.rounds,
+            "seconds": round(clock() - started, 3),
+            "nodes": len(nodes),
+            "aggregated": len(updates),
+            "kept": not updates,
+            "eval": evaluation,
+            "dp": config.dp,
+            "sites": {state.name(node): info for node, info in outcomes.items()},
+        }
+        progress.emit({"event": "round", **record})
+        state.record_round(record, outcomes)
+    summary = state.summary(config, evaluation, aggregation)
+    adapter = coordinator.save(weights, summary)
+    progress.emit({"event": "done", "adapter": str(adapter), "summary": str(Path(config.out_dir) / "summary.json")})
+    return {**summary, "adapter": str(adapter)}
+
+
+def _wait_for_nodes(
+    grid: Grid, *, want: int, timeout: float, clock: Callable[[], float], sleep: Callable[[float], None]
+) -> list[int]:
+    """The online nodes, once at least `want` (at least 1) are online or `timeout` passes."""
+    want = max(want, 1)
+    deadline = clock() + timeout
+    while True:
+        nodes = sorted(set(grid.get_node_ids()))
+        if len(nodes) >= want:
+            return nodes
+        if clock() >= deadline:
+            _log.warning("only %d of %d expected sites online after %.0f s; going on", len(nodes), want, timeout)
+            return nodes
+        sleep(NODE_POLL)
+
+
+def _exchange(
+    grid: Grid, nodes: list[int], weights: Weights, server_round: int, timeout: float, state: _RunState
+) -> tuple[list[Weights], dict[int, dict[str, Any]]]:
+    """Send the round to `nodes`; the updates that came back and each node's outcome."""
+    if not nodes:
+        return [], {}
+    content = RecordDict({WEIGHTS: to_array_record(weights), ROUND: ConfigRecord({SERVER_ROUND: server_round})})
+    messages = [
+        Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round), ttl=timeout)
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Message ids are set when pushed; the SuperLink's own error replies come from node 0.
+    node_of = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+    updates: list[Weights] = []
+    outcomes: dict[int, dict[str, Any]] = {}
+    for reply in replies:
+        node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if node not in nodes or node in outcomes:
+            _log.warning("round %d: ignoring an unexpected or repeated reply for node %s", server_round, node)
+            continue
+        if reply.has_error():
+            error = read_error(reply.error)
+            state.learn(node, error.site)
+            outcomes[node] = {"status": error.outcome, "reason": error.reason, "code": error.code}
+            continue
+        try:
+            update = from_array_record(reply.content[UPDATE], like=weights)
+            metrics = from_metrics_record(reply.content[METRICS])
+        except (RecordError, KeyError, TypeError, ValueError) as exc:
+            outcomes[node] = {"status": "failed", "reason": f"invalid reply: {exc}"}
+            continue
+        site = metrics.pop(SITE, None)
+        state.learn(node, site if isinstance(site, str) else None)
+        updates.append(update)
+        outcomes[node] = {"status": "ok", **metrics}
+    missing = {"status": "missing", "reason": f"no reply within {timeout:.0f} s"}
+    return updates, {node: outcomes.get(node, dict(missing)) for node in nodes}  # in node order
+
+
+class _RunState:
+    """Site names (learned from replies), per-site history, refusals and absences."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}  # node id -> display name
+        self.history: dict[int, list[dict[str, Any]]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.events: dict[str, list[dict[str, Any]]] = {"refusals": [], "failures": [], "missing": []}
+
+    def learn(self, node: int, site: str | None) -> None:
+        if not site or self.names.get(node) == site:
+            return
+        taken = {name for other, name in self.names.items() if other != node}
+        self.names[node] = site if site not in taken else f"{site}@{node}"  # two nodes claiming one name
+
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def record_round(self, record: dict[str, Any], outcomes: Mapping[int, dict[str, Any]]) -> None:
+        self.rounds.append(record)
+        for node, info in outcomes.items():
+            self.history.setdefault(node, []).append({"round": record["round"], **info})
+            kind = {"refused": "refusals", "failed": "failures", "offline": "missing", "missing": "missing"}
+            if info["status"] in kind:
+                self.events[kind[info["status"]]].append(
+                    {"round": record["round"], "site": self.name(node), "node_id": node, **info}
+                )
+
+    def summary(self, config: TrainConfig, final: dict[str, Any], aggregation: str) -> dict[str, Any]:
+        sites = {}
+        for node, history in self.history.items():
+            epsilons = [h["epsilon"] for h in history if isinstance(h.get("epsilon"), int | float)]
+            sites[self.name(node)] = {
+                "node_id": node,
+                "epsilon": epsilons[-1] if epsilons else None,
+                "rounds_trained": sum(h["status"] == "ok" for h in history),
+                "history": history,
+            }
+        return {
+            "config": dataclasses.asdict(config),
+            "dp": config.dp,
+            "aggregation": aggregation,
+            "secure_agg": config.secure_agg and aggregation != "mean_update",
+            "rounds": self.rounds,
+            "sites": sites,
+            **self.events,
+            "final": final,
+        }
+
+
+def _checked_weights(weights: Mapping[str, np.ndarray]) -> Weights:
+    if not weights:
+        raise RoundError("the coordinator's initial weights are empty")
+    # Round trip through the wire form: the same float32 and finiteness checks as every message.
+    return from_array_record(to_array_record(weights))
+
+
+def _check_aggregate(delta: Mapping[str, np.ndarray], weights: Weights) -> None:
+    if delta.keys() != weights.keys() or any(np.shape(delta[k]) != weights[k].shape for k in weights):
+        raise RoundError("the aggregate's names or shapes differ from the weights'")
+    if not all(np.all(np.isfinite(delta[k])) for k in weights):
+        raise RoundError("the aggregate holds NaN or infinite values")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

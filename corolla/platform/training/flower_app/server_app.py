@@ -1,0 +1,21 @@
+"""The ServerApp of `platform train`: `run_rounds` with the model's `Coordinator`."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.flower_app.progress import ProgressLog
+from corolla.platform.training.flower_app.rounds import run_rounds
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from corolla.platform.training.coordinator import Coordinator  # torch and the model: only in the run
+
+    config = TrainConfig.from_run_config(context.run_config)
+    with ProgressLog.in_dir(config.out_dir) as progress:
+        run_rounds(grid, config, Coordinator(config), progress=progress)
