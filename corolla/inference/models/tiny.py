@@ -107,6 +107,13 @@ def init_tiny(directory: str | Path, spec: TinySpec | None = None) -> Path:
         )
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config)
+    # With Hugging Face's init (weights ~ N(0, 0.02)) and a unit final norm, a random model's
+    # logits are bounded by about 0.02 * hidden_size (+-1.3 at width 64): no adapter could then
+    # make a confident prediction (fine-tuning stalls at a loss near ln(vocab)). Scaling the
+    # final norm gives logits of unit spread, as a trained model has.
+    final_norm = model.model.norm if spec.arch == "llama" else model.transformer.ln_f
+    with torch.no_grad():
+        final_norm.weight.fill_(1.0 / (config.initializer_range * spec.hidden_size**0.5))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
