@@ -3,7 +3,9 @@
 Keys: Ed25519 for node identities and the CA (a node's id is the libp2p peer id of its
 Ed25519 key), ECDSA P-256 for TLS leaf keys: gRPC's TLS stack (BoringSSL) offers no
 Ed25519 signature algorithm in the handshake (`NO_COMMON_SIGNATURE_ALGORITHMS`), while
-it verifies Ed25519 *certificate* signatures fine, so the CA stays Ed25519.
+it verifies Ed25519 *certificate* signatures fine, so the CA stays Ed25519. Sites also
+hold an X25519 key-agreement key (secure aggregation's pairwise secrets), certified like
+the others (RFC 8410 X25519 subject public key, KeyUsage keyAgreement only).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from corolla.platform.pki.errors import CertificateError
 
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey
 
 URI_NODE = "urn:corolla:node:"  # SAN URI prefix carrying the node id
 URI_ROLE = "urn:corolla:role:"  # SAN URI prefix carrying the role
@@ -39,17 +41,33 @@ def new_tls_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def new_agreement_key() -> x25519.X25519PrivateKey:
+    return x25519.X25519PrivateKey.generate()
+
+
 def key_to_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def key_from_pem(data: bytes) -> PrivateKey:
+def key_from_pem(data: bytes) -> ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey:
+    """An identity (Ed25519) or TLS (P-256) private key."""
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
         raise CertificateError("unsupported private key type")
     return key
+
+
+def agreement_key_raw(pem: bytes) -> bytes:
+    """The 32 raw bytes of a PEM X25519 private key (RFC 7748 scalar, unclamped as stored)."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except ValueError:
+        raise CertificateError("the agreement key is not a PEM private key") from None
+    if not isinstance(key, x25519.X25519PrivateKey):
+        raise CertificateError("the agreement key is not an X25519 key")
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
 def ed25519_raw(key: ed25519.Ed25519PrivateKey) -> tuple[bytes, bytes]:
@@ -162,7 +180,7 @@ def build_ca(key: ed25519.Ed25519PrivateKey, *, consortium: str, now: dt.datetim
 def build_leaf(
     ca_key: ed25519.Ed25519PrivateKey,
     ca_cert: x509.Certificate,
-    public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
+    public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | x25519.X25519PublicKey,
     *,
     name: str,
     node_id: str,
@@ -172,8 +190,10 @@ def build_leaf(
     tls: bool,
     hosts: Sequence[str] = (),
     extra_uris: Sequence[str] = (),
+    agreement: bool = False,
 ) -> x509.Certificate:
-    """A node certificate: identity (`tls=False`, Ed25519 key) or TLS (P-256 key)."""
+    """A node certificate: identity (`tls=False`, Ed25519 key), TLS (P-256 key) or
+    key agreement (`agreement=True`, X25519 key: KeyUsage keyAgreement, critical)."""
     organisation = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
     names: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(URI_NODE + node_id),
@@ -203,7 +223,22 @@ def build_leaf(
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
+    if agreement:
+        builder = builder.add_extension(_KEY_AGREEMENT_ONLY, critical=True)
     return builder.sign(ca_key, None)
+
+
+_KEY_AGREEMENT_ONLY = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=True,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def san_uris(cert: x509.Certificate) -> list[str]:
@@ -231,6 +266,19 @@ def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
 def identity_public_raw(cert: x509.Certificate) -> bytes | None:
     key = cert.public_key()
     if not isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def agreement_public_raw(cert: x509.Certificate) -> bytes | None:
+    """The raw X25519 public key of a key-agreement certificate (KeyUsage keyAgreement);
+    None for any other certificate."""
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    key = cert.public_key()
+    if not usage.key_agreement or not isinstance(key, x25519.X25519PublicKey):
         return None
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 

@@ -4,6 +4,7 @@ Layout (private keys are written 0600):
 
     <workspace>/ca/ca.key  ca.pem  crl.pem  consortium.secret  registry.json
     <workspace>/nodes/<name>/node.key node.pem tls.key tls.pem ca.pem crl.pem swarm.key
+    <workspace>/nodes/<name>/agreement.key agreement.pem     (sites: secure aggregation)
 
 A node directory is everything a node needs; copy it to the node's machine (and copy
 `ca/crl.pem` over its `crl.pem` after a revocation; running nodes re-read it).
@@ -32,10 +33,11 @@ class IssuedNode:
     name: str
     role: str
     node_id: str
-    serials: tuple[int, ...]  # identity and TLS certificate serials
+    serials: tuple[int, ...]  # every certificate's serial: identity, TLS and (sites) agreement
     issued_at: str
     expires_at: str
     revoked_at: str | None = None
+    agreement_serial: int | None = None  # the X25519 key-agreement certificate (sites only)
 
 
 class ConsortiumCA:
@@ -118,6 +120,9 @@ class ConsortiumCA:
         )
         node_dir = self.workspace / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
+        agreement_serial = None
+        if role is Role.SITE:  # a site takes part in secure aggregation: certify its X25519 key
+            agreement_serial = self._write_agreement(node_dir, name=name, node_id=node_id, now=now, days=days)
         _write_private(node_dir / "node.key", _x509.key_to_pem(identity_key))
         _write_private(node_dir / "tls.key", _x509.key_to_pem(tls_key))
         if flower is not None:
@@ -133,10 +138,35 @@ class ConsortiumCA:
             name=name,
             role=role.value,
             node_id=node_id,
-            serials=(_x509.serial(identity), _x509.serial(tls)),
+            serials=(_x509.serial(identity), _x509.serial(tls))
+            + (() if agreement_serial is None else (agreement_serial,)),
             issued_at=now.isoformat(),
             expires_at=_x509.not_valid_after(tls).isoformat(),
+            agreement_serial=agreement_serial,
         )
+        self._save_registry(registry)
+        return NodeIdentity.load(node_dir)
+
+    def issue_agreement(self, name: str, *, days: int = 365, now: dt.datetime | None = None) -> NodeIdentity:
+        """Certify a key-agreement key for a site issued before sites had one (its identity
+        and TLS keys stay), into `<workspace>/nodes/<name>/`; copy `agreement.key` and
+        `agreement.pem` from there to the site's node directory."""
+        registry = self._registry()
+        node = registry.get(name)
+        if node is None:
+            raise WorkspaceError(f"no node named {name!r} was issued here; known: {', '.join(sorted(registry))}")
+        if node.role != Role.SITE.value:
+            raise WorkspaceError(f"{name!r} has role {node.role}; only sites hold a key-agreement key")
+        if node.revoked_at is not None:
+            raise WorkspaceError(f"{name!r} is revoked; issue a new site instead")
+        if node.agreement_serial is not None:
+            raise WorkspaceError(
+                f"{name!r} already has a key-agreement certificate; to replace it, revoke the node and issue a new one"
+            )
+        node_dir = self.workspace / "nodes" / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        serial = self._write_agreement(node_dir, name=name, node_id=node.node_id, now=now or _now(), days=days)
+        registry[name] = IssuedNode(**{**asdict(node), "serials": (*node.serials, serial), "agreement_serial": serial})
         self._save_registry(registry)
         return NodeIdentity.load(node_dir)
 
@@ -169,6 +199,26 @@ class ConsortiumCA:
         return (self.dir / "ca.pem").read_bytes()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _write_agreement(self, node_dir: Path, *, name: str, node_id: str, now: dt.datetime, days: int) -> int:
+        """Write `agreement.key` (0600) and `agreement.pem` for a site; the certificate's serial."""
+        ca_key, ca_cert = self._ca()
+        key = _x509.new_agreement_key()
+        cert = _x509.build_leaf(
+            ca_key,
+            ca_cert,
+            key.public_key(),
+            name=name,
+            node_id=node_id,
+            role=Role.SITE.value,
+            now=now,
+            days=days,
+            tls=False,
+            agreement=True,
+        )
+        _write_private(node_dir / "agreement.key", _x509.key_to_pem(key))
+        (node_dir / "agreement.pem").write_bytes(_x509.cert_to_pem(cert))
+        return _x509.serial(cert)
 
     def _ca(self) -> tuple[_x509.ed25519.Ed25519PrivateKey, _x509.x509.Certificate]:
         key = _x509.key_from_pem((self.dir / "ca.key").read_bytes())

@@ -2,8 +2,10 @@
 
 Every node holds an Ed25519 identity key (its node id is the libp2p peer id of that
 key; it signs DHT records) and a P-256 TLS key; the consortium CA certifies both, each
-naming the node id and its role. `Verifier` is what every node runs on what a peer
-shows it: chain to the CA, validity period, revocation, node id, role.
+naming the node id and its role. Sites also hold an X25519 key-agreement key, certified
+the same way, from which secure aggregation derives its pairwise secrets. `Verifier` is
+what every node runs on what a peer shows it: chain to the CA, validity period,
+revocation, node id, role.
 """
 
 from __future__ import annotations
@@ -141,12 +143,33 @@ class Verifier:
 
     def check_identity_der(self, der: bytes, *, node_id: str, roles: frozenset[Role]) -> PeerCertificate:
         """An identity certificate whose Ed25519 key is the key of `node_id`."""
+        return self._identity(der, node_id=node_id, roles=roles)[0]
+
+    def check_signing_key_der(self, der: bytes, *, node_id: str, role: Role | str) -> bytes:
+        """The raw 32-byte Ed25519 public key of `node_id`, from its identity certificate
+        (DER), after every check of `check_identity_der` with `role` as the only role allowed."""
+        return self._identity(der, node_id=node_id, roles=frozenset({Role(role)}))[1]
+
+    def check_agreement_der(self, der: bytes, *, node_id: str) -> bytes:
+        """The raw 32-byte X25519 public key of site `node_id`, from its key-agreement
+        certificate (DER): issued by the CA, valid now, not revoked, role site, the
+        node id named, KeyUsage keyAgreement and an X25519 key."""
+        cert = _x509.cert_from_der(der)
+        holder = self.check(cert, roles=frozenset({Role.SITE}))
+        if holder.node_id != node_id:
+            raise CertificateError("key-agreement certificate does not belong to the node it is presented for")
+        raw = _x509.agreement_public_raw(cert)
+        if raw is None:
+            raise CertificateError(f"certificate of {holder.name!r} is not an X25519 key-agreement certificate")
+        return raw
+
+    def _identity(self, der: bytes, *, node_id: str, roles: frozenset[Role]) -> tuple[PeerCertificate, bytes]:
         cert = _x509.cert_from_der(der)
         holder = self.check(cert, roles=roles)
         raw = _x509.identity_public_raw(cert)
         if raw is None or node_id_from_public(raw) != node_id or holder.node_id != node_id:
             raise CertificateError("identity certificate does not belong to the node it is presented for")
-        return holder
+        return holder, raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +214,44 @@ class NodeIdentity:
     def identity_cert_der(self) -> bytes:
         return _x509.cert_to_der(_x509.cert_from_pem((self.directory / "node.pem").read_bytes()))
 
+    def identity_key_raw(self) -> bytes:
+        """The 32-byte seed of the node's Ed25519 identity key (it signs secure-aggregation
+        messages as it signs DHT records). Secret: never log or send it."""
+        seed = _x509.ed25519_seed((self.directory / "node.key").read_bytes())
+        if seed is None:
+            raise WorkspaceError(f"{str(self.directory / 'node.key')!r} is not an Ed25519 key")
+        return seed
+
+    @property
+    def has_agreement_key(self) -> bool:
+        return all((self.directory / f).is_file() for f in _AGREEMENT_FILES)
+
+    def agreement_key_raw(self) -> bytes:
+        """The 32-byte X25519 private key of a site (secure aggregation's pairwise secrets).
+        Secret: never log or send it."""
+        self._require_agreement()
+        return _x509.agreement_key_raw((self.directory / "agreement.key").read_bytes())
+
+    @property
+    def agreement_cert_der(self) -> bytes:
+        """The site's key-agreement certificate (DER), as peers are shown it."""
+        self._require_agreement()
+        return _x509.cert_to_der(_x509.cert_from_pem((self.directory / "agreement.pem").read_bytes()))
+
+    def _require_agreement(self) -> None:
+        if self.role is not Role.SITE:
+            raise WorkspaceError(
+                f"{self.name!r} has role {self.role}; only sites hold a key-agreement key (secure aggregation)"
+            )
+        missing = [f for f in _AGREEMENT_FILES if not (self.directory / f).is_file()]
+        if missing:
+            raise WorkspaceError(
+                f"node directory {str(self.directory)!r} lacks {', '.join(missing)}: the site was issued before "
+                f"secure aggregation needed a key-agreement key. On the CA's workspace run "
+                f"`platform keys issue-agreement --name {self.name}` and copy agreement.key and agreement.pem "
+                f"from nodes/{self.name}/ into this directory"
+            )
+
     @property
     def swarm_key(self) -> bytes:
         """The consortium's 32-byte secret for the private DHT (pre-shared key)."""
@@ -205,3 +266,4 @@ class NodeIdentity:
 
 
 _NODE_FILES = ("node.key", "node.pem", "tls.key", "tls.pem", "ca.pem", "crl.pem", "swarm.key")
+_AGREEMENT_FILES = ("agreement.key", "agreement.pem")  # sites only; not required to load (older workspaces)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from opacus.optimizers import DPOptimizer
 
-from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
+from corolla.inference.client import AdapterSync, LoraAdapter, RemoteModelForCausalLM
 from corolla.inference.client.sequential import HopGrads
 from corolla.inference.server.backend import AdapterGrads
 from corolla.platform.training.config import Exchange
@@ -79,7 +79,9 @@ class SwarmTrainer:
         self.dp = noise_multiplier is not None
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
-        model.use_adapter(adapter)
+        # this trainer's own link to the servers: it is bound to the model at every step, so two
+        # trainers sharing one model never run the servers with each other's weights
+        self._sync = AdapterSync(adapter, model_id=model.swarm.model_id)
         self.params = [p for _, p in adapter.named_weights()]
         self.names = [n for n, _ in adapter.named_weights()]
         base = make_optimizer(optimizer, self.params, lr)
@@ -100,6 +102,7 @@ class SwarmTrainer:
         """One optimizer step; `batch` None is an empty Poisson draw (DP still adds noise and
         steps: the accountant counted it). Returns the batch's mean loss (nan when empty)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.adapter, self.model.blocks.adapter = self.adapter, self._sync
         if batch is None or batch.input_ids.shape[0] == 0:
             if not self.dp:
                 return math.nan
@@ -139,7 +142,7 @@ class SwarmTrainer:
                 else:
                     p.grad = grad
         self.optimizer.step()
-        self.bytes["adapter_put"] = self.model.blocks.adapter.bytes_put if self.model.blocks.adapter else 0
+        self.bytes["adapter_put"] = self._sync.bytes_put
         return float(losses.mean())
 
     def _forward_backward(self, batch: EncodedBatch) -> tuple[torch.Tensor, list[HopGrads]]:
@@ -152,7 +155,9 @@ class SwarmTrainer:
         (grad,) = torch.autograd.grad(losses.sum(), out)  # each record's own loss gradient
         mode = AdapterGrads.PER_SAMPLE if self.dp and self.exchange == "per-sample" else AdapterGrads.NORMS
         _, parts = blocks.backward_through(trace, grad, adapter_grads=mode, step_id=uuid.uuid4().hex, grad_input=False)
-        activations = hidden.nbytes * (2 * len(trace))  # forward in + out per hop
+        wire = self.model.wire_dtype  # forward hidden states may travel narrower; backward is full width
+        forward_bytes = hidden.numel() * (torch.empty((), dtype=wire).element_size() if wire else hidden.element_size())
+        activations = forward_bytes * (2 * len(trace))  # forward in + out per hop
         activations += sum(p.hidden.nbytes + p.grad_output.nbytes for p in parts)  # backward in
         activations += hidden.nbytes * max(len(parts) - 1, 0)  # input gradients back, all but the first hop
         self.bytes["activations"] += activations

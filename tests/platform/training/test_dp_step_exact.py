@@ -78,7 +78,8 @@ def test_swarm_step_without_dp_equals_local_plain_step(
 ) -> None:
     batch = _batch(tiny_llama, 5)
     start = _adapter(remote)
-    kwargs = dict(lr=1.0, noise_multiplier=None, max_grad_norm=1.0, expected_batch_size=5, optimizer="sgd")
+    # unclipped, the gradients are large: at lr 0.01 a float32 rounding difference stays below atol
+    kwargs = dict(lr=0.01, noise_multiplier=None, max_grad_norm=1.0, expected_batch_size=5, optimizer="sgd")
     swarm = SwarmTrainer(remote, _clone(start), exchange=exchange, **kwargs)
     local = LocalTrainer(tiny_llama, _clone(start), **kwargs)
     for _ in range(2):

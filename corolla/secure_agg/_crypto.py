@@ -1,0 +1,191 @@
+"""Every cryptographic primitive secure aggregation uses, behind one door.
+
+This is the only module of `corolla.secure_agg` that imports `cryptography.hazmat`. Every
+failure inside it raises one opaque `CryptoError`; callers add which message or member it
+concerned. Keys cross this boundary as raw bytes:
+
+- identity (signing) keys: Ed25519, 32-byte seed / 32-byte public key (RFC 8032);
+- agreement keys: X25519, 32-byte private / 32-byte public key (RFC 7748);
+- derived keys and seeds: HKDF-SHA256 (RFC 5869), no salt, `info` = `kdf_info(...)`:
+  every field length-prefixed (4-byte big-endian), protocol label first, then run id,
+  round (8-byte big-endian), the member ids, and the purpose label last;
+- masks: the ChaCha20 keystream (RFC 8439 block function; 32-bit counter from 0, 96-bit
+  nonce of zeros: every key is used for one stream only) read as little-endian uint32;
+- share boxes: ChaCha20-Poly1305 (RFC 8439), a random 12-byte nonce before the ciphertext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import NDArray
+
+from corolla.secure_agg.errors import CryptoError
+
+PROTOCOL = b"corolla-secagg-v1"  # first field of every HKDF info and of every signed message
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+NONCE_BYTES = 12  # ChaCha20-Poly1305 nonce, stored in front of each box
+TAG_BYTES = 16
+MASK_NONCE = bytes(16)  # cryptography's ChaCha20 "nonce": 4-byte LE block counter (0) + 96-bit nonce (0)
+
+RandomSource = Callable[[int], bytes]  # os.urandom's signature: n -> n random bytes
+
+
+def _opaque() -> CryptoError:
+    return CryptoError("a cryptographic check failed")
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def x25519_public(private: bytes) -> bytes:
+    """The X25519 public key of a raw 32-byte private key."""
+    try:
+        key = x25519.X25519PrivateKey.from_private_bytes(private)
+    except ValueError:
+        raise _opaque() from None
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def ed25519_public(seed: bytes) -> bytes:
+    """The Ed25519 public key of a raw 32-byte seed."""
+    try:
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    except ValueError:
+        raise _opaque() from None
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def sign(seed: bytes, message: bytes) -> bytes:
+    try:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed).sign(message)
+    except ValueError:
+        raise _opaque() from None
+
+
+def verify(public: bytes, message: bytes, signature: bytes) -> None:
+    """Return if `signature` is `public`'s Ed25519 signature on `message`; else `CryptoError`."""
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise _opaque() from None
+
+
+# -- derivation -------------------------------------------------------------------------------
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+def kdf_info(label: str, *, run_id: str, round: int, ids: tuple[str, ...]) -> bytes:
+    """HKDF `info`: PROTOCOL | run id | round | ids... | label, each length-prefixed."""
+    if not 0 <= round < 2**63:
+        raise _opaque()
+    parts = [PROTOCOL, run_id.encode(), struct.pack(">Q", round), *(i.encode() for i in ids), label.encode()]
+    return b"".join(_field(p) for p in parts)
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def x25519_shared(private: bytes, peer_public: bytes) -> bytes:
+    """The raw X25519 shared secret; `CryptoError` for a malformed or low-order peer key."""
+    try:
+        key = x25519.X25519PrivateKey.from_private_bytes(private)
+        return key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:  # wrong length, or an all-zero result (low-order point)
+        raise _opaque() from None
+
+
+@dataclass(frozen=True, slots=True)
+class PairKeys:
+    """What two members derive from their agreement keys for one round."""
+
+    mask_seed: bytes = field(repr=False)  # s_ij: the pairwise mask seed, equal at both ends
+    send_key: bytes = field(repr=False)  # encrypts this member's shares to the peer
+    receive_key: bytes = field(repr=False)  # decrypts the peer's shares to this member
+
+
+def pair_keys(private: bytes, peer_public: bytes, *, run_id: str, round: int, me: str, peer: str) -> PairKeys:
+    """One X25519 exchange, three HKDF outputs: the mask seed (info ids = the two node ids
+    in sorted order, label "pair"), and the share keys (ids = sender, recipient, label
+    "share") for both directions."""
+    if me == peer:
+        raise _opaque()
+    shared = x25519_shared(private, peer_public)
+    low, high = sorted((me, peer))
+    return PairKeys(
+        mask_seed=hkdf_sha256(shared, kdf_info("pair", run_id=run_id, round=round, ids=(low, high))),
+        send_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(me, peer))),
+        receive_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(peer, me))),
+    )
+
+
+def self_mask_commitment(seed: bytes, *, run_id: str, round: int, node_id: str) -> bytes:
+    """A binding, hiding commitment to a self-mask seed (a PRF of a 256-bit secret):
+    HKDF(seed, info ids = (node id,), label "commit")."""
+    return hkdf_sha256(seed, kdf_info("commit", run_id=run_id, round=round, ids=(node_id,)))
+
+
+# -- masks ------------------------------------------------------------------------------------
+
+
+def keystream(seed: bytes, words: int) -> NDArray[np.uint32]:
+    """The first `words` little-endian uint32 words of the ChaCha20 keystream keyed by
+    `seed` (counter 0, nonce 0): 4 * words bytes, as `masking.Keystream` expects."""
+    if len(seed) != KEY_BYTES or words < 0:
+        raise _opaque()
+    buffer = bytearray(4 * words)  # zeros; encrypted in place, so the keystream itself
+    encryptor = Cipher(algorithms.ChaCha20(seed, MASK_NONCE), mode=None).encryptor()
+    encryptor.update_into(buffer, buffer)
+    return np.frombuffer(buffer, dtype="<u4")
+
+
+# -- share boxes ------------------------------------------------------------------------------
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes, random: RandomSource) -> bytes:
+    """nonce (12 random bytes) | ChaCha20-Poly1305 ciphertext and tag."""
+    nonce = random(NONCE_BYTES)
+    if len(nonce) != NONCE_BYTES:
+        raise _opaque()
+    try:
+        return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+    except ValueError:
+        raise _opaque() from None
+
+
+def open_box(key: bytes, box: bytes, aad: bytes) -> bytes:
+    if len(box) < NONCE_BYTES + TAG_BYTES:
+        raise _opaque()
+    try:
+        return ChaCha20Poly1305(key).decrypt(box[:NONCE_BYTES], box[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise _opaque() from None
+
+
+# -- hashing and comparison -------------------------------------------------------------------
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """SHA-256."""
+    return hashlib.sha256(data).digest()
+
+
+def equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison of secrets and digests."""
+    return hmac.compare_digest(a, b)

@@ -1,0 +1,262 @@
+"""Wire formats: a binary frame around a JSON header, and the pydantic models of the headers.
+
+Every message is one frame:
+
+    offset 0   b"CSA1"                        magic and format version
+    4          kind                           1 byte: 1 announce, 2 upload, 3 unmask request, 4 unmask reply
+    5          header length h                4 bytes, big-endian
+    9          header                         h bytes of UTF-8 JSON (one of the models below)
+    9 + h      signature                      64 bytes, Ed25519 over PROTOCOL | kind | header
+    73 + h     payload                        uploads only: the masked vector, 4 bytes per
+                                              parameter, little-endian uint32; its SHA-256 is
+                                              in the (signed) header
+
+Bytes inside headers are standard base64 (RFC 4648, with padding). The masked vector is raw,
+so an upload costs 4 bytes per parameter plus a header of about n * (n - 1) * 90 bytes
+(the encrypted shares) for n sites. An unmask request forwards the survivors' signed upload
+headers ("bundles": upload frames without payload) so that the recipient can check each
+sender's signature on the share box addressed to it.
+
+The site's round state (between its two messages) is a JSON object of its own, `RoundState`.
+
+Everything read is validated (`parse`); validation errors never echo the input (shares and
+boxes must not end up in logs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
+
+from corolla.secure_agg._crypto import PROTOCOL  # signed before every header: domain separation
+from corolla.secure_agg.errors import MalformedMessage
+
+MAGIC = b"CSA1"
+SIGNATURE_BYTES = 64
+MAX_HEADER_BYTES = 64 * 2**20
+MAX_SITES = 64  # all-pairs masking costs O(n) streams per site and O(n^2) share bytes per upload
+MAX_LENGTH = 2**28  # parameters per vector (1 GiB uploads)
+_PREFIX = struct.Struct(">4sBI")
+
+
+class Kind(IntEnum):
+    ANNOUNCE = 1  # coordinator -> sites, with the train message: the round's roster and parameters
+    UPLOAD = 2  # site -> coordinator, with the training reply: masked vector and encrypted shares
+    UNMASK_REQUEST = 3  # coordinator -> each survivor: survivors, dropped, the shares addressed to it
+    UNMASK_REPLY = 4  # survivor -> coordinator: shares of survivors' self-masks, dropped pairs' seeds
+
+
+# -- field types ------------------------------------------------------------------------------
+
+
+def _b64decode(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError("not base64") from None
+    raise ValueError("expected base64 text")
+
+
+def _b64encode(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _length(n: int) -> AfterValidator:
+    def check(value: bytes) -> bytes:
+        if len(value) != n:
+            raise ValueError(f"expected {n} bytes, got {len(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+Bytes = Annotated[bytes, PlainValidator(_b64decode), PlainSerializer(_b64encode, return_type=str)]
+Bytes32 = Annotated[Bytes, _length(32)]  # keys, seeds, digests
+Share = Annotated[Bytes, _length(66)]  # an element of GF(2^521 - 1)
+NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+RunId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+Round = Annotated[int, Field(ge=0, lt=2**63)]
+Length = Annotated[int, Field(ge=1, le=MAX_LENGTH)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# -- headers ----------------------------------------------------------------------------------
+
+
+class MemberCerts(_Model):
+    node_id: NodeId
+    identity_cert: Bytes  # DER, Ed25519 identity certificate (role site)
+    agreement_cert: Bytes  # DER, X25519 key-agreement certificate
+
+
+class Announcement(_Model):
+    """The round: who takes part, with what parameters. Its SHA-256 (of the header bytes)
+    is the round digest every later message carries."""
+
+    version: Literal[1] = 1
+    run_id: RunId
+    round: Round
+    threshold: int  # t: shares needed to rebuild a self-mask seed; unmask replies needed
+    length: Length  # parameters per vector
+    frac_bits: int  # fixed-point f
+    clip: float  # fixed-point R
+    coordinator_id: NodeId
+    coordinator_cert: Bytes  # DER, Ed25519 identity certificate (role coordinator)
+    members: list[MemberCerts] = Field(min_length=2, max_length=MAX_SITES)  # sorted by node id
+
+
+class ShareBox(_Model):
+    recipient: NodeId
+    box: Bytes  # nonce | ChaCha20-Poly1305(shares for the recipient)
+
+
+class UploadHeader(_Model):
+    version: Literal[1] = 1
+    run_id: RunId
+    round: Round
+    digest: Bytes32  # the round digest
+    sender: NodeId
+    length: Length
+    vector_sha256: Bytes32  # of the payload
+    commitment: Bytes32  # to the sender's self-mask seed
+    boxes: list[ShareBox] = Field(max_length=MAX_SITES)  # one per other member, sorted by recipient
+
+
+class UnmaskRequest(_Model):
+    version: Literal[1] = 1
+    run_id: RunId
+    round: Round
+    digest: Bytes32
+    recipient: NodeId
+    survivors: list[NodeId] = Field(max_length=MAX_SITES)  # S: sorted
+    dropped: list[NodeId] = Field(max_length=MAX_SITES)  # D = roster - S: sorted
+    bundles: list[Bytes] = Field(max_length=MAX_SITES)  # signed upload headers of S - {recipient}
+
+
+class OwnerShare(_Model):
+    owner: NodeId
+    share: Share  # the replier's share of owner's self-mask seed
+
+
+class PeerSeed(_Model):
+    peer: NodeId
+    seed: Bytes32  # the pairwise seed between the replier and a dropped peer
+
+
+class PairShare(_Model):
+    owner: NodeId
+    peer: NodeId
+    share: Share  # the replier's share of owner's pairwise seed with dropped peer
+
+
+class UnmaskReply(_Model):
+    version: Literal[1] = 1
+    run_id: RunId
+    round: Round
+    digest: Bytes32
+    sender: NodeId
+    self_shares: list[OwnerShare] = Field(max_length=MAX_SITES)  # for every survivor, itself included
+    seeds: list[PeerSeed] = Field(max_length=MAX_SITES)  # for every dropped member
+    seed_shares: list[PairShare] = Field(max_length=MAX_SITES**2)  # for every (other survivor, dropped)
+
+
+class MemberKeys(_Model):
+    node_id: NodeId
+    signing_key: Bytes32  # Ed25519 public key, from the verified identity certificate
+    agreement_key: Bytes32  # X25519 public key, from the verified agreement certificate
+
+
+class RoundState(_Model):
+    """What a site keeps between its upload and its unmask reply (in its private store).
+    No secret from which its input could be unmasked: only its own share of its self-mask
+    seed (one share of t) and the round's verified public facts. Its pairwise seeds are
+    derived again from its long-term agreement key."""
+
+    version: Literal[1] = 1
+    run_id: RunId
+    round: Round
+    digest: Bytes32
+    node_id: NodeId
+    threshold: int
+    coordinator_key: Bytes32
+    members: list[MemberKeys] = Field(min_length=2, max_length=MAX_SITES)
+    own_share: Share
+
+
+Header = TypeVar("Header", bound=_Model)
+
+
+def parse(model: type[Header], data: bytes | memoryview) -> Header:
+    """Validate JSON against `model`; `MalformedMessage` names the fields, never the input."""
+    try:
+        return model.model_validate_json(bytes(data))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)[:5]
+        )
+        raise MalformedMessage(f"invalid {model.__name__}: {problems}") from None
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    header: bytes
+    signature: bytes
+    payload: memoryview  # empty but for uploads
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return signing_input(self.kind, self.header)
+
+
+def signing_input(kind: Kind, header: bytes) -> bytes:
+    return PROTOCOL + bytes([kind]) + header
+
+
+def pack(kind: Kind, header: bytes, signature: bytes, payload: bytes | memoryview = b"") -> bytes:
+    if len(signature) != SIGNATURE_BYTES:
+        raise ValueError(f"a signature is {SIGNATURE_BYTES} bytes")
+    if len(header) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    return b"".join([_PREFIX.pack(MAGIC, kind, len(header)), header, signature, payload])
+
+
+def unpack(data: bytes | memoryview, *, expect: Kind) -> Frame:
+    """The frame in `data`, which must be of kind `expect`; `MalformedMessage` otherwise."""
+    view = memoryview(data).cast("B")
+    if len(view) < _PREFIX.size + SIGNATURE_BYTES:
+        raise MalformedMessage(f"not a secure-aggregation message ({len(view)} bytes)")
+    magic, kind, length = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise MalformedMessage("not a secure-aggregation message (bad magic or version)")
+    if kind != expect:
+        name = Kind(kind).name if kind in Kind._value2member_map_ else str(kind)
+        raise MalformedMessage(f"expected a {expect.name.lower()} message, got kind {name}")
+    end = _PREFIX.size + length
+    if length > MAX_HEADER_BYTES or end + SIGNATURE_BYTES > len(view):
+        raise MalformedMessage("truncated message")
+    return Frame(
+        kind=Kind(kind),
+        header=bytes(view[_PREFIX.size : end]),
+        signature=bytes(view[end : end + SIGNATURE_BYTES]),
+        payload=view[end + SIGNATURE_BYTES :],
+    )
