@@ -104,11 +104,7 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
 
 def x25519_shared(private: bytes, peer_public: bytes) -> bytes:
     """The raw X25519 shared secret; `CryptoError` for a malformed or low-order peer key."""
-    try:
-        key = x25519.X25519PrivateKey.from_private_bytes(private)
-        return key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
-    except ValueError:  # wrong length, or an all-zero result (low-order point)
-        raise _opaque() from None
+    return AgreementKey(private).shared(peer_public)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,19 +116,44 @@ class PairKeys:
     receive_key: bytes = field(repr=False)  # decrypts the peer's shares to this member
 
 
+class AgreementKey:
+    """A member's X25519 private key, loaded once for the many exchanges of a round."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, private: bytes) -> None:
+        try:
+            self._key = x25519.X25519PrivateKey.from_private_bytes(private)
+        except ValueError:
+            raise _opaque() from None
+
+    def __repr__(self) -> str:
+        return "AgreementKey(<secret>)"
+
+    def shared(self, peer_public: bytes) -> bytes:
+        try:
+            return self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:  # wrong length, or an all-zero result (low-order point)
+            raise _opaque() from None
+
+    def pair_keys(self, peer_public: bytes, *, run_id: str, round: int, me: str, peer: str) -> PairKeys:
+        """One X25519 exchange, three HKDF outputs: the mask seed (info ids = the two node
+        ids in sorted order, label "pair"), and the share keys (ids = sender, recipient,
+        label "share") for both directions."""
+        if me == peer:
+            raise _opaque()
+        shared = self.shared(peer_public)
+        low, high = sorted((me, peer))
+        return PairKeys(
+            mask_seed=hkdf_sha256(shared, kdf_info("pair", run_id=run_id, round=round, ids=(low, high))),
+            send_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(me, peer))),
+            receive_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(peer, me))),
+        )
+
+
 def pair_keys(private: bytes, peer_public: bytes, *, run_id: str, round: int, me: str, peer: str) -> PairKeys:
-    """One X25519 exchange, three HKDF outputs: the mask seed (info ids = the two node ids
-    in sorted order, label "pair"), and the share keys (ids = sender, recipient, label
-    "share") for both directions."""
-    if me == peer:
-        raise _opaque()
-    shared = x25519_shared(private, peer_public)
-    low, high = sorted((me, peer))
-    return PairKeys(
-        mask_seed=hkdf_sha256(shared, kdf_info("pair", run_id=run_id, round=round, ids=(low, high))),
-        send_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(me, peer))),
-        receive_key=hkdf_sha256(shared, kdf_info("share", run_id=run_id, round=round, ids=(peer, me))),
-    )
+    """`AgreementKey(private).pair_keys(...)`."""
+    return AgreementKey(private).pair_keys(peer_public, run_id=run_id, round=round, me=me, peer=peer)
 
 
 def self_mask_commitment(seed: bytes, *, run_id: str, round: int, node_id: str) -> bytes:
@@ -144,15 +165,36 @@ def self_mask_commitment(seed: bytes, *, run_id: str, round: int, node_id: str) 
 # -- masks ------------------------------------------------------------------------------------
 
 
-def keystream(seed: bytes, words: int) -> NDArray[np.uint32]:
-    """The first `words` little-endian uint32 words of the ChaCha20 keystream keyed by
-    `seed` (counter 0, nonce 0): 4 * words bytes, as `masking.Keystream` expects."""
-    if len(seed) != KEY_BYTES or words < 0:
+def keystream(seed: bytes) -> Callable[[NDArray[np.uint32]], None]:
+    """The ChaCha20 keystream keyed by `seed` (counter 0, nonce 0) as little-endian uint32
+    words: a reader that fills each array it is given with the stream's next words
+    (`masking.Keystream`)."""
+    if len(seed) != KEY_BYTES:
         raise _opaque()
-    buffer = bytearray(4 * words)  # zeros; encrypted in place, so the keystream itself
     encryptor = Cipher(algorithms.ChaCha20(seed, MASK_NONCE), mode=None).encryptor()
-    encryptor.update_into(buffer, buffer)
-    return np.frombuffer(buffer, dtype="<u4")
+
+    def read(out: NDArray[np.uint32]) -> None:
+        if out.dtype != np.dtype("<u4") or not out.flags.c_contiguous:
+            raise _opaque()
+        view = out.data.cast("B")
+        encryptor.update_into(_zeros(len(view)), view)  # the encryption of zeros is the keystream
+
+    return read
+
+
+def keystream_words(seed: bytes, words: int) -> NDArray[np.uint32]:
+    """The first `words` words of `keystream(seed)`, as one array."""
+    out = np.empty(words, dtype="<u4")
+    if words:
+        keystream(seed)(out)
+    return out
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(n: int) -> bytes | memoryview:
+    return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 # -- share boxes ------------------------------------------------------------------------------
@@ -184,6 +226,11 @@ def open_box(key: bytes, box: bytes, aad: bytes) -> bytes:
 def digest(data: bytes | memoryview) -> bytes:
     """SHA-256."""
     return hashlib.sha256(data).digest()
+
+
+def hasher() -> hashlib._Hash:
+    """An incremental SHA-256 (`update` chunk by chunk, then `digest`)."""
+    return hashlib.sha256()
 
 
 def equal(a: bytes, b: bytes) -> bool:

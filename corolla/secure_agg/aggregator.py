@@ -16,6 +16,7 @@ naming the sender; the caller records it and goes on with the other sites.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -48,12 +49,14 @@ from corolla.secure_agg.messages import (
 from corolla.secure_agg.roster import (
     CertificateVerifier,
     Member,
-    Round,
+    VerifiedRound,
     check_threshold,
     make_announcement,
     read_announcement,
     secure_threshold,
 )
+
+MAX_SUBSETS = 1000  # t-subsets of the replies tried per self-mask seed when a share is wrong
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ class Aggregator:
             coordinator_key=coordinator.identity_key,
         )
         # The same checks every site makes, so that a roster the sites would refuse fails here.
-        self._round: Round = read_announcement(self.announcement, verifier)
+        self._round: VerifiedRound = read_announcement(self.announcement, verifier)
         self._key = coordinator.identity_key
         self._ids = self._round.ids
         self._index = {node_id: k for k, node_id in enumerate(self._ids)}
@@ -187,12 +190,20 @@ class Aggregator:
             raise MalformedMessage(
                 f"the upload of {header.sender} holds {len(frame.payload) // 4} values; the round has {d}"
             )
-        if not _crypto.equal(_crypto.digest(frame.payload), header.vector_sha256):
-            raise BadSignature(f"the vector uploaded by {header.sender} is not the one it signed")
         recipients = [b.recipient for b in header.boxes]
         if recipients != [i for i in self._ids if i != header.sender]:
             raise MalformedMessage(f"the upload of {header.sender} does not hold one share box per other member")
-        np.add(self._sum, np.frombuffer(frame.payload, dtype="<u4"), out=self._sum)
+        # Hash and add chunk by chunk (in cache); take the addition back if the hash is wrong.
+        vector = np.frombuffer(frame.payload, dtype="<u4")
+        digest = _crypto.hasher()
+        for start in range(0, d, masking.CHUNK_WORDS):
+            chunk = vector[start : start + masking.CHUNK_WORDS]
+            digest.update(chunk.data)
+            part = self._sum[start : start + masking.CHUNK_WORDS]
+            np.add(part, chunk, out=part)
+        if not _crypto.equal(digest.digest(), header.vector_sha256):
+            np.subtract(self._sum, vector, out=self._sum)
+            raise BadSignature(f"the vector uploaded by {header.sender} is not the one it signed")
         self._uploads[sender] = (pack(Kind.UPLOAD, frame.header, frame.signature), header.commitment)
         return header.sender
 
@@ -273,32 +284,21 @@ class Aggregator:
         survivors = sorted(self._uploads)
         dropped = [k for k in range(len(self._ids)) if k not in self._uploads]
         answered = sorted(self._replies)
-        self_seeds = []
-        for j in survivors:
-            used = answered[:t]
-            seed = _seed_bytes(shamir.combine([(r + 1, self._replies[r].self_shares[j]) for r in used]))
-            if seed is None or not _crypto.equal(
-                _crypto.self_mask_commitment(seed, run_id=self.run_id, round=self.round, node_id=self._ids[j]),
-                self._uploads[j][1],
-            ):
-                raise ReconstructionError(
-                    f"the self-mask seed of {self._ids[j]} rebuilt from the shares of "
-                    f"{', '.join(self._ids[r] for r in used)} does not match its commitment"
-                )
-            self_seeds.append(seed)
+        self_seeds = [self._self_seed(j, answered) for j in survivors]
         dropped_pairs = []
         for j in survivors:
             for q in dropped:
                 if j in self._replies:
                     seed = self._replies[j].seeds[q]
-                else:  # j uploaded, then went silent: rebuild s_jl from t others' shares
+                else:  # j uploaded, then went silent: rebuild s_jq from t others' shares
                     used = answered[:t]
-                    seed = _seed_bytes(shamir.combine([(r + 1, self._replies[r].seed_shares[(j, q)]) for r in used]))
-                    if seed is None:
+                    rebuilt = _seed_bytes(shamir.combine([(r + 1, self._replies[r].seed_shares[(j, q)]) for r in used]))
+                    if rebuilt is None:
                         raise ReconstructionError(
                             f"the pairwise seed of {self._ids[j]} and {self._ids[q]} rebuilt from the shares of "
                             f"{', '.join(self._ids[r] for r in used)} is not a seed"
                         )
+                    seed = rebuilt
                 dropped_pairs.append((j, q, seed))
         ring_sum = masking.unmask(
             self._sum, self_seeds=self_seeds, dropped_pairs=dropped_pairs, keystream=_crypto.keystream
@@ -313,6 +313,25 @@ class Aggregator:
             answered=tuple(self._ids[k] for k in sorted(self._replies)),
         )
         return self._result
+
+    def _self_seed(self, j: int, answered: list[int]) -> bytes:
+        """b_j from t of the replies' shares, checked against j's commitment. If a replier
+        sent a wrong share, other t-subsets are tried (up to MAX_SUBSETS) when more than t
+        replies came."""
+        t = self.threshold
+        for k, used in enumerate(itertools.combinations(answered, t)):
+            if k == MAX_SUBSETS:
+                break
+            seed = _seed_bytes(shamir.combine([(r + 1, self._replies[r].self_shares[j]) for r in used]))
+            commitment = _crypto.self_mask_commitment(
+                seed or bytes(_crypto.KEY_BYTES), run_id=self.run_id, round=self.round, node_id=self._ids[j]
+            )
+            if seed is not None and _crypto.equal(commitment, self._uploads[j][1]):
+                return seed
+        raise ReconstructionError(
+            f"no {t} of the shares of {', '.join(self._ids[r] for r in answered)} rebuild the self-mask seed "
+            f"that {self._ids[j]} committed to: some site sent a wrong share"
+        )
 
     # -- checks ---------------------------------------------------------------------------
 

@@ -111,16 +111,33 @@ class FixedPoint:
             raise EncodingError(f"expected a 1-D vector, got shape {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
             raise EncodingError(f"expected floating-point values, got dtype {x.dtype}")
-        x = x.astype(np.float32, copy=False)
-        finite = np.isfinite(x)
-        if not finite.all():
+        ring = np.empty(x.shape[0], dtype=np.uint32)
+        clipped = self.encode_into(x.astype(np.float32, copy=False), ring)
+        return Encoded(ring=ring, clipped=clipped)
+
+    def encode_into(self, values: NDArray[np.float32], out: NDArray[np.uint32]) -> int:
+        """Encode a float32 chunk into `out` (same length); the number of clipped values.
+        The common case (every value finite and within [-R, R]) reads the chunk three
+        times: min, max, and the scaling."""
+        if values.shape != out.shape:
+            raise EncodingError(f"cannot encode {values.shape} values into {out.shape}")
+        if values.size == 0:
+            return 0
+        low, high = values.min(), values.max()  # NaN propagates into both
+        if not (np.isfinite(low) and np.isfinite(high)):
+            finite = np.isfinite(values)
             first = int(np.argmin(finite))
             raise EncodingError(f"{int((~finite).sum())} values are NaN or infinite (the first at index {first})")
         limit = np.float32(self.clip)
-        clipped = int(np.count_nonzero((x > limit) | (x < -limit)))
-        scaled = np.clip(x, -limit, limit) * np.float32(2.0**self.frac_bits)  # exact: a power of two
-        ring = np.rint(scaled).astype(np.int32).view(np.uint32)
-        return Encoded(ring=ring, clipped=clipped)
+        scaled = values * np.float32(2.0**self.frac_bits)  # exact: a power of two
+        clipped = 0
+        if low < -limit or high > limit:
+            clipped = int(np.count_nonzero((values > limit) | (values < -limit)))
+            bound = np.float32(limit * np.float32(2.0**self.frac_bits))
+            np.clip(scaled, -bound, bound, out=scaled)
+        np.rint(scaled, out=scaled)
+        out.view(np.int32)[:] = scaled  # exact: integers below 2^30 in magnitude
+        return clipped
 
     def decode_sum(self, ring_sum: NDArray[np.uint32], *, summands: int) -> NDArray[np.float32]:
         """The float sum of `summands` encoded inputs from their ring sum; `SumOutOfRange`

@@ -127,7 +127,7 @@ def check_threshold(threshold: int, sites: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Round:
+class VerifiedRound:
     """A verified announcement: what both sides hold about the round."""
 
     announcement: Announcement
@@ -174,7 +174,7 @@ def make_announcement(
     return pack(Kind.ANNOUNCE, header, _crypto.sign(coordinator_key, signing_input(Kind.ANNOUNCE, header)))
 
 
-def read_announcement(data: bytes, verifier: CertificateVerifier) -> Round:
+def read_announcement(data: bytes, verifier: CertificateVerifier) -> VerifiedRound:
     """Check an announcement: the coordinator's certificate and signature, every member's
     certificates, the parameters' ranges."""
     frame = unpack(data, expect=Kind.ANNOUNCE)
@@ -193,6 +193,6 @@ def read_announcement(data: bytes, verifier: CertificateVerifier) -> Round:
     check_threshold(header.threshold, len(members))
     encoding = FixedPoint(frac_bits=header.frac_bits, clip=header.clip)
     encoding.check_sites(len(members))
-    return Round(
+    return VerifiedRound(
         announcement=header, digest=_crypto.digest(frame.header), members=members, coordinator_key=coordinator_key
     )

@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from numpy.typing import ArrayLike
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from corolla.secure_agg import _crypto, masking, shamir
 from corolla.secure_agg.errors import (
     BadSignature,
     CryptoError,
+    EncodingError,
     MalformedMessage,
     ParameterError,
     RefusedRequest,
@@ -52,7 +54,7 @@ from corolla.secure_agg.messages import (
     signing_input,
     unpack,
 )
-from corolla.secure_agg.roster import CertificateVerifier, SitePolicy, read_announcement
+from corolla.secure_agg.roster import CertificateVerifier, SitePolicy, VerifiedRound, read_announcement
 
 RandomSource = _crypto.RandomSource
 
@@ -82,13 +84,21 @@ def site_upload(
     verifier: CertificateVerifier,
     *,
     policy: SitePolicy | None = None,
+    run_id: str | None = None,
     random: RandomSource = os.urandom,
 ) -> SiteUpload:
     """Stage 1: the masked upload for `update` (a 1-D float vector of the announced length).
-    `policy` defaults to `SitePolicy()`: thresholds safe against a lying coordinator."""
+
+    `policy` defaults to `SitePolicy()`: thresholds safe against a lying coordinator.
+    `run_id`, if given, is the run this site knows it is in (from its own context, not from
+    the message): an announcement for another run is refused, so that the round store's
+    one-upload-per-round rule cannot be sidestepped with fresh run ids."""
     policy = SitePolicy() if policy is None else policy
     rnd = read_announcement(announcement, verifier)
     ann = rnd.announcement
+    encoding = rnd.encoding
+    if run_id is not None and ann.run_id != run_id:
+        raise ReplayedMessage(f"the announcement is for run {ann.run_id}; this site is in run {run_id}")
     ids = rnd.ids
     n = len(ids)
     if keys.node_id not in ids:
@@ -106,49 +116,45 @@ def site_upload(
             f"threshold {ann.threshold} for {n} sites is below this site's minimum {least}: a coordinator lying "
             f"about dropouts could unmask a single site"
         )
-    encoded = rnd.encoding.encode(update)
-    if encoded.ring.shape != (ann.length,):
-        raise ParameterError(f"the update has {encoded.ring.shape[0]} values; the round announced {ann.length}")
+    values = _as_vector(update)
+    if values.shape != (ann.length,):
+        raise ParameterError(f"the update has {values.shape[0]} values; the round announced {ann.length}")
 
+    agreement = _crypto.AgreementKey(keys.agreement_key)
     pairs = {
-        j: _crypto.pair_keys(
-            keys.agreement_key, m.agreement_key, run_id=ann.run_id, round=ann.round, me=ids[me], peer=m.node_id
-        )
+        j: agreement.pair_keys(m.agreement_key, run_id=ann.run_id, round=ann.round, me=ids[me], peer=m.node_id)
         for j, m in enumerate(rnd.members)
         if j != me
     }
     self_seed = random(_crypto.KEY_BYTES)
     if len(self_seed) != _crypto.KEY_BYTES:
         raise ParameterError("the random source returned too few bytes")
-    xs = [k + 1 for k in range(n)]
-    self_shares = shamir.split(_int(self_seed), threshold=ann.threshold, xs=xs, random=random)
-    seed_shares = {
-        q: shamir.split(_int(pair.mask_seed), threshold=ann.threshold, xs=xs, random=random)
-        for q, pair in pairs.items()
-    }
-    boxes = []
-    for h, pair in pairs.items():
-        plaintext = shamir.to_bytes(self_shares[h]) + b"".join(
-            shamir.to_bytes(seed_shares[q][h]) for q in sorted(pairs) if q != h
-        )
-        aad = box_aad(ann.run_id, ann.round, rnd.digest, sender=ids[me], recipient=ids[h])
-        boxes.append(ShareBox(recipient=ids[h], box=_crypto.seal(pair.send_key, plaintext, aad, random)))
+    boxes, own_share = _seal_shares(rnd, me, self_seed, pairs, random)
 
-    masked = masking.mask(
-        encoded.ring,
-        index=me,
-        self_seed=self_seed,
-        pair_seeds={j: pair.mask_seed for j, pair in pairs.items()},
-        keystream=_crypto.keystream,
+    # Encode, mask and hash chunk by chunk (in cache): y_i = enc(x_i) + PRG(b_i) +- PRG(s_ij).
+    masked = np.empty(ann.length, dtype="<u4")
+    digest = _crypto.hasher()
+    clipped = 0
+
+    def encode_chunk(start: int, chunk: NDArray[np.uint32]) -> None:
+        nonlocal clipped
+        clipped += encoding.encode_into(values[start : start + chunk.shape[0]], chunk)
+
+    masking.apply_streams(
+        masked,
+        [(1, self_seed)] + [(masking.pair_sign(me, j), pair.mask_seed) for j, pair in pairs.items()],
+        _crypto.keystream,
+        source=encode_chunk,
+        sink=lambda chunk: digest.update(chunk.data),
     )
-    payload = masked.astype("<u4", copy=False).data.cast("B")
+    payload = masked.data.cast("B")
     header = UploadHeader(
         run_id=ann.run_id,
         round=ann.round,
         digest=rnd.digest,
         sender=ids[me],
         length=ann.length,
-        vector_sha256=_crypto.digest(payload),
+        vector_sha256=digest.digest(),
         commitment=_crypto.self_mask_commitment(self_seed, run_id=ann.run_id, round=ann.round, node_id=ids[me]),
         boxes=boxes,
     ).to_json()
@@ -163,9 +169,9 @@ def site_upload(
         members=[
             MemberKeys(node_id=m.node_id, signing_key=m.signing_key, agreement_key=m.agreement_key) for m in rnd.members
         ],
-        own_share=shamir.to_bytes(self_shares[me]),
+        own_share=own_share,
     )
-    return SiteUpload(upload=upload, state=state.to_json(), run_id=ann.run_id, round=ann.round, clipped=encoded.clipped)
+    return SiteUpload(upload=upload, state=state.to_json(), run_id=ann.run_id, round=ann.round, clipped=clipped)
 
 
 def site_unmask(request: bytes, state: bytes, keys: SiteKeys) -> bytes:
@@ -196,9 +202,10 @@ def site_unmask(request: bytes, state: bytes, keys: SiteKeys) -> bytes:
     survivors, dropped = _check_split(req.survivors, req.dropped, ids, me=st.node_id, threshold=st.threshold)
 
     # The shares each other survivor sealed to this site, from its signed upload header.
+    agreement = _crypto.AgreementKey(keys.agreement_key)
     opened: dict[int, list[int]] = {}
     for bundle in req.bundles:
-        sender, shares = _open_bundle(bundle, st, keys, ids, me)
+        sender, shares = _open_bundle(bundle, st, agreement, ids, me)
         if sender not in survivors or sender == me or sender in opened:
             raise RefusedRequest(f"the request forwards an unexpected or repeated upload from {ids[sender]}")
         opened[sender] = shares
@@ -213,10 +220,9 @@ def site_unmask(request: bytes, state: bytes, keys: SiteKeys) -> bytes:
     self_shares.sort(key=lambda s: s.owner)
     seeds = []
     for q in dropped:
-        pair = _crypto.pair_keys(
-            keys.agreement_key, st.members[q].agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=ids[q]
-        )
-        seeds.append(PeerSeed(peer=ids[q], seed=pair.mask_seed))
+        peer = st.members[q]
+        pair = agreement.pair_keys(peer.agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=peer.node_id)
+        seeds.append(PeerSeed(peer=peer.node_id, seed=pair.mask_seed))
     seed_shares = []
     for j in survivors:
         if j == me:
@@ -236,6 +242,29 @@ def site_unmask(request: bytes, state: bytes, keys: SiteKeys) -> bytes:
         seed_shares=seed_shares,
     ).to_json()
     return pack(Kind.UNMASK_REPLY, header, _crypto.sign(keys.identity_key, signing_input(Kind.UNMASK_REPLY, header)))
+
+
+def _seal_shares(
+    rnd: VerifiedRound, me: int, self_seed: bytes, pairs: dict[int, _crypto.PairKeys], random: RandomSource
+) -> tuple[list[ShareBox], bytes]:
+    """Shamir-share b_i and every s_iq (threshold t, share k at x = k + 1) and seal, for each
+    other member h, its share of b_i then its shares of s_iq for q not in {i, h}, in roster
+    order. Also this site's own share of b_i (kept in its round state)."""
+    ann, ids = rnd.announcement, rnd.ids
+    xs = [k + 1 for k in range(len(ids))]
+    self_shares = shamir.split(_int(self_seed), threshold=ann.threshold, xs=xs, random=random)
+    seed_shares = {
+        q: shamir.split(_int(pair.mask_seed), threshold=ann.threshold, xs=xs, random=random)
+        for q, pair in pairs.items()
+    }
+    boxes = []
+    for h, pair in pairs.items():
+        plaintext = shamir.to_bytes(self_shares[h]) + b"".join(
+            shamir.to_bytes(seed_shares[q][h]) for q in sorted(pairs) if q != h
+        )
+        aad = box_aad(ann.run_id, ann.round, rnd.digest, sender=ids[me], recipient=ids[h])
+        boxes.append(ShareBox(recipient=ids[h], box=_crypto.seal(pair.send_key, plaintext, aad, random)))
+    return boxes, shamir.to_bytes(self_shares[me])
 
 
 def box_aad(run_id: str, round: int, digest: bytes, *, sender: str, recipient: str) -> bytes:
@@ -261,7 +290,9 @@ def _check_split(
     return [ids.index(s) for s in survivors], [ids.index(d) for d in dropped]
 
 
-def _open_bundle(bundle: bytes, st: RoundState, keys: SiteKeys, ids: list[str], me: int) -> tuple[int, list[int]]:
+def _open_bundle(
+    bundle: bytes, st: RoundState, agreement: _crypto.AgreementKey, ids: list[str], me: int
+) -> tuple[int, list[int]]:
     """(sender index, [share of its b, shares of its seeds...]) from a forwarded upload header."""
     frame = unpack(bundle, expect=Kind.UPLOAD)
     header = parse(UploadHeader, frame.header)
@@ -278,9 +309,7 @@ def _open_bundle(bundle: bytes, st: RoundState, keys: SiteKeys, ids: list[str], 
     boxes = [b for b in header.boxes if b.recipient == st.node_id]
     if len(boxes) != 1:
         raise MalformedMessage(f"the upload of {header.sender} holds {len(boxes)} share boxes for this site")
-    pair = _crypto.pair_keys(
-        keys.agreement_key, member.agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=header.sender
-    )
+    pair = agreement.pair_keys(member.agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=header.sender)
     aad = box_aad(st.run_id, st.round, st.digest, sender=header.sender, recipient=st.node_id)
     try:
         plaintext = _crypto.open_box(pair.receive_key, boxes[0].box, aad)
@@ -296,6 +325,15 @@ def _open_bundle(bundle: bytes, st: RoundState, keys: SiteKeys, ids: list[str], 
     except ValueError:
         raise MalformedMessage(f"the share box of {header.sender} holds a value outside the field") from None
     return sender, shares
+
+
+def _as_vector(update: ArrayLike) -> NDArray[np.float32]:
+    x = np.asarray(update)
+    if x.ndim != 1:
+        raise EncodingError(f"the update must be a 1-D vector, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise EncodingError(f"the update must hold floating-point values, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _int(secret: bytes) -> int:

@@ -97,7 +97,9 @@ def run_round(
     for node_id in agg.roster:
         if node_id in before:
             continue
-        up = site_upload(agg.announcement, inputs[node_id], consortium.site(node_id), consortium.verifier, policy=policy)
+        up = site_upload(
+            agg.announcement, inputs[node_id], consortium.site(node_id), consortium.verifier, policy=policy
+        )
         states[node_id] = up.state
         assert agg.add_upload(up.upload) == node_id
     for node_id, request in agg.unmask_requests().items():
@@ -127,7 +129,9 @@ def upload_all(
     for node_id in agg.roster:
         if node_id in skip:
             continue
-        up = site_upload(agg.announcement, inputs[node_id], consortium.site(node_id), consortium.verifier, policy=policy)
+        up = site_upload(
+            agg.announcement, inputs[node_id], consortium.site(node_id), consortium.verifier, policy=policy
+        )
         agg.add_upload(up.upload)
         uploads[node_id], states[node_id] = up.upload, up.state
     return Uploaded(agg=agg, inputs=inputs, uploads=uploads, states=states)

@@ -46,7 +46,10 @@ def test_derivations_differ_by_round_run_and_direction() -> None:
 @pytest.mark.parametrize("vector", KDF["commitments"], ids=lambda v: v["node_id"])
 def test_self_mask_commitment_known_answers(vector: dict) -> None:
     got = _crypto.self_mask_commitment(
-        bytes.fromhex(vector["self_mask_seed"]), run_id=vector["run_id"], round=vector["round"], node_id=vector["node_id"]
+        bytes.fromhex(vector["self_mask_seed"]),
+        run_id=vector["run_id"],
+        round=vector["round"],
+        node_id=vector["node_id"],
     )
     assert got.hex() == vector["commitment"]
 
@@ -65,22 +68,29 @@ def test_chacha20_layout_matches_rfc8439_block_vector() -> None:
 def test_mask_expansion_known_answers(vector: dict) -> None:
     seed = bytes.fromhex(vector["seed"])
     for start, words in vector["words"].items():
-        stream = _crypto.keystream(seed, int(start) + len(words))
+        stream = _crypto.keystream_words(seed, int(start) + len(words))
         assert stream.dtype == np.uint32
         assert stream[int(start) :].tolist() == words
-    assert _crypto.keystream(seed, 16).tobytes().hex() == vector["first_64_bytes"]
+    assert _crypto.keystream_words(seed, 16).tobytes().hex() == vector["first_64_bytes"]
 
 
 def test_keystream_equals_an_independent_chacha20() -> None:
     seed = bytes(range(100, 132))
     words = 16 * 5 + 7  # a partial last block
     expected = b"".join(reference_block(seed, counter, bytes(12)) for counter in range(6))[: 4 * words]
-    assert _crypto.keystream(seed, words).tobytes() == expected
-    assert _crypto.keystream(seed, 0).shape == (0,)
+    assert _crypto.keystream_words(seed, words).tobytes() == expected
+    assert _crypto.keystream_words(seed, 0).shape == (0,)
+    # read in uneven pieces, the stream goes on where it stopped
+    read, pieces = _crypto.keystream(seed), []
+    for size in (1, 15, 16, 3, 52):
+        piece = np.empty(size, dtype=np.uint32)
+        read(piece)
+        pieces.append(piece)
+    assert np.concatenate(pieces).tobytes() == expected
 
 
 def test_x25519_low_order_point_is_an_opaque_error() -> None:
-    with pytest.raises(CryptoError, match="^a cryptographic check failed$"):
+    with pytest.raises(CryptoError, match=r"^a cryptographic check failed$"):
         _crypto.x25519_shared(bytes(range(32)), bytes(32))  # the all-zero point: shared secret 0
     with pytest.raises(CryptoError):
         _crypto.pair_keys(bytes(range(32)), bytes(31), run_id="r", round=1, me="a", peer="b")
@@ -96,12 +106,12 @@ def test_boxes_and_signatures_fail_opaquely() -> None:
         (key, box, b"other"),
         (key, box[:20], aad),
     ]:
-        with pytest.raises(CryptoError, match="^a cryptographic check failed$"):
+        with pytest.raises(CryptoError, match=r"^a cryptographic check failed$"):
             _crypto.open_box(bad_key, bad_box, bad_aad)
     seed = bytes(range(32))
     signature = _crypto.sign(seed, b"message")
     _crypto.verify(_crypto.ed25519_public(seed), b"message", signature)
-    with pytest.raises(CryptoError, match="^a cryptographic check failed$"):
+    with pytest.raises(CryptoError, match=r"^a cryptographic check failed$"):
         _crypto.verify(_crypto.ed25519_public(seed), b"messagE", signature)
     with pytest.raises(CryptoError):
         _crypto.verify(_crypto.ed25519_public(bytes(32)), b"message", signature)
@@ -147,3 +157,9 @@ def reference_block(key: bytes, counter: int, nonce: bytes) -> bytes:
         _quarter(w, 2, 7, 8, 13)
         _quarter(w, 3, 4, 9, 14)
     return struct.pack("<16I", *((a + b) & 0xFFFFFFFF for a, b in zip(w, state, strict=True)))
+
+
+def test_only_the_crypto_module_imports_hazmat() -> None:
+    package = Path(_crypto.__file__).parent
+    importers = sorted(p.name for p in package.glob("*.py") if "cryptography" in p.read_text())
+    assert importers == ["_crypto.py"]

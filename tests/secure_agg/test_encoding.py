@@ -93,11 +93,11 @@ def test_bad_inputs_and_parameters_are_named() -> None:
         fp.encode(np.zeros((2, 2), dtype=np.float32))
     with pytest.raises(EncodingError, match="floating-point"):
         fp.encode(np.zeros(3, dtype=np.int64))
-    with pytest.raises(ParameterError, match="frac_bits=31 must be in 0..30"):
+    with pytest.raises(ParameterError, match=r"frac_bits=31 must be in 0..30"):
         FixedPoint(frac_bits=31, clip=1.0)
-    with pytest.raises(ParameterError, match="clip=-1.0 must be a finite number > 0"):
+    with pytest.raises(ParameterError, match=r"clip=-1.0 must be a finite number > 0"):
         FixedPoint(frac_bits=1, clip=-1.0)
-    with pytest.raises(ParameterError, match="allowed 1..2\\^30"):
+    with pytest.raises(ParameterError, match=r"allowed 1..2\^30"):
         FixedPoint(frac_bits=30, clip=4.0)
     with pytest.raises(ParameterError, match="too wide for 3 sites"):
         FixedPoint.for_sites(3, clip=2.0**30)

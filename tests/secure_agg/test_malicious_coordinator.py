@@ -67,9 +67,13 @@ def test_inconsistent_splits_are_refused(
     ids = round4.agg.roster
     me = ids[0]
     request = forge.request(
-        consortium, round4, me, survivors=[ids[k] for k in survivors], dropped=[ids[k] for k in dropped],
+        consortium,
+        round4,
+        me,
+        survivors=[ids[k] for k in survivors],
+        dropped=[ids[k] for k in dropped],
         bundles_from=[i for i in ids[1:3]],
-    )  # fmt: skip
+    )
     with pytest.raises(RefusedRequest, match=message):
         site_unmask(request, round4.states[me], consortium.site(me))
 
@@ -128,7 +132,13 @@ def test_a_site_refuses_a_threshold_below_its_policy(consortium: Consortium) -> 
     cautious = SitePolicy(colluding_sites=2)  # t >= ceil(7 / 2) + 1 = 5
     agg = consortium.aggregator(5, threshold=4, length=4)
     with pytest.raises(RefusedRequest, match="below this site's minimum 5"):
-        site_upload(agg.announcement, np.zeros(4, np.float32), consortium.site(agg.roster[0]), consortium.verifier, policy=cautious)
+        site_upload(
+            agg.announcement,
+            np.zeros(4, np.float32),
+            consortium.site(agg.roster[0]),
+            consortium.verifier,
+            policy=cautious,
+        )
 
 
 def test_why_three_sites_need_threshold_three(consortium: Consortium) -> None:
@@ -141,15 +151,29 @@ def test_why_three_sites_need_threshold_three(consortium: Consortium) -> None:
         site_upload(agg.announcement, np.zeros(64, np.float32), consortium.site(agg.roster[0]), consortium.verifier)
     round_ = upload_all(consortium, agg)  # sites that accept t = 2
     a, b, c = agg.roster
-    reply_a = reply_of(site_unmask(forge.request(consortium, round_, a, survivors=[a, c], dropped=[b]), round_.states[a], consortium.site(a)))
-    reply_b = reply_of(site_unmask(forge.request(consortium, round_, b, survivors=[a, b], dropped=[c]), round_.states[b], consortium.site(b)))
-    reply_c = reply_of(site_unmask(forge.request(consortium, round_, c, survivors=[b, c], dropped=[a]), round_.states[c], consortium.site(c)))
+    reply_a = reply_of(
+        site_unmask(
+            forge.request(consortium, round_, a, survivors=[a, c], dropped=[b]), round_.states[a], consortium.site(a)
+        )
+    )
+    reply_b = reply_of(
+        site_unmask(
+            forge.request(consortium, round_, b, survivors=[a, b], dropped=[c]), round_.states[b], consortium.site(b)
+        )
+    )
+    reply_c = reply_of(
+        site_unmask(
+            forge.request(consortium, round_, c, survivors=[b, c], dropped=[a]), round_.states[c], consortium.site(c)
+        )
+    )
     share = {r.sender: {s.owner: shamir.from_bytes(s.share) for s in r.self_shares} for r in (reply_a, reply_b)}
     b_a = shamir.combine([(1, share[a][a]), (2, share[b][a])]).to_bytes(32, "big")  # x = index + 1
     s_ab = next(s.seed for s in reply_a.seeds if s.peer == b)
     s_ac = next(s.seed for s in reply_c.seeds if s.peer == a)
     frame = unpack(round_.uploads[a], expect=Kind.UPLOAD)
-    assert parse(UploadHeader, frame.header).commitment == _crypto.self_mask_commitment(b_a, run_id="run-1", round=1, node_id=a)
+    assert parse(UploadHeader, frame.header).commitment == _crypto.self_mask_commitment(
+        b_a, run_id="run-1", round=1, node_id=a
+    )
     y_a = np.frombuffer(frame.payload, dtype="<u4")
     x_a = masking.unmask(y_a, self_seeds=[b_a], dropped_pairs=[(0, 1, s_ab), (0, 2, s_ac)], keystream=_crypto.keystream)
     assert np.array_equal(x_a, FixedPoint.for_sites(3, clip=1.0).encode(round_.inputs[a]).ring)  # unmasked

@@ -12,10 +12,21 @@ from hypothesis import strategies as st
 from corolla.secure_agg import _crypto, masking
 
 
-def fake_keystream(seed: bytes, words: int) -> np.ndarray:
-    """A cheap deterministic stand-in for the ChaCha20 keystream (pure arithmetic tests only)."""
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
-    return rng.integers(0, 2**32, size=words, dtype=np.uint64).astype(np.uint32)
+def fake_keystream(seed: bytes) -> masking.WordReader:
+    """A cheap deterministic stand-in for the ChaCha20 keystream (pure arithmetic tests only):
+    the low 32 bits of PCG64's raw outputs, which come in sequence however they are read."""
+    generator = np.random.PCG64(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
+
+    def read(out: np.ndarray) -> None:
+        out[:] = generator.random_raw(out.shape[0]).astype(np.uint32)
+
+    return read
+
+
+def words(seed: bytes, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint32)
+    fake_keystream(seed)(out)
+    return out
 
 
 def seed_of(*parts: object) -> bytes:
@@ -50,7 +61,7 @@ def test_pairwise_masks_cancel_and_unmask_gives_the_exact_ring_sum(n: int, d: in
     if not dropped:  # all pairwise masks cancel: only the self-masks remain
         with_self = exact.copy()
         for i in survivors:
-            with_self += fake_keystream(self_seed[i], d)
+            with_self += words(self_seed[i], d)
         assert np.array_equal(masked_sum, with_self)
     result = masking.unmask(
         masked_sum,
@@ -63,8 +74,10 @@ def test_pairwise_masks_cancel_and_unmask_gives_the_exact_ring_sum(n: int, d: in
 
 def test_a_masked_upload_differs_from_its_input_everywhere_it_should() -> None:
     encoded = np.zeros(1000, dtype=np.uint32)
-    masked = masking.mask(encoded, index=0, self_seed=bytes(32), pair_seeds={1: bytes(range(32))}, keystream=_crypto.keystream)
-    expected = _crypto.keystream(bytes(32), 1000) + _crypto.keystream(bytes(range(32)), 1000)
+    masked = masking.mask(
+        encoded, index=0, self_seed=bytes(32), pair_seeds={1: bytes(range(32))}, keystream=_crypto.keystream
+    )
+    expected = _crypto.keystream_words(bytes(32), 1000) + _crypto.keystream_words(bytes(range(32)), 1000)
     assert np.array_equal(masked, expected) and not np.array_equal(encoded, masked)
     assert encoded.sum() == 0  # the input is not modified
 
@@ -74,6 +87,21 @@ def test_signs_and_misuse() -> None:
     with pytest.raises(ValueError, match="itself"):
         masking.pair_sign(2, 2)
     with pytest.raises(ValueError, match="itself"):
-        masking.mask(np.zeros(2, np.uint32), index=1, self_seed=bytes(32), pair_seeds={1: bytes(32)}, keystream=fake_keystream)
-    with pytest.raises(ValueError, match="keystream gave"):
-        masking.add_stream(np.zeros(4, np.uint32), bytes(32), 1, lambda seed, n: np.zeros(n + 1, np.uint32))
+        masking.mask(
+            np.zeros(2, np.uint32), index=1, self_seed=bytes(32), pair_seeds={1: bytes(32)}, keystream=fake_keystream
+        )
+    with pytest.raises(ValueError, match="sign=2 must be"):
+        masking.apply_streams(np.zeros(4, np.uint32), [(2, bytes(32))], fake_keystream)
+    with pytest.raises(ValueError, match="contiguous 1-D uint32"):
+        masking.apply_streams(np.zeros(4, np.int64), [(1, bytes(32))], fake_keystream)
+
+
+@pytest.mark.parametrize("chunk_words", [1, 7, 64, 1 << 15])
+def test_chunking_does_not_change_the_result(chunk_words: int) -> None:
+    terms = [(1, bytes(32)), (-1, bytes(range(32))), (1, bytes(range(1, 33)))]
+    expected = np.zeros(1000, dtype=np.uint32)
+    for sign, seed in terms:
+        expected += np.uint32(sign % 2**32) * _crypto.keystream_words(seed, 1000)
+    vector = np.zeros(1000, dtype=np.uint32)
+    masking.apply_streams(vector, terms, _crypto.keystream, chunk_words=chunk_words)
+    assert np.array_equal(vector, expected)

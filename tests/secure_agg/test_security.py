@@ -11,14 +11,24 @@ from corolla.secure_agg import (
     FixedPoint,
     MalformedMessage,
     Member,
+    ReconstructionError,
     ReplayedMessage,
     SiteKeys,
     UntrustedMember,
+    _crypto,
     site_unmask,
     site_upload,
 )
-from corolla.secure_agg import _crypto
-from corolla.secure_agg.messages import Announcement, Kind, UnmaskRequest, pack, parse, unpack
+from corolla.secure_agg.messages import (
+    Announcement,
+    Kind,
+    UnmaskReply,
+    UnmaskRequest,
+    pack,
+    parse,
+    signing_input,
+    unpack,
+)
 from corolla.secure_agg.roster import make_announcement
 from tests.secure_agg import forge
 from tests.secure_agg.kit import TRUSTING, Consortium, upload_all
@@ -67,7 +77,13 @@ def test_announcement_and_unmask_messages_with_bad_signatures_are_refused(consor
     site = consortium.site(agg.roster[0])
     announcement = agg.announcement
     with pytest.raises(BadSignature, match="not signed by coordinator"):
-        site_upload(flip(announcement, signature_offset(announcement) + 1), np.zeros(4, np.float32), site, consortium.verifier, policy=TRUSTING)
+        site_upload(
+            flip(announcement, signature_offset(announcement) + 1),
+            np.zeros(4, np.float32),
+            site,
+            consortium.verifier,
+            policy=TRUSTING,
+        )
     round_ = upload_all(consortium, agg)
     requests = agg.unmask_requests()
     request = requests[site.node_id]
@@ -111,24 +127,40 @@ def test_uploads_from_outside_the_roster_are_rejected(consortium: Consortium, ou
 
 def test_a_roster_with_an_uncertified_member_is_refused(consortium: Consortium, outsiders: Consortium) -> None:
     members = [*consortium.members[:3], outsiders.members[0]]
-    with pytest.raises(UntrustedMember, match=f"roster member {outsiders.members[0].node_id}: .*not issued by the consortium CA"):
+    with pytest.raises(
+        UntrustedMember, match=f"roster member {outsiders.members[0].node_id}: .*not issued by the consortium CA"
+    ):
         Aggregator(
-            run_id="r", round=1, members=members, encoding=FixedPoint.for_sites(4, clip=1.0), length=4,
-            coordinator=consortium.coordinator, verifier=consortium.verifier, threshold=3,
-        )  # fmt: skip
+            run_id="r",
+            round=1,
+            members=members,
+            encoding=FixedPoint.for_sites(4, clip=1.0),
+            length=4,
+            coordinator=consortium.coordinator,
+            verifier=consortium.verifier,
+            threshold=3,
+        )
     # a coordinator that signs such a roster anyway: every site refuses it
     announcement = crafted_announcement(consortium, sorted(members, key=lambda m: m.node_id))
     with pytest.raises(UntrustedMember, match="not issued by the consortium CA"):
         site_upload(announcement, np.zeros(4, np.float32), consortium.sites[0], consortium.verifier, policy=TRUSTING)
 
 
-def test_an_announcement_from_an_uncertified_coordinator_is_refused(consortium: Consortium, outsiders: Consortium) -> None:
+def test_an_announcement_from_an_uncertified_coordinator_is_refused(
+    consortium: Consortium, outsiders: Consortium
+) -> None:
     announcement = make_announcement(
-        run_id="r", round=1, members=consortium.members[:3], threshold=2, encoding=FixedPoint.for_sites(3, clip=1.0),
-        length=4, coordinator_id=outsiders.coordinator.node_id, coordinator_cert=outsiders.coordinator.identity_cert,
+        run_id="r",
+        round=1,
+        members=consortium.members[:3],
+        threshold=2,
+        encoding=FixedPoint.for_sites(3, clip=1.0),
+        length=4,
+        coordinator_id=outsiders.coordinator.node_id,
+        coordinator_cert=outsiders.coordinator.identity_cert,
         coordinator_key=outsiders.coordinator.identity_key,
-    )  # fmt: skip
-    with pytest.raises(UntrustedMember, match="announcing coordinator .*not issued by the consortium CA"):
+    )
+    with pytest.raises(UntrustedMember, match=r"announcing coordinator .*not issued by the consortium CA"):
         site_upload(announcement, np.zeros(4, np.float32), consortium.sites[0], consortium.verifier, policy=TRUSTING)
 
 
@@ -154,13 +186,26 @@ def test_uploads_replayed_from_another_round_or_run_are_rejected(consortium: Con
     other_run = upload_all(consortium, consortium.aggregator(4, threshold=3, length=8, run_id="run-2", round=2))
     agg = consortium.aggregator(4, threshold=3, length=8, round=2)
     sender = agg.roster[0]
-    with pytest.raises(ReplayedMessage, match="is for run run-1 round 1 .*this is run run-1 round 2"):
+    with pytest.raises(ReplayedMessage, match=r"is for run run-1 round 1 .*this is run run-1 round 2"):
         agg.add_upload(old.uploads[sender])
-    with pytest.raises(ReplayedMessage, match="is for run run-2 round 2 .*this is run run-1 round 2"):
+    with pytest.raises(ReplayedMessage, match=r"is for run run-2 round 2 .*this is run run-1 round 2"):
         agg.add_upload(other_run.uploads[sender])
     fresh = upload_all(consortium, agg)
     with pytest.raises(ReplayedMessage, match=f"a second upload from {sender}"):
         agg.add_upload(fresh.uploads[sender])
+
+
+def test_an_announcement_for_another_run_is_refused(consortium: Consortium) -> None:
+    agg = consortium.aggregator(3, threshold=2, length=4, run_id="flower-run-7")
+    site = consortium.site(agg.roster[0])
+    with pytest.raises(ReplayedMessage, match="announcement is for run flower-run-7; this site is in run flower-run-8"):
+        site_upload(
+            agg.announcement, np.zeros(4, np.float32), site, consortium.verifier, policy=TRUSTING, run_id="flower-run-8"
+        )
+    up = site_upload(
+        agg.announcement, np.zeros(4, np.float32), site, consortium.verifier, policy=TRUSTING, run_id="flower-run-7"
+    )
+    assert up.run_id == "flower-run-7"
 
 
 def test_unmask_messages_replayed_from_an_earlier_round_are_refused(consortium: Consortium) -> None:
@@ -172,11 +217,13 @@ def test_unmask_messages_replayed_from_an_earlier_round_are_refused(consortium: 
         site_unmask(old_request, second.states[me], consortium.site(me))
     old_reply = site_unmask(old_request, first.states[me], consortium.site(me))
     second.agg.unmask_requests()
-    with pytest.raises(ReplayedMessage, match="unmask reply of .* is for run run-1 round 1"):
+    with pytest.raises(ReplayedMessage, match=r"unmask reply of .* is for run run-1 round 1"):
         second.agg.add_unmask_reply(old_reply)
     second.agg.add_unmask_reply(site_unmask(second.agg.unmask_requests()[me], second.states[me], consortium.site(me)))
     with pytest.raises(ReplayedMessage, match="a second unmask reply"):
-        second.agg.add_unmask_reply(site_unmask(second.agg.unmask_requests()[me], second.states[me], consortium.site(me)))
+        second.agg.add_unmask_reply(
+            site_unmask(second.agg.unmask_requests()[me], second.states[me], consortium.site(me))
+        )
 
 
 def test_a_request_addressed_to_another_site_is_refused(consortium: Consortium) -> None:
@@ -189,12 +236,20 @@ def test_a_request_addressed_to_another_site_is_refused(consortium: Consortium) 
 # -- substituted keys -------------------------------------------------------------------------
 
 
-def crafted_announcement(consortium: Consortium, members: list[Member], *, threshold: int = 2, length: int = 4) -> bytes:
+def crafted_announcement(
+    consortium: Consortium, members: list[Member], *, threshold: int = 2, length: int = 4
+) -> bytes:
     return make_announcement(
-        run_id="run-1", round=1, members=members, threshold=threshold, encoding=FixedPoint.for_sites(len(members), clip=1.0),
-        length=length, coordinator_id=consortium.coordinator.node_id, coordinator_cert=consortium.coordinator.identity_cert,
+        run_id="run-1",
+        round=1,
+        members=members,
+        threshold=threshold,
+        encoding=FixedPoint.for_sites(len(members), clip=1.0),
+        length=length,
+        coordinator_id=consortium.coordinator.node_id,
+        coordinator_cert=consortium.coordinator.identity_cert,
         coordinator_key=consortium.coordinator.identity_key,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("which", ["agreement", "identity"])
@@ -207,9 +262,15 @@ def test_a_substituted_member_certificate_is_refused(consortium: Consortium, whi
         swapped = Member(node_id=a.node_id, identity_cert=b.identity_cert, agreement_cert=a.agreement_cert)
     with pytest.raises(UntrustedMember, match=f"roster member {a.node_id}: .*does not belong to the node"):
         Aggregator(
-            run_id="r", round=1, members=[swapped, b, c], encoding=FixedPoint.for_sites(3, clip=1.0), length=4,
-            coordinator=consortium.coordinator, verifier=consortium.verifier, threshold=2,
-        )  # fmt: skip
+            run_id="r",
+            round=1,
+            members=[swapped, b, c],
+            encoding=FixedPoint.for_sites(3, clip=1.0),
+            length=4,
+            coordinator=consortium.coordinator,
+            verifier=consortium.verifier,
+            threshold=2,
+        )
     announcement = crafted_announcement(consortium, [swapped, b, c])
     for site in consortium.sites[:3]:
         with pytest.raises(UntrustedMember, match="does not belong to the node"):
@@ -229,9 +290,16 @@ def test_a_site_certificate_cannot_stand_in_for_the_coordinator(consortium: Cons
     site = consortium.sites[1]
     member = consortium.members[1]
     announcement = make_announcement(
-        run_id="r", round=1, members=consortium.members[:3], threshold=2, encoding=FixedPoint.for_sites(3, clip=1.0),
-        length=4, coordinator_id=site.node_id, coordinator_cert=member.identity_cert, coordinator_key=site.identity_key,
-    )  # fmt: skip
+        run_id="r",
+        round=1,
+        members=consortium.members[:3],
+        threshold=2,
+        encoding=FixedPoint.for_sites(3, clip=1.0),
+        length=4,
+        coordinator_id=site.node_id,
+        coordinator_cert=member.identity_cert,
+        coordinator_key=site.identity_key,
+    )
     with pytest.raises(UntrustedMember, match="has role site; allowed here: coordinator"):
         site_upload(announcement, np.zeros(4, np.float32), consortium.sites[0], consortium.verifier, policy=TRUSTING)
 
@@ -248,3 +316,47 @@ def test_malformed_messages_are_named_without_echoing_them(consortium: Consortiu
     with pytest.raises(MalformedMessage, match="invalid UploadHeader") as info:
         agg.add_upload(pack(Kind.UPLOAD, bogus, bytes(64)))
     assert "SECRET-VALUE" not in str(info.value)  # names the fields, never echoes the input
+
+
+# -- a site that lies in its unmask reply -------------------------------------------------------
+
+
+def lying_reply(consortium: Consortium, reply: bytes, owner: str) -> bytes:
+    """The reply with its share of `owner`'s self-mask seed changed, signed again by its sender."""
+    header = parse(UnmaskReply, unpack(reply, expect=Kind.UNMASK_REPLY).header)
+    shares = [
+        s.model_copy(update={"share": (int.from_bytes(s.share, "big") + 1).to_bytes(66, "big")})
+        if s.owner == owner
+        else s
+        for s in header.self_shares
+    ]
+    body = header.model_copy(update={"self_shares": shares}).to_json()
+    key = consortium.site(header.sender).identity_key
+    return pack(Kind.UNMASK_REPLY, body, _crypto.sign(key, signing_input(Kind.UNMASK_REPLY, body)))
+
+
+def test_a_wrong_share_is_caught_by_the_commitment_and_outvoted_when_possible(consortium: Consortium) -> None:
+    def replies_for(agg: Aggregator) -> tuple[list[bytes], np.ndarray]:
+        round_ = upload_all(consortium, agg)
+        requests = agg.unmask_requests()
+        replies = [site_unmask(requests[i], round_.states[i], consortium.site(i)) for i in agg.roster]
+        expected = np.zeros(agg.length, dtype=np.uint32)
+        for x in round_.inputs.values():
+            expected += FixedPoint.for_sites(4, clip=1.0).encode(x).ring
+        return replies, expected
+
+    agg = consortium.aggregator(4, threshold=3, length=16)
+    replies, expected = replies_for(agg)
+    victim = agg.roster[3]
+    agg.add_unmask_reply(lying_reply(consortium, replies[0], victim))
+    for reply in replies[1:]:
+        agg.add_unmask_reply(reply)
+    assert np.array_equal(agg.result().ring_sum, expected)  # 4 replies, t = 3: the liar is outvoted
+
+    agg = consortium.aggregator(4, threshold=3, length=16)
+    replies, _ = replies_for(agg)
+    agg.add_unmask_reply(lying_reply(consortium, replies[0], victim))
+    for reply in replies[1:3]:
+        agg.add_unmask_reply(reply)
+    with pytest.raises(ReconstructionError, match=f"rebuild the self-mask seed that {victim} committed to"):
+        agg.result()  # exactly t replies, one wrong: detected, not decoded into garbage

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from corolla.secure_agg import shamir
 
 
-def counter_random(start: int = 0):  # type: ignore[no-untyped-def]
+def counter_random(start: int = 0) -> Callable[[int], bytes]:
     """A deterministic byte source for reproducible shares."""
     state = [start]
 
@@ -107,9 +108,9 @@ def test_random_element_is_uniform_by_rejection() -> None:
 def test_invalid_inputs() -> None:
     with pytest.raises(ValueError, match="distinct"):
         shamir.split(1, threshold=2, xs=[1, 1, 2], random=os.urandom)
-    with pytest.raises(ValueError, match="1..prime-1"):
+    with pytest.raises(ValueError, match=r"1..prime-1"):
         shamir.split(1, threshold=2, xs=[0, 1], random=os.urandom)
-    with pytest.raises(ValueError, match="threshold=4 must be in 1..3"):
+    with pytest.raises(ValueError, match=r"threshold=4 must be in 1..3"):
         shamir.split(1, threshold=4, xs=[1, 2, 3], random=os.urandom)
     with pytest.raises(ValueError, match="66 bytes"):
         shamir.from_bytes(bytes(65))

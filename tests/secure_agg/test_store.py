@@ -41,7 +41,9 @@ def test_a_replayed_or_earlier_announcement_gets_no_second_upload(consortium: Co
         return site_upload(agg.announcement, np.zeros(4, np.float32), site, consortium.verifier, policy=TRUSTING).state
 
     store.save(upload(5))
-    with pytest.raises(RefusedRequest, match="already uploaded for round 5 of run run-1; it will not upload for round 5"):
+    with pytest.raises(
+        RefusedRequest, match="already uploaded for round 5 of run run-1; it will not upload for round 5"
+    ):
         store.save(upload(5))
     with pytest.raises(RefusedRequest, match="will not upload for round 4"):
         store.save(upload(4))

@@ -13,6 +13,7 @@ false alarm. The negative control (the same vector unmasked) must fail it by far
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class FixedKeys:
         return key
 
 
-def stream(label: str):  # type: ignore[no-untyped-def]
+def stream(label: str) -> Callable[[int], bytes]:
     """A deterministic random source (SHAKE-256 of a label and a counter)."""
     counter = [0]
 
@@ -80,14 +81,26 @@ def masked_zero_upload() -> np.ndarray:
     ]
     coordinator_key = hashlib.sha256(b"coordinator").digest()
     agg = Aggregator(
-        run_id="uniformity", round=1, members=members, encoding=FixedPoint.for_sites(3, clip=1.0), length=PARAMS,
+        run_id="uniformity",
+        round=1,
+        members=members,
+        encoding=FixedPoint.for_sites(3, clip=1.0),
+        length=PARAMS,
         coordinator=CoordinatorKeys(
-            node_id="coord", identity_key=coordinator_key, identity_cert=b"coord:" + _crypto.ed25519_public(coordinator_key)
+            node_id="coord",
+            identity_key=coordinator_key,
+            identity_cert=b"coord:" + _crypto.ed25519_public(coordinator_key),
         ),
-        verifier=FixedKeys(), threshold=3,
-    )  # fmt: skip
+        verifier=FixedKeys(),
+        threshold=3,
+    )
     upload = site_upload(
-        agg.announcement, np.zeros(PARAMS, np.float32), keys["site-b"], FixedKeys(), policy=SitePolicy(), random=stream("b")
+        agg.announcement,
+        np.zeros(PARAMS, np.float32),
+        keys["site-b"],
+        FixedKeys(),
+        policy=SitePolicy(),
+        random=stream("b"),
     ).upload
     payload = unpack(upload, expect=Kind.UPLOAD).payload
     assert len(payload) == 4 * PARAMS  # 4 bytes per parameter on the wire

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from corolla.platform.training.config import TrainConfig, TrainConfigError
-from corolla.platform.workspace import default_model, resolve_workspace
+from corolla.platform.workspace import resolve_workspace
 
 _DP_OFF_WARNING = """\
 WARNING: differential privacy is OFF (--dp-epsilon off).
@@ -132,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
     from corolla.inference.models.checkpoint import Checkpoint
+    from corolla.platform.training.base_model import default_training_model
     from corolla.platform.training.launcher import LocalConsortiumRun, prepare_data
 
-    model = Path(args.model).expanduser() if args.model else default_model(workspace)
+    model = Path(args.model).expanduser() if args.model else default_training_model(workspace)
     Checkpoint.open(model)  # a missing or unreadable model is a clear error before anything starts
     sites = args.sites if args.sites is not None else (0 if args.data else 3)
     if args.data and args.sites is not None:

@@ -31,10 +31,10 @@ class TrainConfig:
     out_dir: str  # where the coordinator writes the adapter, progress.jsonl and summary.json
     rounds: int = 5  # Flower rounds
     steps_per_round: int = 20  # DP-SGD optimizer steps each site takes per round
-    batch_size: int = 32  # expected batch size; Poisson sampling with q = batch_size / N
-    lr: float = 5e-3  # Adam learning rate of the site optimizers
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / r)
+    batch_size: int = 128  # expected batch size; Poisson sampling with q = batch_size / N
+    lr: float = 2e-2  # Adam learning rate of the site optimizers
+    lora_r: int = 4  # LoRA rank
+    lora_alpha: float = 8.0  # LoRA scaling numerator (scaling = alpha / r)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get LoRA weights
     dp_epsilon: float | None = 3.0  # each site's total budget for the run; None = no DP (said loudly)
     dp_delta: float | None = None  # None = below 1/N of each site's records
@@ -45,7 +45,7 @@ class TrainConfig:
     secure_agg: bool = True  # combine site updates by secure aggregation
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
     sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online
-    eval_records: int = 256  # held-out records scored after each round (0 = all)
+    eval_records: int = 200  # held-out records scored after each round (0 = all)
     test_data: str = ""  # held-out JSONL the coordinator scores (on the coordinator's machine)
     peers: tuple[str, ...] = ()  # DHT multiaddrs of the swarm serving `model`
     servers: tuple[str, ...] = ()  # or fixed gRPC endpoints host:port (no DHT; tests, static setups)

@@ -143,8 +143,8 @@ def prepare_data(
     seed: int,
     given: Sequence[Path] = (),
     test: Path | None = None,
-    records_per_site: int = 200,
-    test_records: int = 120,
+    records_per_site: int = 3000,
+    test_records: int = 200,
 ) -> tuple[list[Path], Path]:
     """Each site's JSONL and the held-out JSONL: `given` (files, one per site, or one
     directory of `*.jsonl` with `test.jsonl`) or synthetic clinical notes written to `root`."""

@@ -75,6 +75,18 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
                 "sites_expected": len(names),
             }
         )
+        initial = _evaluate(config, checkpoint, weights, tokenizer, test, labels)
+        progress.emit(
+            {
+                "event": "baseline",
+                "round": 0,
+                "rounds": config.rounds,
+                "seconds": 0.0,
+                "eval": initial,
+                "dp": config.dp,
+                "sites": {},
+            }
+        )
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()
             updates, outcomes = [], {}

@@ -157,8 +157,8 @@ def test_each_round_adds_the_mean_update(tmp_path: Path) -> None:
     replies = {11: update_of(1.0, site="site-0", epsilon=0.5), 12: update_of(2.0, site="site-1"), 13: update_of(6.0)}
     summary, grid, coordinator, events = _run(tmp_path, replies)
 
-    assert [e["event"] for e in events] == ["start", "round", "round", "done"]
-    assert [e["eval"]["accuracy"] for e in events[1:3]] == [3.0, 6.0]
+    assert [e["event"] for e in events] == ["start", "baseline", "round", "round", "done"]
+    assert [e["eval"]["accuracy"] for e in _rounds(events)[0:2]] == [3.0, 6.0]
     weights, saved = coordinator.saved  # type: ignore[misc]
     assert all(np.all(w == np.float32(6.0)) and w.dtype == np.float32 for w in weights.values())
     assert saved == {k: v for k, v in summary.items() if k != "adapter"}
@@ -188,9 +188,13 @@ def test_refusals_and_errors_are_recorded_and_the_round_goes_on(tmp_path: Path) 
     }
     summary, _, _, events = _run(tmp_path, replies)
 
-    assert [e["aggregated"] for e in events[1:3]] == [2, 1]
-    assert [e["eval"]["accuracy"] for e in events[1:3]] == [3.0, 7.0]
-    assert events[2]["sites"]["site-1"] == {"status": "refused", "reason": "RuntimeError: budget spent", "code": 100}
+    assert [e["aggregated"] for e in _rounds(events)[0:2]] == [2, 1]
+    assert [e["eval"]["accuracy"] for e in _rounds(events)[0:2]] == [3.0, 7.0]
+    assert _rounds(events)[1]["sites"]["site-1"] == {
+        "status": "refused",
+        "reason": "RuntimeError: budget spent",
+        "code": 100,
+    }
     assert [(r["round"], r["site"], r["reason"]) for r in summary["refusals"]] == [
         (2, "site-1", "RuntimeError: budget spent")
     ]
@@ -203,9 +207,9 @@ def test_unanswered_and_offline_sites_are_recorded_as_absent(tmp_path: Path) -> 
     replies = {1: update_of(1.0, site="site-0"), 2: silent, 3: flower_error(5, node_unavailable)}
     summary, _, _, events = _run(tmp_path, replies, rounds=1)
 
-    assert events[1]["aggregated"] == 1
-    assert events[1]["sites"]["node-2"] == {"status": "missing", "reason": "no reply within 30 s"}
-    assert events[1]["sites"]["node-3"]["status"] == "offline"
+    assert _rounds(events)[0]["aggregated"] == 1
+    assert _rounds(events)[0]["sites"]["node-2"] == {"status": "missing", "reason": "no reply within 30 s"}
+    assert _rounds(events)[0]["sites"]["node-3"]["status"] == "offline"
     assert [(m["site"], m["status"]) for m in summary["missing"]] == [("node-2", "missing"), ("node-3", "offline")]
 
 
@@ -213,8 +217,8 @@ def test_a_round_without_updates_keeps_the_weights_and_says_so(tmp_path: Path) -
     replies = {1: refuses("site-0"), 2: silent}
     summary, _, coordinator, events = _run(tmp_path, replies)
 
-    assert [(e["aggregated"], e["kept"]) for e in events[1:3]] == [(0, True), (0, True)]
-    assert len(coordinator.evaluated) == 2  # evaluated all the same
+    assert [(e["aggregated"], e["kept"]) for e in _rounds(events)[0:2]] == [(0, True), (0, True)]
+    assert len(coordinator.evaluated) == 3  # the start, then after each round all the same
     weights, _ = coordinator.saved  # type: ignore[misc]
     assert all(np.all(w == 0) for w in weights.values())
     assert len(summary["refusals"]) == 2 and len(summary["missing"]) == 2
@@ -238,7 +242,7 @@ def test_an_update_that_does_not_fit_is_rejected(tmp_path: Path, bad: dict[str, 
 
     summary, _, _, events = _run(tmp_path, {1: update_of(1.0), 2: malformed}, rounds=1)
 
-    assert events[1]["aggregated"] == 1
+    assert _rounds(events)[0]["aggregated"] == 1
     [failure] = summary["failures"]
     assert failure["status"] == "failed" and failure["reason"].startswith("invalid reply:")
     assert reason in failure["reason"]
@@ -248,7 +252,7 @@ def test_the_first_round_waits_for_the_expected_sites(tmp_path: Path) -> None:
     replies = {1: update_of(1.0), 2: update_of(1.0), 3: update_of(1.0)}
     _, grid, _, events = _run(tmp_path, replies, online=lambda now: [1, 2, 3] if now >= 5 else [1], sites=3)
 
-    assert events[1]["nodes"] == 3
+    assert _rounds(events)[0]["nodes"] == 3
     assert {m.metadata.dst_node_id for m in grid.sent[:3]} == {1, 2, 3}
 
 
@@ -256,7 +260,7 @@ def test_without_the_expected_sites_the_first_round_starts_with_those_online(tmp
     replies = {1: update_of(1.0), 2: update_of(1.0)}
     _, grid, _, events = _run(tmp_path, replies, online=lambda now: [1], sites=2, rounds=1)
 
-    assert events[1]["nodes"] == 1  # after round_timeout, with the one that came
+    assert _rounds(events)[0]["nodes"] == 1  # after round_timeout, with the one that came
     assert [m.metadata.dst_node_id for m in grid.sent] == [1]
 
 
@@ -264,7 +268,7 @@ def test_with_no_site_online_the_round_is_empty(tmp_path: Path) -> None:
     _, grid, coordinator, events = _run(tmp_path, {}, online=lambda now: [], rounds=1)
 
     assert grid.sent == []
-    assert events[1]["nodes"] == 0 and events[1]["kept"]
+    assert _rounds(events)[0]["nodes"] == 0 and _rounds(events)[0]["kept"]
     assert coordinator.saved is not None
 
 
@@ -325,3 +329,7 @@ def test_mean_update_refuses_mismatched_updates() -> None:
         mean_update([])
     with pytest.raises(ValueError, match="names or shapes"):
         mean_update([{"w": np.zeros(2, np.float32)}, {"w": np.zeros(3, np.float32)}])
+
+
+def _rounds(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "round"]

@@ -131,6 +131,12 @@ def format_event(event: Mapping[str, Any]) -> str | None:
         dp = f"DP-SGD, epsilon {event.get('dp_epsilon')} per site" if event.get("dp") else "DP OFF (no privacy)"
         agg = "secure aggregation" if event.get("secure_agg") else "aggregated in the clear"
         return f"training: {event.get('rounds')} rounds, {dp}, {agg}"
+    if kind == "baseline":
+        evaluation = event.get("eval") or {}
+        parts = [f"before training: held-out loss {_num(evaluation.get('loss'), '.3f')}"]
+        if "accuracy" in evaluation:
+            parts.append(f"acc {_num(evaluation['accuracy'], '.2f')} (chance {_num(evaluation.get('chance'), '.2f')})")
+        return "  ".join(parts)
     if kind == "round":
         return format_round(event)
     if kind == "done":

@@ -122,6 +122,19 @@ def run_rounds(
     )
     if config.secure_agg and aggregate is mean_update:
         _log.warning("secure aggregation is not available yet: site updates are aggregated in the clear")
+    started = clock()
+    initial = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
+    progress.emit(
+        {
+            "event": "baseline",
+            "round": 0,
+            "rounds": config.rounds,
+            "seconds": round(clock() - started, 3),
+            "eval": initial,
+            "dp": config.dp,
+            "sites": {},
+        }
+    )
     evaluation: dict[str, Any] = {}
     for server_round in range(1, config.rounds + 1):
         started = clock()
@@ -148,7 +161,7 @@ def run_rounds(
         }
         progress.emit({"event": "round", **record})
         state.record_round(record, outcomes)
-    summary = state.summary(config, evaluation, aggregation)
+    summary = {**state.summary(config, evaluation, aggregation), "initial": initial}
     adapter = coordinator.save(weights, summary)
     progress.emit({"event": "done", "adapter": str(adapter), "summary": str(Path(config.out_dir) / "summary.json")})
     return {**summary, "adapter": str(adapter)}
