@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/platform generate "The patient presented with"
+	$(BIN)/platform train --adapter lora --dp-epsilon 3
 
 test: setup
 	$(BIN)/ruff check corolla tests benchmarks

@@ -160,6 +160,10 @@ def prepare_data(
             raise TrainLaunchError(f"data file(s) not found: {', '.join(missing)}")
         if test is None:
             raise TrainLaunchError("give --test-data JSONL: the held-out records the coordinator scores")
+        from corolla.platform.training.data import load_jsonl
+
+        for path in [*given, test]:  # a bad line is a clear error now, not a failed site later
+            load_jsonl(path)
         return [Path(p).resolve() for p in given], Path(test).resolve()
     from corolla.platform.training.clinical import synthetic_clinical
     from corolla.platform.training.data import write_jsonl

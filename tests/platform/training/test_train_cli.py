@@ -148,3 +148,20 @@ def test_superlink_submits_to_the_federation(tmp_path: Path, model: Path, monkey
     assert config.model == "/models/base" and config.peers == ("/ip4/10.0.0.6/tcp/4001/p2p/Qm",)
     assert config.node == "coordinator" and config.workspace == str(tmp_path / "ws")
     assert config.sites == 0  # do not wait for a number of sites unless told
+
+
+def test_malformed_or_empty_site_data_is_a_clear_error_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path, ran: list[Any]
+) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Symptoms: fever. Diagnosis:", "completion": " pneumonia"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    common = ("--model", str(model), "--test-data", str(good))
+    assert _train(tmp_path, *common, "--data", str(good), "--data", str(bad)) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert _train(tmp_path, *common, "--data", str(empty)) == 2
+    assert "no records" in capsys.readouterr().err
+    assert ran == []
