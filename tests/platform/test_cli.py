@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,26 @@ def test_generate_with_adapter_matches_peft(
     assert capsys.readouterr().out.strip() != want
     assert main([*args, "--adapter", str(tmp_path / "nope")]) == 4
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_keys_issue_agreement_certifies_a_key_for_an_existing_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = str(tmp_path / "ws")
+    assert main(["keys", "init-ca", "--workspace", ws]) == 0
+    assert main(["keys", "issue", "--workspace", ws, "--role", "site", "--name", "clinic"]) == 0
+    node_dir = tmp_path / "ws" / "nodes" / "clinic"
+    capsys.readouterr()
+    assert main(["keys", "issue-agreement", "--workspace", ws, "--name", "clinic"]) == 8  # it has one
+    assert "already has a key-agreement certificate" in capsys.readouterr().err
+    # as a site issued before secure aggregation: no agreement key, none in the CA's registry
+    (node_dir / "agreement.key").unlink()
+    (node_dir / "agreement.pem").unlink()
+    registry_path = tmp_path / "ws" / "ca" / "registry.json"
+    registry = json.loads(registry_path.read_text())
+    entry = registry["clinic"] if "clinic" in registry else next(e for e in registry["nodes"] if e["name"] == "clinic")
+    entry["agreement_serial"] = None
+    registry_path.write_text(json.dumps(registry))
+    assert main(["keys", "issue-agreement", "--workspace", ws, "--name", "clinic"]) == 0
+    assert "certified a key-agreement key for clinic" in capsys.readouterr().out
+    assert (node_dir / "agreement.key").is_file() and (node_dir / "agreement.pem").is_file()

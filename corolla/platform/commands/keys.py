@@ -28,9 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     revoke.add_argument("name")
     revoke.set_defaults(run=run_revoke)
 
+    agreement = keys_sub.add_parser(
+        "issue-agreement", help="certify a key-agreement key (secure aggregation) for a site issued without one"
+    )
+    agreement.add_argument("--name", required=True, help="the site's node name")
+    agreement.add_argument("--days", type=int, default=365, help="certificate validity (default 1 year)")
+    agreement.set_defaults(run=run_issue_agreement)
+
     listing = keys_sub.add_parser("list", help="nodes issued by this CA")
     listing.set_defaults(run=run_list)
-    for p in (init, issue, revoke, listing):
+    for p in (init, issue, revoke, agreement, listing):
         p.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
 
 
@@ -47,6 +54,14 @@ def run_issue(args: argparse.Namespace) -> int:
     node = ca.issue(args.name, args.role, days=args.days, hosts=args.host)
     print(f"issued {node.name} ({node.role}) node id {node.node_id}")
     print(f"its files: {node.directory}  (copy the whole directory to the node)")
+    return 0
+
+
+def run_issue_agreement(args: argparse.Namespace) -> int:
+    ca = ConsortiumCA.open(resolve_workspace(args.workspace))
+    node = ca.issue_agreement(args.name, days=args.days)
+    print(f"certified a key-agreement key for {node.name} ({node.role})")
+    print(f"copy {node.directory}/agreement.key and agreement.pem to the site's node directory")
     return 0
 
 
