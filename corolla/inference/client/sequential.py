@@ -22,7 +22,7 @@ import torch
 from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
-from corolla.inference.errors import RemoteError
+from corolla.inference.errors import RemoteError, RoutingError, StepNotFoundError
 from corolla.inference.server.backend import AdapterGrads, BackwardResult
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,24 @@ class RemoteSequential:
                 item = pending.pop()
                 try:
                     sums.update(self.swarm.stub(item.hop.endpoint).clip_sum(item.step_id, clip_factors))
-                except RemoteError as exc:
+                    continue
+                except RemoteError as exc:  # the server is gone: ban it
                     failures = self._failed(item.hop, exc, failures)
-                    _, redone = self._backward_span(
-                        item.hidden,
-                        item.grad_output,
-                        item.hop.start,
-                        item.hop.end,
-                        adapter_grads=AdapterGrads.NORMS,
-                        step_id=item.step_id.rsplit("@", 1)[0],
-                        grad_input=False,
-                    )
-                    pending.extend(redone)
+                except StepNotFoundError:  # it is up but lost the gradients (restart, expiry): no ban
+                    failures += 1
+                    if failures > self.max_retries:
+                        raise
+                _, redone = self._backward_span(
+                    item.hidden,
+                    item.grad_output,
+                    item.hop.start,
+                    item.hop.end,
+                    adapter_grads=AdapterGrads.NORMS,
+                    step_id=item.step_id.rsplit("@", 1)[0],
+                    grad_input=False,
+                )
+                _check_same_norms(item, redone)
+                pending.extend(redone)
         return sums
 
     def _backward_span(
@@ -214,6 +220,22 @@ class RemoteSequential:
         failures += 1
         self.swarm.router.report_failure(hop, exc, failures=failures, max_retries=self.max_retries)
         return failures
+
+
+def _check_same_norms(original: HopGrads, redone: list[HopGrads]) -> None:
+    """The clip factors came from `original`'s norms; a replica computing other gradients
+    (another dtype or quantization) would let a record's clipped contribution exceed the bound."""
+    before = original.result.squared_norms
+    after = [p.result.squared_norms for p in redone]
+    if before is None or any(a is None for a in after):
+        return
+    total = torch.stack([a for a in after if a is not None]).sum(dim=0)
+    if not torch.allclose(total, before, rtol=1e-4, atol=1e-12):
+        raise RoutingError(
+            f"blocks {original.hop.start}:{original.hop.end}: the replica's per-sample gradient norms differ from "
+            "the failed server's (another dtype or quantization?): the clip factors would not bound them; "
+            "step abandoned"
+        )
 
 
 class _RemoteBlocks(torch.autograd.Function):

@@ -142,6 +142,10 @@ class ServerStub:
         norms = None
         if adapter_grads == AdapterGrads.NORMS:
             norms = deserialize(response.squared_norms, name="squared_norms", shape=(batch,))
+            if norms.dtype != torch.float32 or not torch.isfinite(norms).all() or (norms < 0).any():
+                raise errors.RemoteError(f"{self.endpoint}: squared norms that are not finite, non-negative float32")
+        if any(not torch.isfinite(t).all() for t in per_sample.values()):
+            raise errors.RemoteError(f"{self.endpoint}: per-sample gradients with NaN or infinite values")
         return BackwardResult(grad_input=g_in, per_sample=per_sample, squared_norms=norms)
 
     def put_adapter(self, tensors: dict[str, torch.Tensor], *, scaling: float, model_id: str, digest: str) -> None:

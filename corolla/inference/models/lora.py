@@ -53,6 +53,12 @@ class SpanAdapter:
     def block(self, index: int) -> BlockLora | None:
         return self.blocks.get(index)
 
+    def numel(self, start: int, end: int) -> int:
+        """Weights in blocks `[start, end)`."""
+        return sum(
+            a.numel() + b.numel() for i, blk in self.blocks.items() if start <= i < end for a, b in blk.pairs.values()
+        )
+
     @classmethod
     def from_pairs(
         cls, pairs: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scaling: float

@@ -16,7 +16,14 @@ from typing import Generic, TypeVar
 
 import torch
 
-from corolla.inference.errors import AdapterNotFoundError, BadRequestError, SpanNotServedError, StepNotFoundError
+from corolla.inference.errors import (
+    AdapterNotFoundError,
+    BadRequestError,
+    MessageTooLargeError,
+    SessionLimitError,
+    SpanNotServedError,
+    StepNotFoundError,
+)
 from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.models.span import Span
 from corolla.inference.wire.adapters import parse_name
@@ -66,14 +73,20 @@ class _BoundedStore(Generic[V]):
         self._bytes = 0
         self._lock = threading.Lock()
 
+    evict = True  # False: a full store refuses new entries instead of dropping live ones
+
     def _put(self, key: str, value: V, nbytes: int) -> None:
         if nbytes > self.budget_bytes:
-            raise BadRequestError(f"{nbytes} bytes exceed this server's budget of {self.budget_bytes} for them")
+            raise MessageTooLargeError(f"{nbytes} bytes exceed this server's budget of {self.budget_bytes} for them")
         with self._lock:
             self._drop(key)
+            self._expire()
+            if not self.evict and self._bytes + nbytes > self.budget_bytes:
+                raise SessionLimitError(
+                    f"{self._bytes} of {self.budget_bytes} bytes are held for other clients' steps; try again shortly"
+                )
             self._items[key] = (value, nbytes, self._clock())
             self._bytes += nbytes
-            self._expire()
             while self._bytes > self.budget_bytes:
                 self._drop(next(iter(self._items)))
 
@@ -85,7 +98,8 @@ class _BoundedStore(Generic[V]):
                 return None
             if pop:
                 self._drop(key)
-            else:
+            else:  # used now: last in the eviction order, and its lifetime starts again
+                self._items[key] = (item[0], item[1], self._clock())
                 self._items.move_to_end(key)
             return item[0]
 
@@ -120,12 +134,20 @@ class AdapterStore(_BoundedStore[SpanAdapter]):
 
 class GradStore(_BoundedStore[tuple[int, dict[str, torch.Tensor]]]):
     """Per-sample gradients of a NORMS backward (and its batch size), until ClipSum asks
-    for their clipped sum."""
+    for their clipped sum. A full store refuses new steps rather than dropping pending ones."""
+
+    evict = False
 
     def put(self, step_id: str, batch: int, grads: dict[str, torch.Tensor]) -> None:
         if not step_id or len(step_id) > 128:
             raise BadRequestError("step_id must be 1 to 128 characters")
         self._put(step_id, (batch, grads), sum(g.nbytes for g in grads.values()))
+
+    def peek(self, step_id: str) -> tuple[int, dict[str, torch.Tensor]]:
+        grads = self._get(step_id, pop=False)
+        if grads is None:
+            raise StepNotFoundError(f"no per-sample gradients are held for step {step_id!r} (expired or used)")
+        return grads
 
     def pop(self, step_id: str) -> tuple[int, dict[str, torch.Tensor]]:
         grads = self._get(step_id, pop=True)

@@ -20,6 +20,7 @@ from corolla.inference.errors import (
     BadRequestError,
     InferenceError,
     MaxLengthExceededError,
+    MessageTooLargeError,
     SessionNotFoundError,
 )
 from corolla.inference.models.kv_cache import SpanCache
@@ -119,14 +120,24 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 mode = AdapterGrads(request.adapter_grads)
             except ValueError:
                 raise BadRequestError(f"adapter_grads={request.adapter_grads} is not a known mode") from None
-            if mode == AdapterGrads.NORMS and not request.step_id:
-                raise BadRequestError("a NORMS backward needs a step_id for its ClipSum")
+            if mode == AdapterGrads.NORMS and not 1 <= len(request.step_id) <= 128:
+                raise BadRequestError("a NORMS backward needs a step_id of 1 to 128 characters for its ClipSum")
+            adapter = self._adapter(request.adapter)
+            if adapter is not None and mode != AdapterGrads.NONE:
+                # per-sample copies of every weight: bounded before anything is allocated
+                need = hidden.shape[0] * 4 * adapter.numel(request.start, request.end)
+                limit = self.limits.grad_budget_bytes if mode == AdapterGrads.NORMS else self.limits.max_message_bytes
+                if need > limit:
+                    raise MessageTooLargeError(
+                        f"per-sample gradients of {hidden.shape[0]} records need {need} bytes here; the limit is "
+                        f"{limit}: send smaller batches"
+                    )
             result = self.backend.backward(
                 hidden,
                 grad_output,
                 request.start,
                 request.end,
-                adapter=self._adapter(request.adapter),
+                adapter=adapter,
                 adapter_grads=mode,
                 grad_input=not request.skip_grad_input,
             )
@@ -154,10 +165,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
 
     def ClipSum(self, request: pb.ClipSumRequest, context: grpc.ServicerContext) -> pb.ClipSumResponse:
         def run() -> pb.ClipSumResponse:
-            batch, grads = self.grads.pop(request.step_id)
+            batch, grads = self.grads.peek(request.step_id)  # a malformed request leaves them in place
             factors = deserialize(request.clip_factors, name="clip_factors", shape=(batch,))
             if factors.dtype != torch.float32 or not torch.isfinite(factors).all() or (factors < 0).any():
                 raise BadRequestError("clip_factors must be finite, non-negative float32")
+            self.grads.pop(request.step_id)
             return pb.ClipSumResponse(adapter_grads=named_tensors(clip_sum(grads, factors)))
 
         return _guard(run, context)

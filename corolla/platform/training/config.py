@@ -41,7 +41,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # per-sample clipping bound
     exchange: Exchange = "flat"  # how servers hand DP-SGD what it needs: per-sample grads or flat clipping
     max_length: int = 192  # longest record, tokens
-    seed: int = 0  # adapter init, sampling and noise seeds derive from it
+    seed: int = 0  # the initial adapter and the synthetic data; never DP sampling or noise (site CSPRNG)
     secure_agg: bool = True  # combine site updates by secure aggregation
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
     sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online

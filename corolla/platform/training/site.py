@@ -150,12 +150,13 @@ def train_site_round(
     metrics: dict[str, float | int | str] = {
         "site": env.node or env.data.stem,
         "round": server_round,
-        "loss": float(np.mean(seen)) if seen else math.nan,
         "steps": config.steps_per_round,
         "seconds": time.monotonic() - started,
         "dp": int(plan is not None),
         "sample_rate": sample_rate,
     }
-    if plan is not None:
+    if plan is None:  # under DP the training loss stays home: no accountant covers it
+        metrics["loss"] = float(np.mean(seen)) if seen else math.nan
+    else:
         metrics |= {"epsilon": epsilon, "noise_multiplier": plan.noise_multiplier, "delta": plan.delta}
     return SiteResult(update=update, metrics=metrics)

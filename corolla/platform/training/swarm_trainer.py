@@ -29,6 +29,7 @@ from opacus.optimizers import DPOptimizer
 
 from corolla.inference.client import AdapterSync, LoraAdapter, RemoteModelForCausalLM
 from corolla.inference.client.sequential import HopGrads
+from corolla.inference.errors import RemoteError
 from corolla.inference.server.backend import AdapterGrads
 from corolla.platform.training.config import Exchange
 from corolla.platform.training.data import EncodedBatch, per_record_loss
@@ -54,6 +55,19 @@ class FlatClipDPOptimizer(DPOptimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+
+def _check_complete(
+    grads: dict[str, torch.Tensor], names: list[str], params: list[torch.nn.Parameter], *, batch: int | None
+) -> None:
+    """Every weight's gradient came back, in its shape (with a leading batch axis if `batch`)."""
+    if set(grads) != set(names):
+        missing, extra = sorted(set(names) - set(grads)), sorted(set(grads) - set(names))
+        raise RemoteError(f"the servers' gradients do not match the adapter: missing {missing[:3]}, extra {extra[:3]}")
+    for name, p in zip(names, params, strict=True):
+        want = (batch, *p.shape) if batch is not None else tuple(p.shape)
+        if tuple(grads[name].shape) != want or not torch.isfinite(grads[name]).all():
+            raise RemoteError(f"gradient of {name}: shape {tuple(grads[name].shape)} (expected {want}) or not finite")
 
 
 class SwarmTrainer:
@@ -119,9 +133,10 @@ class SwarmTrainer:
             grads: dict[str, torch.Tensor] = {}
             for part in parts:
                 grads.update(part.result.per_sample)
+            _check_complete(grads, self.names, self.params, batch=n)
             self.bytes["adapter_grads"] += sum(g.nbytes for g in grads.values())
             for name, p in zip(self.names, self.params, strict=True):
-                p.grad_sample = grads.get(name, torch.zeros((n, *p.shape)))
+                p.grad_sample = grads[name]
         else:
             norms = torch.zeros(n)
             for part in parts:
@@ -133,10 +148,11 @@ class SwarmTrainer:
             else:
                 factors = torch.full((n,), 1.0 / n)
             sums = self.model.blocks.clip_sums(parts, factors)
+            _check_complete(sums, self.names, self.params, batch=None)
             self.bytes["clip_factors"] += factors.nbytes * len(parts)
             self.bytes["adapter_grads"] += sum(g.nbytes for g in sums.values())
             for name, p in zip(self.names, self.params, strict=True):
-                grad = sums.get(name, torch.zeros_like(p))
+                grad = sums[name]
                 if self.dp:
                     p.summed_grad = grad
                 else:
