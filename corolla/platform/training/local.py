@@ -39,6 +39,9 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
     import logging
 
     log = logging.getLogger(_LOG_NAME)
+    # one thread: with two, every op waits for the slower of them, and a busy second core
+    # (measured here) made a round 20x slower
+    torch.set_num_threads(1)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.open(config.model)
