@@ -115,26 +115,84 @@ class Plan:
     forward: ForwardBench
 
 
-TINY = TinySpec(arch="llama", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                vocab_size=512, max_positions=1024)
-MID = TinySpec(arch="llama", hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816,
-               vocab_size=512, max_positions=1024)
-SMALL = TinySpec(arch="llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704,
-                 vocab_size=512, max_positions=1024)
+TINY = TinySpec(
+    arch="llama",
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    max_positions=1024,
+)
+MID = TinySpec(
+    arch="llama",
+    hidden_size=1024,
+    num_layers=8,
+    num_heads=16,
+    num_kv_heads=8,
+    intermediate_size=2816,
+    vocab_size=512,
+    max_positions=1024,
+)
+SMALL = TinySpec(
+    arch="llama",
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=704,
+    vocab_size=512,
+    max_positions=1024,
+)
 
 FULL = Plan(
-    generation=GenerationBench(spec=TINY, spans=((0, 2), (2, 4)), prompt_tokens=16, new_tokens=64, warmup=2,
-                               repeats=5, threads=1, extra_rows=("mtls", "one_server", "servers_2_threads")),
-    forward=ForwardBench(spec=MID, spans=((0, 4), (4, 8)), batch=8, tokens=128, warmup=1, repeats=9,
-                         server_threads=2, local_threads=2, mtls=True),
+    generation=GenerationBench(
+        spec=TINY,
+        spans=((0, 2), (2, 4)),
+        prompt_tokens=16,
+        new_tokens=64,
+        warmup=2,
+        repeats=5,
+        threads=1,
+        extra_rows=("mtls", "one_server", "servers_2_threads"),
+    ),
+    forward=ForwardBench(
+        spec=MID,
+        spans=((0, 4), (4, 8)),
+        batch=8,
+        tokens=128,
+        warmup=1,
+        repeats=9,
+        server_threads=2,
+        local_threads=2,
+        mtls=True,
+    ),
 )
 # Smoke run: the same code paths on smaller work; (b) uses a smaller model, so its ratio
 # is not the figure the target is about.
 QUICK = Plan(
-    generation=GenerationBench(spec=TINY, spans=((0, 2), (2, 4)), prompt_tokens=16, new_tokens=32, warmup=1,
-                               repeats=2, threads=1, extra_rows=()),
-    forward=ForwardBench(spec=SMALL, spans=((0, 2), (2, 4)), batch=2, tokens=64, warmup=1, repeats=3,
-                         server_threads=2, local_threads=2, mtls=False),
+    generation=GenerationBench(
+        spec=TINY,
+        spans=((0, 2), (2, 4)),
+        prompt_tokens=16,
+        new_tokens=32,
+        warmup=1,
+        repeats=2,
+        threads=1,
+        extra_rows=(),
+    ),
+    forward=ForwardBench(
+        spec=SMALL,
+        spans=((0, 2), (2, 4)),
+        batch=2,
+        tokens=64,
+        warmup=1,
+        repeats=3,
+        server_threads=2,
+        local_threads=2,
+        mtls=False,
+    ),
 )
 
 
@@ -239,8 +297,11 @@ class CpuMeter:
         if busy is None or self._busy0 is None:
             return {"own_cpu_s": round(own, 1), "other_cpu_s": None, "other_cpu_share": None}
         other = max(0.0, busy - self._busy0 - own)
-        return {"own_cpu_s": round(own, 1), "other_cpu_s": round(other, 1),
-                "other_cpu_share": round(other / (wall * (os.cpu_count() or 1)), 3)}
+        return {
+            "own_cpu_s": round(own, 1),
+            "other_cpu_s": round(other, 1),
+            "other_cpu_share": round(other / (wall * (os.cpu_count() or 1)), 3),
+        }
 
 
 def _busy_seconds() -> float | None:
@@ -282,8 +343,9 @@ def tcp_bytes(ports: Sequence[int]) -> int | None:
         return None
     total = 0
     for port in ports:
-        out = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
-                             capture_output=True, text=True, check=False).stdout
+        out = subprocess.run(
+            ["ss", "-tinH", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True, check=False
+        ).stdout
         for word in out.split():
             key, _, value = word.partition(":")
             if key in ("bytes_sent", "bytes_received") and value.isdigit():
@@ -340,8 +402,9 @@ def local_blocks_generation(parts: Any, span: Any, prompt: torch.Tensor, new_tok
     """The same client loop with Corolla's block code (`ClientParts`, `Span`) in this
     process: the compute floor, so remote minus this is what the hops cost."""
     began = time.perf_counter()
-    cache = span.new_cache(start=0, end=span.end, batch_size=prompt.shape[0],
-                           max_length=prompt.shape[1] + new_tokens, dtype=torch.float32)
+    cache = span.new_cache(
+        start=0, end=span.end, batch_size=prompt.shape[0], max_length=prompt.shape[1] + new_tokens, dtype=torch.float32
+    )
     opened = time.perf_counter()
     hidden = span(parts.embed(prompt, 0), offset=0, cache=cache)
     position = prompt.shape[1]
@@ -364,20 +427,32 @@ def transformers_generation(model: Any, prompt: torch.Tensor, new_tokens: int) -
     """`generate()` with a streamer that timestamps the prompt and each new token: the
     first interval is the prefill (with `generate`'s set-up), the others are steps."""
     timer = StepTimer()
-    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
-                   eos_token_id=None, pad_token_id=model.generation_config.pad_token_id, streamer=timer)
+    tokens = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=model.generation_config.pad_token_id,
+        streamer=timer,
+    )
     stamps = timer.stamps
     if len(stamps) != new_tokens + 1:
         raise RuntimeError(f"the streamer saw {len(stamps)} puts, expected {new_tokens + 1}")
-    return GenerationRun(tokens=tokens, open_s=0.0, prefill_s=stamps[1] - stamps[0],
-                         steps_s=[b - a for a, b in itertools.pairwise(stamps[1:])])
+    return GenerationRun(
+        tokens=tokens,
+        open_s=0.0,
+        prefill_s=stamps[1] - stamps[0],
+        steps_s=[b - a for a, b in itertools.pairwise(stamps[1:])],
+    )
 
 
 def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
     model_dir = init_tiny(workdir / "gen-model", cfg.spec)
     checkpoint = Checkpoint.open(model_dir)
-    prompt = torch.randint(0, cfg.spec.vocab_size - 16, (1, cfg.prompt_tokens),
-                           generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        0, cfg.spec.vocab_size - 16, (1, cfg.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
     with torch_threads(cfg.threads), torch.inference_mode():
         local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         parts, span = checkpoint.load_client(), checkpoint.load_span(0, checkpoint.num_blocks)
@@ -386,8 +461,10 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
         with LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.threads) as swarm:
             swarm_start_s = time.perf_counter() - started
             with RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model:
-                announced = [{"blocks": f"{r.start}:{r.end}", "step_ms_per_block": round(r.step_ms_per_block, 4)}
-                             for r in sorted(model.swarm.router.records(refresh=True), key=lambda r: r.start)]
+                announced = [
+                    {"blocks": f"{r.start}:{r.end}", "step_ms_per_block": round(r.step_ms_per_block, 4)}
+                    for r in sorted(model.swarm.router.records(refresh=True), key=lambda r: r.start)
+                ]
                 variants: dict[str, Callable[[], GenerationRun]] = {
                     "local_transformers": lambda: transformers_generation(local, prompt, cfg.new_tokens),
                     "local_corolla_blocks": lambda: local_blocks_generation(parts, span, prompt, cfg.new_tokens),
@@ -396,13 +473,15 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
                 runs = _interleaved(variants, warmup=cfg.warmup, repeats=cfg.repeats)
             hf_runs, block_runs = runs["local_transformers"], runs["local_corolla_blocks"]
             reference = hf_runs[0].tokens
-            rows["remote"] = _remote_row(runs["remote"], cfg, reference,
-                                         discovery="dht (client joins via initial_peers)")
+            rows["remote"] = _remote_row(
+                runs["remote"], cfg, reference, discovery="dht (client joins via initial_peers)"
+            )
             # Same servers, a client without a DHT node (and its thread) of its own.
             with RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints) as model:
                 static = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
-                rows["remote_static_endpoints"] = _remote_row(static[cfg.warmup:], cfg, reference,
-                                                              discovery="static (servers=endpoints, no client DHT)")
+                rows["remote_static_endpoints"] = _remote_row(
+                    static[cfg.warmup :], cfg, reference, discovery="static (servers=endpoints, no client DHT)"
+                )
         # Extra rows, each through a swarm of its own started after the others stopped.
         for extra in cfg.extra_rows:
             spans, threads, consortium = cfg.spans, cfg.threads, None
@@ -412,15 +491,27 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
                 threads = 2
             else:
                 spans = ((0, cfg.spec.num_layers),)
-            with LocalSwarm(model_dir, spans, torch_threads=threads,
-                            workspace=consortium.workspace if consortium else None,
-                            nodes=consortium.servers if consortium else None) as swarm, \
-                    RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
-                                                           tls=consortium.site if consortium else None) as model:
+            with (
+                LocalSwarm(
+                    model_dir,
+                    spans,
+                    torch_threads=threads,
+                    workspace=consortium.workspace if consortium else None,
+                    nodes=consortium.servers if consortium else None,
+                ) as swarm,
+                RemoteModelForCausalLM.from_pretrained(
+                    model_dir, initial_peers=swarm.initial_peers, tls=consortium.site if consortium else None
+                ) as model,
+            ):
                 runs_extra = [remote_generation(model, prompt, cfg.new_tokens) for _ in range(cfg.warmup + cfg.repeats)]
             rows[f"remote_{extra}"] = {
-                **_remote_row(runs_extra[cfg.warmup:], cfg, reference, discovery="dht (client joins via initial_peers)",
-                              server_threads=threads),
+                **_remote_row(
+                    runs_extra[cfg.warmup :],
+                    cfg,
+                    reference,
+                    discovery="dht (client joins via initial_peers)",
+                    server_threads=threads,
+                ),
                 "servers": [f"{a}:{b}" for a, b in spans],
                 "what": EXTRA_ROWS[extra],
             }
@@ -439,10 +530,9 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
             "warmup_generations": cfg.warmup,
             "repeats": cfg.repeats,
             "torch_threads": {"each_server": cfg.threads, "client": cfg.threads, "local": cfg.threads},
-            "security": "plaintext gRPC (servers --insecure) except remote_mtls: mutual TLS with "
-                        "consortium identities",
+            "security": "plaintext gRPC (servers --insecure) except remote_mtls: mutual TLS with consortium identities",
             "per_step_definition": "client loop per token after the prefill: embed + session.step "
-                                   "(both hops) + head + argmax; session open and prefill reported apart",
+            "(both hops) + head + argmax; session open and prefill reported apart",
         },
         **rows,
         "local_transformers": {
@@ -458,24 +548,33 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
         "swarm_start_s": round(swarm_start_s, 2),
         "ratios": {
             "remote_over_local_transformers_step_p50": round(
-                remote["per_step_ms"]["p50"] / hf["per_step_ms"]["p50"], 3),
+                remote["per_step_ms"]["p50"] / hf["per_step_ms"]["p50"], 3
+            ),
             "remote_over_local_transformers_step_mean": round(
-                remote["per_step_ms"]["mean"] / hf["per_step_ms"]["mean"], 3),
+                remote["per_step_ms"]["mean"] / hf["per_step_ms"]["mean"], 3
+            ),
             "remote_minus_local_blocks_step_p50_ms": round(
-                remote["per_step_ms"]["p50"] - blocks["per_step_ms"]["p50"], 4),
+                remote["per_step_ms"]["p50"] - blocks["per_step_ms"]["p50"], 4
+            ),
             "petals_over_remote_step_mean": round(PETALS_STEP_MS / remote["per_step_ms"]["mean"], 2),
             # two hops minus one hop over the same blocks: the cost of one more hop per step
             "second_hop_step_p50_ms": round(
-                remote["per_step_ms"]["p50"] - rows["remote_one_server"]["per_step_ms"]["p50"], 4)
-            if "remote_one_server" in rows else None,
+                remote["per_step_ms"]["p50"] - rows["remote_one_server"]["per_step_ms"]["p50"], 4
+            )
+            if "remote_one_server" in rows
+            else None,
         },
-        "reference_petals": {"per_step_ms": PETALS_STEP_MS, "tokens_per_s": list(PETALS_TOKENS_PER_S),
-                             "source": "issue text: Petals on this shape on this kind of machine"},
+        "reference_petals": {
+            "per_step_ms": PETALS_STEP_MS,
+            "tokens_per_s": list(PETALS_TOKENS_PER_S),
+            "source": "issue text: Petals on this shape on this kind of machine",
+        },
     }
 
 
-def _interleaved(variants: dict[str, Callable[[], GenerationRun]], *, warmup: int,
-                 repeats: int) -> dict[str, list[GenerationRun]]:
+def _interleaved(
+    variants: dict[str, Callable[[], GenerationRun]], *, warmup: int, repeats: int
+) -> dict[str, list[GenerationRun]]:
     """Warm each variant up, then run them in rounds, the order rotated each round, so that
     drifting background load on a shared machine hits every variant alike."""
     for run in variants.values():
@@ -484,13 +583,19 @@ def _interleaved(variants: dict[str, Callable[[], GenerationRun]], *, warmup: in
     names = list(variants)
     out: dict[str, list[GenerationRun]] = {name: [] for name in names}
     for rep in range(repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             out[name].append(variants[name]())
     return out
 
 
-def _remote_row(runs: list[GenerationRun], cfg: GenerationBench, reference: torch.Tensor, *, discovery: str,
-                server_threads: int | None = None) -> dict[str, Any]:
+def _remote_row(
+    runs: list[GenerationRun],
+    cfg: GenerationBench,
+    reference: torch.Tensor,
+    *,
+    discovery: str,
+    server_threads: int | None = None,
+) -> dict[str, Any]:
     return {
         **generation_figures(runs, cfg.new_tokens),
         "discovery": discovery,
@@ -520,10 +625,13 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             swarm_start_s = time.perf_counter() - started
             # Clients by endpoint: no libp2p thread in this process, where the local baselines run.
             fp32 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints))
-            bf16 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(
-                model_dir, servers=swarm.endpoints, wire_dtype=torch.bfloat16))
-            ports = {name: [int(e.rsplit(":", 1)[1]) for e in swarm.endpoints] for name in ("remote_fp32",
-                                                                                          "remote_bf16_wire")}
+            bf16 = stack.enter_context(
+                RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints, wire_dtype=torch.bfloat16)
+            )
+            ports = {
+                name: [int(e.rsplit(":", 1)[1]) for e in swarm.endpoints]
+                for name in ("remote_fp32", "remote_bf16_wire")
+            }
             variants = {
                 "local_corolla_blocks": lambda: span(x),
                 # LlamaModel: the same 8 blocks plus the final RMSNorm (negligible here)
@@ -534,11 +642,20 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             servers = list(swarm.servers)
             if cfg.mtls:  # a second swarm, idle while the others run: the production data plane
                 consortium = Consortium.create(workdir / "fwd-ca", len(cfg.spans))
-                secure_swarm = stack.enter_context(LocalSwarm(
-                    model_dir, cfg.spans, torch_threads=cfg.server_threads, workspace=consortium.workspace,
-                    nodes=consortium.servers))
-                secure = stack.enter_context(RemoteModelForCausalLM.from_pretrained(
-                    model_dir, servers=secure_swarm.endpoints, tls=consortium.site))
+                secure_swarm = stack.enter_context(
+                    LocalSwarm(
+                        model_dir,
+                        cfg.spans,
+                        torch_threads=cfg.server_threads,
+                        workspace=consortium.workspace,
+                        nodes=consortium.servers,
+                    )
+                )
+                secure = stack.enter_context(
+                    RemoteModelForCausalLM.from_pretrained(
+                        model_dir, servers=secure_swarm.endpoints, tls=consortium.site
+                    )
+                )
                 variants["remote_fp32_mtls"] = lambda: secure.blocks(x)
                 ports["remote_fp32_mtls"] = [int(e.rsplit(":", 1)[1]) for e in secure_swarm.endpoints]
                 servers += secure_swarm.servers
@@ -550,7 +667,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             # Interleaved, the order rotated each round, so that drifting background load
             # on a shared machine hits every variant alike.
             for rep in range(cfg.repeats):
-                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                for name in names[rep % len(names) :] + names[: rep % len(names)]:
                     before = tcp_bytes(ports[name]) if name in ports else None
                     t0 = time.perf_counter()
                     variants[name]()
@@ -577,8 +694,9 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             "ms_all": [round(s * 1000, 2) for s in seconds],
             "ratio_vs_local_corolla_blocks": round(ms / local_ms, 4),
             # each round's remote / local, then the median: drifting background load cancels
-            "ratio_vs_local_corolla_blocks_paired_median": round(statistics.median(
-                a / b for a, b in zip(seconds, times["local_corolla_blocks"], strict=True)), 4),
+            "ratio_vs_local_corolla_blocks_paired_median": round(
+                statistics.median(a / b for a, b in zip(seconds, times["local_corolla_blocks"], strict=True)), 4
+            ),
             "ratio_vs_local_corolla_blocks_min": round(min(seconds) / min(times["local_corolla_blocks"]), 4),
             "ratio_vs_local_transformers": round(ms / hf_ms, 4),
             "max_abs_diff_vs_local_corolla_blocks": float(err.max()),
@@ -610,16 +728,19 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             "input": "random hidden states (B, T, H) * 0.02, float32",
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
-            "torch_threads": {"each_server": cfg.server_threads, "client_and_local": cfg.local_threads,
-                              "servers_OMP_NUM_THREADS_seen": server_threads_seen},
+            "torch_threads": {
+                "each_server": cfg.server_threads,
+                "client_and_local": cfg.local_threads,
+                "servers_OMP_NUM_THREADS_seen": server_threads_seen,
+            },
             "local_baseline": "Checkpoint.load_span(0, 8) in this process (the code the servers run); "
-                              "also transformers LlamaModel(inputs_embeds=...) for reference",
+            "also transformers LlamaModel(inputs_embeds=...) for reference",
             "remote": "RemoteModelForCausalLM.blocks(hidden): RemoteSequential, one unary Forward per server; "
-                      "clients name the servers by endpoint (no DHT node in the benchmark process)",
+            "clients name the servers by endpoint (no DHT node in the benchmark process)",
             "security": "remote_fp32 / remote_bf16_wire: plaintext gRPC (LocalSwarm without a workspace runs "
-                        "the servers --insecure); remote_fp32_mtls: mutual TLS with consortium identities",
+            "the servers --insecure); remote_fp32_mtls: mutual TLS with consortium identities",
             "statistic": "median of the timed repeats (min and per-round paired ratios too); variants "
-                         "interleaved, order rotated each round",
+            "interleaved, order rotated each round",
         },
         **rows,
         "swarm_start_s": round(swarm_start_s, 2),
@@ -648,16 +769,27 @@ def targets(gen: dict[str, Any], fwd: dict[str, Any], *, quick: bool) -> dict[st
     step = gen["remote"]["per_step_ms"]
     ratio = fwd["remote_fp32"]["ratio_vs_local_corolla_blocks"]
     return {
-        "generation_step_p50_ms": {"value": step["p50"], "limit": TARGET_STEP_MS,
-                                   "pass": step["p50"] <= TARGET_STEP_MS},
-        "generation_step_mean_ms": {"value": step["mean"], "limit": TARGET_STEP_MS,
-                                    "pass": step["mean"] <= TARGET_STEP_MS},
-        "generation_tokens_match_local": {"value": gen["remote"]["tokens_match_transformers"], "pass":
-                                          gen["remote"]["tokens_match_transformers"]},
+        "generation_step_p50_ms": {
+            "value": step["p50"],
+            "limit": TARGET_STEP_MS,
+            "pass": step["p50"] <= TARGET_STEP_MS,
+        },
+        "generation_step_mean_ms": {
+            "value": step["mean"],
+            "limit": TARGET_STEP_MS,
+            "pass": step["mean"] <= TARGET_STEP_MS,
+        },
+        "generation_tokens_match_local": {
+            "value": gen["remote"]["tokens_match_transformers"],
+            "pass": gen["remote"]["tokens_match_transformers"],
+        },
         "forward_remote_over_local": {
-            "value": ratio, "limit": TARGET_FORWARD_RATIO, "pass": ratio <= TARGET_FORWARD_RATIO,
-            "note": "quick run uses a smaller model: not the target's shape" if quick else
-                    "remote_fp32 median / local_corolla_blocks median",
+            "value": ratio,
+            "limit": TARGET_FORWARD_RATIO,
+            "pass": ratio <= TARGET_FORWARD_RATIO,
+            "note": "quick run uses a smaller model: not the target's shape"
+            if quick
+            else "remote_fp32 median / local_corolla_blocks median",
         },
     }
 
@@ -666,39 +798,55 @@ def print_summary(result: dict[str, Any]) -> None:
     gen, fwd, tg = result["generation"], result["forward"], result["targets"]
     m = result["machine"]
     other = m["cpu_during_run"]["other_cpu_share"]
-    print(f"\nCorolla inference benchmark ({result['mode']}), {m['cores']} cores, torch {m['torch']}, "
-          f"load {m['loadavg_at_start']}, other processes took {other if other is None else f'{other:.0%}'}"
-          " of the CPU meanwhile")
-    print(f"(a) generation, tiny Llama {gen['config']['model']['num_layers']} blocks / hidden "
-          f"{gen['config']['model']['hidden_size']}, {gen['config']['new_tokens']} tokens x {gen['config']['repeats']}")
+    print(
+        f"\nCorolla inference benchmark ({result['mode']}), {m['cores']} cores, torch {m['torch']}, "
+        f"load {m['loadavg_at_start']}, other processes took {other if other is None else f'{other:.0%}'}"
+        " of the CPU meanwhile"
+    )
+    print(
+        f"(a) generation, tiny Llama {gen['config']['model']['num_layers']} blocks / hidden "
+        f"{gen['config']['model']['hidden_size']}, {gen['config']['new_tokens']} tokens x {gen['config']['repeats']}"
+    )
     print(f"    {'':34} {'p50':>7} {'p90':>7} {'mean':>7}  {'tok/s':>6}  prefill  open   ms")
     for name in [k for k in gen if k.startswith("remote")] + ["local_transformers", "local_corolla_blocks"]:
         r = gen[name]
         s = r["per_step_ms"]
-        print(f"    {name:34} {s['p50']:7.3f} {s['p90']:7.3f} {s['mean']:7.3f}  {r['decode_tokens_per_s']:6.0f}"
-              f"  {r['prefill_ms']['p50']:7.2f} {r['session_open_ms']['p50']:6.2f}")
-    print(f"    Petals on this shape: {PETALS_STEP_MS} ms/step; target <= {TARGET_STEP_MS} ms: "
-          f"p50 {'PASS' if tg['generation_step_p50_ms']['pass'] else 'FAIL'}, "
-          f"mean {'PASS' if tg['generation_step_mean_ms']['pass'] else 'FAIL'}; "
-          f"tokens identical to local: {gen['remote']['tokens_match_transformers']}")
+        print(
+            f"    {name:34} {s['p50']:7.3f} {s['p90']:7.3f} {s['mean']:7.3f}  {r['decode_tokens_per_s']:6.0f}"
+            f"  {r['prefill_ms']['p50']:7.2f} {r['session_open_ms']['p50']:6.2f}"
+        )
+    print(
+        f"    Petals on this shape: {PETALS_STEP_MS} ms/step; target <= {TARGET_STEP_MS} ms: "
+        f"p50 {'PASS' if tg['generation_step_p50_ms']['pass'] else 'FAIL'}, "
+        f"mean {'PASS' if tg['generation_step_mean_ms']['pass'] else 'FAIL'}; "
+        f"tokens identical to local: {gen['remote']['tokens_match_transformers']}"
+    )
     c = fwd["config"]
-    print(f"(b) parallel forward {c['batch']}x{c['tokens']}, hidden {c['model']['hidden_size']}, "
-          f"{c['model']['num_layers']} blocks on {len(c['servers'])} servers, "
-          f"threads {c['torch_threads']['each_server']}/server, {c['torch_threads']['client_and_local']} local")
+    print(
+        f"(b) parallel forward {c['batch']}x{c['tokens']}, hidden {c['model']['hidden_size']}, "
+        f"{c['model']['num_layers']} blocks on {len(c['servers'])} servers, "
+        f"threads {c['torch_threads']['each_server']}/server, {c['torch_threads']['client_and_local']} local"
+    )
     for name in [k for k in fwd if k.startswith(("local_", "remote_"))]:
         r = fwd[name]
         extra = ""
         if "bytes_moved" in r:
             extra = f"  {r['bytes_moved']['tensor_payload'] / 2**20:6.1f} MiB moved"
-        print(f"    {name:22} {r['ms_median']:9.1f} ms  x{r['ratio_vs_local_corolla_blocks']:.3f} vs local blocks"
-              f"  max|diff| {r['max_abs_diff_vs_local_corolla_blocks']:.1e}{extra}")
+        print(
+            f"    {name:22} {r['ms_median']:9.1f} ms  x{r['ratio_vs_local_corolla_blocks']:.3f} vs local blocks"
+            f"  max|diff| {r['max_abs_diff_vs_local_corolla_blocks']:.1e}{extra}"
+        )
     f = tg["forward_remote_over_local"]
-    print(f"    target remote <= {TARGET_FORWARD_RATIO} x local: {f['value']:.3f} {'PASS' if f['pass'] else 'FAIL'}"
-          f" (paired-round median {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_paired_median']:.3f},"
-          f" best-of {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_min']:.3f})")
+    print(
+        f"    target remote <= {TARGET_FORWARD_RATIO} x local: {f['value']:.3f} {'PASS' if f['pass'] else 'FAIL'}"
+        f" (paired-round median {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_paired_median']:.3f},"
+        f" best-of {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_min']:.3f})"
+    )
     if other is not None and other > 0.05:
-        print(f"WARNING: other processes used {other:.0%} of the CPU during the run; per-step latencies through "
-              "several processes suffer most. Re-run on an idle machine before quoting figures.")
+        print(
+            f"WARNING: other processes used {other:.0%} of the CPU during the run; per-step latencies through "
+            "several processes suffer most. Re-run on an idle machine before quoting figures."
+        )
     print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
 
 

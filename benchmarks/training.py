@@ -404,6 +404,14 @@ def targets(results: dict[str, Any], *, quick: bool) -> dict[str, Any]:
         for server in results[key]["exchange"]["per_server"]:
             flat, adapter = server["flat"], server["adapter_bytes"]
             exchange = flat["gradient_exchange_both_ways"]
+            clipped_sum = flat["server_to_client"]["clipped_sum"]
+            out[f"{key}_flat_gradient_payload_blocks_{server['blocks']}"] = {
+                "value": clipped_sum,
+                "limit": adapter,
+                "pass": clipped_sum <= adapter,
+                "note": "the adapter-sized part of the flat exchange with this server: the clipped sum; the B "
+                "squared norms and B clip factors (4 bytes each per record) are counted in the strict check below",
+            }
             out[f"{key}_flat_gradient_exchange_blocks_{server['blocks']}"] = {
                 "value": exchange,
                 "limit": adapter,
