@@ -108,11 +108,12 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     assert keys == {f"flower-run-{followed.result.run_id}"}
 
     assert lines[0].startswith("training: 2 rounds, DP-SGD, epsilon 1.0 per site")
-    assert lines[1].startswith(
+    assert lines[1] == "before training: held-out loss 10.000  acc 0.00 (chance 0.25)"
+    assert lines[2].startswith(
         "round 1/2  held-out loss 8.000  acc 2.00 (chance 0.25)  eps site-0 0.5 site-1 0.5 site-2 0.5  "
     )
-    assert "eps site-0 1 site-1 1 site-2 -" in lines[2]
-    assert "refused: site-2 (FakeRefused: privacy budget exhausted (fake))" in lines[2]
+    assert "eps site-0 1 site-1 1 site-2 -" in lines[3]
+    assert "refused: site-2 (FakeRefused: privacy budget exhausted (fake))" in lines[3]
 
 
 def _kill_tree(pid: int) -> None:
