@@ -142,7 +142,7 @@ class LoraAdapter(nn.Module):
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = LoraConfig(
             r=self.settings.r,
-            lora_alpha=self.settings.alpha,
+            lora_alpha=self.settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides, floats work
             target_modules=list(self.settings.targets),
             lora_dropout=0.0,
             bias="none",

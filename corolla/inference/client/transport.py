@@ -124,7 +124,7 @@ class ServerStub:
             hidden=serialize(hidden),
             grad_output=serialize(grad_output),
             adapter=adapter,
-            adapter_grads=int(adapter_grads),
+            adapter_grads=int(adapter_grads),  # type: ignore[arg-type]  # the stub types the enum by name
             step_id=step_id,
             skip_grad_input=not grad_input,
         )

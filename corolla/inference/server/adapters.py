@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -49,7 +49,7 @@ def check_adapter(span: Span, scaling: float, tensors: Mapping[str, torch.Tensor
     for (block, module), parts in halves.items():
         if set(parts) != {"lora_A", "lora_B"}:
             raise BadRequestError(f"adapter: {block}.{module} needs both lora_A and lora_B")
-        layer = span.blocks[block - span.start].get_submodule(module)
+        layer: Any = span.blocks[block - span.start].get_submodule(module)  # nn.Linear or a bitsandbytes layer
         in_features, out_features = int(layer.in_features), int(layer.out_features)
         a, b = parts["lora_A"].float(), parts["lora_B"].float()
         rank = a.shape[0]

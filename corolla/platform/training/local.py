@@ -174,7 +174,7 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
     return summary
 
 
-def _evaluate(config, checkpoint, weights, tokenizer, test, labels) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _evaluate(config, checkpoint, weights, tokenizer, test, labels) -> dict[str, Any]:
     if not test:
         return {}
     model = LocalTrainer(

@@ -38,7 +38,6 @@ class LocalTrainer:
         optimizer: OptimizerName = "adam",
     ) -> None:
         """`adapter` gives the starting weights (and is kept in sync after each step)."""
-        optimizer_name = optimizer
         self.adapter = adapter
         self.dp = noise_multiplier is not None
         base = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -49,7 +48,7 @@ class LocalTrainer:
         family = adapter.checkpoint.family
         config = LoraConfig(
             r=settings.r,
-            lora_alpha=settings.alpha,
+            lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides, floats work
             target_modules=list(settings.targets),
             lora_dropout=0.0,
             bias="none",
@@ -67,16 +66,16 @@ class LocalTrainer:
                 self._pairs.append((ours, theirs))
         model.train()
         params = [theirs for _, theirs in self._pairs]  # the same order as the swarm's optimizer
-        optimizer = make_optimizer(optimizer_name, params, lr)
+        base_optimizer = make_optimizer(optimizer, params, lr)
         self.model: torch.nn.Module = model
-        self.optimizer: torch.optim.Optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer = base_optimizer
         if noise_multiplier is not None:
             # make_private wants a data loader; batches come from our sampler instead (see module doc)
             placeholder = DataLoader(TensorDataset(torch.zeros(expected_batch_size, 1)), batch_size=expected_batch_size)
             engine = PrivacyEngine(accountant="rdp")
             self.model, self.optimizer, _ = engine.make_private(
                 module=model,
-                optimizer=optimizer,
+                optimizer=base_optimizer,
                 data_loader=placeholder,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
@@ -92,7 +91,7 @@ class LocalTrainer:
             if not self.dp:
                 return math.nan
             for _, p in self._pairs:
-                p.grad_sample = torch.zeros((0, *p.shape))
+                p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]  # Opacus's attribute
             self.optimizer.step()
             self._sync()
             return math.nan

@@ -122,9 +122,9 @@ class SwarmTrainer:
                 return math.nan
             for p in self.params:
                 if self.exchange == "per-sample":
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                    p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]  # Opacus's attribute
                 else:
-                    p.summed_grad = torch.zeros_like(p)
+                    p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
             self.optimizer.step()
             return math.nan
         losses, parts = self._forward_backward(batch)
@@ -136,7 +136,7 @@ class SwarmTrainer:
             _check_complete(grads, self.names, self.params, batch=n)
             self.bytes["adapter_grads"] += sum(g.nbytes for g in grads.values())
             for name, p in zip(self.names, self.params, strict=True):
-                p.grad_sample = grads[name]
+                p.grad_sample = grads[name]  # type: ignore[attr-defined]
         else:
             norms = torch.zeros(n)
             for part in parts:
@@ -154,7 +154,7 @@ class SwarmTrainer:
             for name, p in zip(self.names, self.params, strict=True):
                 grad = sums[name]
                 if self.dp:
-                    p.summed_grad = grad
+                    p.summed_grad = grad  # type: ignore[attr-defined]
                 else:
                     p.grad = grad
         self.optimizer.step()
