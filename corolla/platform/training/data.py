@@ -193,15 +193,15 @@ def completion_token_logprobs(logits: torch.Tensor, batch: EncodedBatch) -> torc
     if logits.shape[:2] != batch.input_ids.shape:
         raise DataError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(batch.input_ids.shape)}")
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # (N, T-1, 1)
+    targets = batch.input_ids[:, 1:].to(logits.device).unsqueeze(-1)  # (N, T-1, 1)
     picked = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1)
-    scored = torch.where(batch.loss_mask[:, :-1], picked, torch.zeros_like(picked))
+    scored = torch.where(batch.loss_mask[:, :-1].to(logits.device), picked, torch.zeros_like(picked))
     return F.pad(scored, (0, 1))
 
 
 def per_record_loss(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
     """(N,) mean cross-entropy over each record's completion tokens: the per-sample loss for DP-SGD."""
-    counts = batch.loss_mask.sum(dim=1)  # (N,), at least 1: the EOS is always scored
+    counts = batch.loss_mask.sum(dim=1).to(logits.device)  # (N,), at least 1: the EOS is always scored
     return -completion_token_logprobs(logits, batch).sum(dim=1) / counts
 
 
@@ -231,7 +231,7 @@ def evaluate(
         raise DataError("no records to evaluate")
     if not labels or len(set(labels)) != len(labels):
         raise DataError(f"labels={list(labels)!r} must be non-empty and distinct")
-    truth = []
+    truth: list[int] = []
     for index, record in enumerate(records):
         label = record.completion.strip()
         if label not in labels:
@@ -245,9 +245,8 @@ def evaluate(
             batch = encode(batch_records[lo : lo + batch_size], tokenizer, max_length=max_length)
             with torch.no_grad():
                 logits = logits_fn(batch.input_ids)
-            logprobs = completion_token_logprobs(logits, batch)
-            out_sum.append(logprobs.sum(dim=1))
-            out_loss.append(-logprobs.sum(dim=1) / batch.loss_mask.sum(dim=1))
+            out_sum.append(completion_token_logprobs(logits, batch).sum(dim=1).cpu())
+            out_loss.append(per_record_loss(logits, batch).cpu())
         return torch.cat(out_sum), torch.cat(out_loss)
 
     _, losses = scores(records)

@@ -41,6 +41,7 @@ class SiteEnv:
     store: Path  # the site's private directory (privacy ledger)
     workspace: Path | None  # the site's workspace (node identity for mTLS to the swarm); None = plaintext
     node: str  # the site's node name in that workspace
+    max_epsilon: float | None = None  # the site's own cap (node config `max-epsilon`): refuses more, or no DP
 
 
 class SiteRefused(CorollaError):
@@ -99,6 +100,12 @@ def train_site_round(
     run_key: str,
 ) -> SiteResult:
     started = time.monotonic()
+    if env.max_epsilon is not None and (config.dp_epsilon is None or config.dp_epsilon > env.max_epsilon):
+        asked = "no DP" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon}"
+        raise SiteRefused(
+            f"site {env.node or env.data.name}: the run asks for {asked}; this site allows at most "
+            f"epsilon {env.max_epsilon} (its node config's max-epsilon)"
+        )
     torch.set_num_threads(1)  # sites, servers and the coordinator share the machine's cores
     records = load_jsonl(env.data)
     n = len(records)

@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from corolla.errors import CorollaError
 from corolla.platform.training.config import TrainConfig
-from corolla.platform.training.flower_app.client import handle_train, site_env_kwargs
+from corolla.platform.training.flower_app.client import NodeConfigError, handle_train, site_env_kwargs
 from corolla.platform.training.flower_app.records import (
     METRICS,
     ROUND,
@@ -270,3 +270,14 @@ def test_site_env_fields_from_node_config(tmp_path: Path) -> None:
     data.touch()
     env = site_env_kwargs({"data": str(data), "store": str(tmp_path / "s"), "workspace": str(tmp_path), "node": "x"})
     assert env == {"data": data, "store": tmp_path / "s", "workspace": tmp_path, "node": "x"}
+
+
+def test_node_config_may_cap_the_sites_epsilon(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    base = {"data": str(data), "store": str(tmp_path / "s"), "workspace": "", "node": "x"}
+    assert "max_epsilon" not in site_env_kwargs(base)
+    assert site_env_kwargs({**base, "max-epsilon": 2})["max_epsilon"] == 2.0
+    for bad in (0, -1.0, "3", True, float("inf")):
+        with pytest.raises(NodeConfigError, match="max-epsilon"):
+            site_env_kwargs({**base, "max-epsilon": bad})

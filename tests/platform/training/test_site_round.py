@@ -3,6 +3,7 @@ Flower wiring around them is tested in test_flower_*; the whole run in e2e)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -113,3 +114,15 @@ def test_weights_of_the_wrong_shape_are_refused(setup) -> None:
     weights[name] = np.zeros((3, 3), dtype=np.float32)
     with pytest.raises(Exception, match="shape"):
         train_site_round(config, env, weights, server_round=1, run_key="run-4")
+
+
+def test_a_site_cap_refuses_runs_that_ask_for_more_or_for_no_dp(setup) -> None:
+    config, env = setup
+    capped = SiteEnv(data=env.data, store=env.store, workspace=None, node="site-a", max_epsilon=1.0)
+    weights = Coordinator(config).initial_weights()
+    with pytest.raises(SiteRefused, match=r"at most epsilon 1\.0"):
+        train_site_round(config, capped, weights, server_round=1, run_key="run-5")  # asks for 3
+    no_dp = dataclasses.replace(config, dp_epsilon=None)
+    with pytest.raises(SiteRefused, match="no DP"):
+        train_site_round(no_dp, capped, weights, server_round=1, run_key="run-5")
+    assert not (env.store / "privacy").exists() or not any((env.store / "privacy").glob("run-5*"))

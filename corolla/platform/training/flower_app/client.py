@@ -1,7 +1,7 @@
 """The ClientApp's work on a train message, apart from the ML (`site_round_fn`).
 
 The SuperNode's node config says where the site keeps things (keys `data`, `store`,
-`workspace`, `node`; see `site_env_kwargs`); the run config is the run's `TrainConfig`.
+`workspace`, `node`, optional `max-epsilon`; see `site_env_kwargs`); the run config is the run's `TrainConfig`.
 A `SiteRefused` becomes an error reply with code `SITE_REFUSED`, any other Corolla error
 `SITE_FAILED`, anything else `SITE_CRASHED` (with its traceback in the SuperNode's log
 only): the reason names the site, the exception class and its message, never data.
@@ -83,7 +83,13 @@ def site_env_kwargs(node_config: Mapping[str, Any]) -> dict[str, Any]:
         raise NodeConfigError(f"node config 'workspace' = {values['workspace']!r}: no such directory")
     if workspace is not None and not values["node"]:
         raise NodeConfigError("node config 'node' is empty: name the site's node in its workspace")
-    return {"data": data, "store": store, "workspace": workspace, "node": values["node"]}
+    kwargs: dict[str, Any] = {"data": data, "store": store, "workspace": workspace, "node": values["node"]}
+    if "max-epsilon" in node_config:  # the site's own cap: runs asking for more, or for no DP, are refused
+        cap = node_config["max-epsilon"]
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < float(cap) < float("inf"):
+            raise NodeConfigError(f"node config 'max-epsilon' = {cap!r}: expected a positive number")
+        kwargs["max_epsilon"] = float(cap)
+    return kwargs
 
 
 def run_key(context: Context) -> str:
