@@ -32,9 +32,9 @@ class TrainConfig:
     rounds: int = 5  # Flower rounds
     steps_per_round: int = 20  # DP-SGD optimizer steps each site takes per round
     batch_size: int = 128  # expected batch size; Poisson sampling with q = batch_size / N
-    lr: float = 2e-2  # Adam learning rate of the site optimizers
-    lora_r: int = 4  # LoRA rank
-    lora_alpha: float = 8.0  # LoRA scaling numerator (scaling = alpha / r)
+    lr: float = 5e-3  # Adam learning rate of the site optimizers
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / r)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get LoRA weights
     dp_epsilon: float | None = 3.0  # each site's total budget for the run; None = no DP (said loudly)
     dp_delta: float | None = None  # None = below 1/N of each site's records
