@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,9 @@ from corolla.inference.errors import ModelLoadError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.lora import match_targets
 from corolla.inference.wire.adapters import adapter_hash, parse_name, tensor_name
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -128,28 +132,32 @@ class LoraAdapter(nn.Module):
 
     # -- the PEFT directory format -------------------------------------------------------------
 
-    def save_peft(self, directory: str | Path) -> Path:
-        from peft import LoraConfig  # peft imports much; only the writer needs it
+    def peft_config(self, **extra: Any) -> LoraConfig:
+        """PEFT's `LoraConfig` for these settings (no dropout, as the servers apply it)."""
+        from peft import LoraConfig  # peft imports much; only its users pay for it
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        family = self.checkpoint.family
-        tensors = {}
-        for name, param in self.named_weights():
-            key = parse_name(name)
-            prefix = family.block_key_prefixes(key.block)[0]
-            tensors[f"{_PEFT_PREFIX}{prefix}{key.module}.{key.part}.weight"] = param.detach().contiguous().clone()
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = LoraConfig(
+        return LoraConfig(
             r=self.settings.r,
             lora_alpha=self.settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides, floats work
             target_modules=list(self.settings.targets),
             lora_dropout=0.0,
             bias="none",
-            task_type="CAUSAL_LM",
-            fan_in_fan_out=family.name == "gpt2",  # GPT-2 stores its projections as Conv1D
-            base_model_name_or_path=str(self.checkpoint.path),
+            fan_in_fan_out=self.checkpoint.family.name == "gpt2",  # GPT-2 stores its projections as Conv1D
+            **extra,
         )
+
+    def peft_key(self, name: str) -> str:
+        """PEFT's state-dict key (without the adapter name) of the weight `name`."""
+        key = parse_name(name)
+        prefix = self.checkpoint.family.block_key_prefixes(key.block)[0]
+        return f"{_PEFT_PREFIX}{prefix}{key.module}.{key.part}.weight"
+
+    def save_peft(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {self.peft_key(name): p.detach().contiguous().clone() for name, p in self.named_weights()}
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = self.peft_config(task_type="CAUSAL_LM", base_model_name_or_path=str(self.checkpoint.path))
         config.save_pretrained(str(out))
         return out
 

@@ -68,10 +68,7 @@ class Coordinator:
     def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
         out = Path(self.config.out_dir)
         adapter_dir = self.adapter(weights).save_peft(out / "adapter")
-        summary = {**summary, "adapter": str(adapter_dir)}
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "summary.json")
+        write_summary(out, {**summary, "adapter": str(adapter_dir)})
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -89,6 +86,14 @@ class Coordinator:
                 self.config.model, initial_peers=self.config.peers, servers=self.config.servers, tls=tls
             )
         return self._model
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """`<out_dir>/summary.json`, written atomically (numpy scalars and paths as JSON)."""
+    path, tmp = out_dir / "summary.json", out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _json_default(value: object) -> object:

@@ -11,9 +11,7 @@ README puts beside the federated numbers, and it writes the same outputs
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from transformers import AutoTokenizer
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
 from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.coordinator import write_summary
 from corolla.platform.training.data import encode, evaluate, load_jsonl
 from corolla.platform.training.flower_app.progress import ProgressLog
 from corolla.platform.training.local_trainer import LocalTrainer
@@ -167,10 +166,8 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
             "final": evaluation,
             "adapter": str(adapter_dir),
         }
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "summary.json")
-        progress.emit({"event": "done", "adapter": str(adapter_dir), "summary": str(out / "summary.json")})
+        path = write_summary(out, summary)
+        progress.emit({"event": "done", "adapter": str(adapter_dir), "summary": str(path)})
     return summary
 
 

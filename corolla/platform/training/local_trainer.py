@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import LoraAdapter
-from corolla.inference.wire.adapters import parse_name
 from corolla.platform.training.data import EncodedBatch, per_record_loss
 from corolla.platform.training.swarm_trainer import OptimizerName, make_optimizer
 
@@ -44,24 +43,12 @@ class LocalTrainer:
         for module in base.modules():  # the swarm never drops out; neither does the reference
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        settings = adapter.settings
-        family = adapter.checkpoint.family
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides, floats work
-            target_modules=list(settings.targets),
-            lora_dropout=0.0,
-            bias="none",
-            fan_in_fan_out=family.name == "gpt2",
-        )
-        model = get_peft_model(base, config)
+        model = get_peft_model(base, adapter.peft_config())
         by_peft_name = dict(model.named_parameters())
         self._pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (ours, PEFT's), our order
         with torch.no_grad():
             for name, ours in adapter.named_weights():
-                key = parse_name(name)
-                prefix = family.block_key_prefixes(key.block)[0]
-                theirs = by_peft_name[f"base_model.model.{prefix}{key.module}.{key.part}.default.weight"]
+                theirs = by_peft_name[adapter.peft_key(name).replace(".weight", ".default.weight")]
                 theirs.copy_(ours)
                 self._pairs.append((ours, theirs))
         model.train()
