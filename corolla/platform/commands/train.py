@@ -48,7 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     opt.add_argument("--seed", type=int, metavar="N")
     opt.add_argument("--round-timeout", type=float, metavar="S", help="seconds to wait for a round's replies")
     opt.add_argument(
-        "--no-secure-agg", action="store_true", help="aggregate site updates in the clear (the coordinator sees each)"
+        "--no-secure-agg",
+        action="store_true",
+        help="aggregate site updates in the clear: the coordinator sees each one (sites must set allow-plain-updates)",
+    )
+    opt.add_argument(
+        "--secure-agg-clip",
+        type=float,
+        metavar="R",
+        help="secure aggregation encodes update values in [-R, R] (default 1.0; values outside are clipped)",
     )
     where = p.add_argument_group("where")
     where.add_argument("--model", metavar="DIR", help="base model checkpoint (default: the workspace's tiny Llama)")
@@ -102,6 +110,7 @@ _TRAIN_FLAGS = (
     "max_length",
     "seed",
     "round_timeout",
+    "secure_agg_clip",
 )
 
 
@@ -121,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dp_epsilon == "off":
         print(_DP_OFF_WARNING, file=sys.stderr, flush=True)
     if args.no_secure_agg:
-        print("note: --no-secure-agg: site updates are aggregated in the clear", file=sys.stderr, flush=True)
+        print(
+            "note: --no-secure-agg: site updates are aggregated in the clear; the coordinator sees each site's update",
+            file=sys.stderr,
+            flush=True,
+        )
     summary = (_submit if args.superlink else _run_here)(args, workspace, root, out_dir)
     print(f"adapter: {summary.get('adapter')}")
     final = summary.get("final") or {}

@@ -43,6 +43,7 @@ class TrainConfig:
     max_length: int = 192  # longest record, tokens
     seed: int = 0  # the initial adapter and the synthetic data; never DP sampling or noise (site CSPRNG)
     secure_agg: bool = True  # combine site updates by secure aggregation
+    secure_agg_clip: float = 1.0  # secure aggregation encodes update values in [-clip, clip] (others are clipped)
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
     sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online
     eval_records: int = 200  # held-out records scored after each round (0 = all)
@@ -56,7 +57,7 @@ class TrainConfig:
         for name in ("rounds", "steps_per_round", "batch_size", "lora_r", "max_length"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout"):
+        for name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise TrainConfigError(f"{name}={value} must be a positive number")
@@ -106,7 +107,7 @@ class TrainConfig:
                 value = tuple(t for t in str(value).split(",") if t)
             elif f.name in ("dp_epsilon", "dp_delta"):
                 value = None if float(value) < 0 else float(value)
-            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout"):
+            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip"):
                 value = float(value)
             kwargs[f.name] = value
         missing = [k for k in ("model", "out_dir") if k not in kwargs]

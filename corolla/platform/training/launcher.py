@@ -226,12 +226,13 @@ class LocalConsortiumRun:
                 nodes=consortium.servers,
             )
             stack.enter_context(swarm)
-            node_configs = {
+            node_configs: dict[str, dict[str, bool | int | float | str]] = {
                 name: {
                     "data": str(data),
                     "store": str(stores / name),
                     "workspace": str(consortium.workspace),
                     "node": name,
+                    "allow-plain-updates": not self.config.secure_agg,  # only when this run asks for it
                 }
                 for name, data in zip(consortium.sites, self.site_data, strict=True)
             }

@@ -162,11 +162,18 @@ def _message(weights: dict[str, np.ndarray] = WEIGHTS_SENT, server_round: int = 
     return message
 
 
-def _context(tmp_path: Path, **node_config: Any) -> Context:
+def _context(tmp_path: Path, *, secure_agg: bool = False, **node_config: Any) -> Context:
+    """A site in a run without secure aggregation that allows plain updates (unless told otherwise)."""
     data = tmp_path / "site.jsonl"
     data.write_text('{"text": "x"}\n')
-    defaults = {"data": str(data), "store": str(tmp_path / "store"), "workspace": "", "node": "site-4"}
-    run_config = TrainConfig(model="m", out_dir="o", rounds=3, dp_epsilon=None).to_run_config()
+    defaults = {
+        "data": str(data),
+        "store": str(tmp_path / "store"),
+        "workspace": "",
+        "node": "site-4",
+        "allow-plain-updates": True,
+    }
+    run_config = TrainConfig(model="m", out_dir="o", rounds=3, dp_epsilon=None, secure_agg=secure_agg).to_run_config()
     node = {**defaults, **node_config}
     return Context(run_id=42, node_id=9, node_config=node, state=RecordDict(), run_config=run_config)
 
@@ -224,6 +231,27 @@ def test_a_site_that_cannot_train_replies_with_why(tmp_path: Path, raised: Excep
         "reason": str(raised),
     }
     assert read_error(reply.error).reason == reason
+
+
+def test_a_site_sends_no_plain_update_unless_its_node_config_allows_it(tmp_path: Path) -> None:
+    calls: list[Call] = []
+    update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
+    reply = _handle(_message(), _context(tmp_path, **{"allow-plain-updates": False}), _site(calls, Result(update)))
+    assert reply.error.code == SITE_REFUSED
+    assert "does not set allow-plain-updates = true" in (reply.error.reason or "")
+    assert calls == []  # refused before training: no privacy budget spent
+
+    reply = _handle(_message(), _context(tmp_path, **{"allow-plain-updates": "yes"}), _site(calls, Result(update)))
+    assert reply.error.code == SITE_FAILED and "expected true or false" in (reply.error.reason or "")
+
+
+def test_a_secure_run_without_an_announcement_is_refused_before_training(tmp_path: Path) -> None:
+    calls: list[Call] = []
+    update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
+    reply = _handle(_message(), _context(tmp_path, secure_agg=True), _site(calls, Result(update)))
+    assert reply.error.code == SITE_FAILED
+    assert "carries no announcement" in (reply.error.reason or "")
+    assert calls == []
 
 
 @pytest.mark.parametrize(

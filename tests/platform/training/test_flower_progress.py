@@ -63,6 +63,14 @@ def test_absent_sites_and_kept_weights_are_named() -> None:
     assert line.endswith("no updates: weights unchanged")
 
 
+def test_secure_aggregation_dropouts_and_failures_are_named() -> None:
+    dropped = format_round({**ROUND, "secure_agg": {"uploads": 3, "survivors": 3, "dropped": 1}})
+    assert dropped.endswith("secure aggregation: 1 dropped, their masks removed")
+    failed = format_round({**ROUND, "kept": True, "secure_agg": {"error": "NotEnoughSurvivors: 2 of 3 answered"}})
+    assert failed.endswith("secure aggregation failed (NotEnoughSurvivors: 2 of 3 answered)  no updates: weights unchanged")
+    assert "secure aggregation" not in format_round({**ROUND, "secure_agg": {"uploads": 3, "dropped": 0}})
+
+
 def test_the_log_appends_flushed_lines_and_echoes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "progress.jsonl").write_text('{"event": "old run"}\n')
     log = ProgressLog.in_dir(tmp_path)

@@ -136,7 +136,7 @@ class FakeCoordinator:
 def _run(
     tmp_path: Path, replies: dict[int, Reply], *, online: Callable[[float], list[int]] | None = None, **config: Any
 ) -> tuple[dict[str, Any], FakeGrid, FakeCoordinator, list[dict[str, Any]]]:
-    settings_ = {"model": "m", "out_dir": str(tmp_path), "rounds": 2, "round_timeout": 30.0, **config}
+    settings_ = {"model": "m", "out_dir": str(tmp_path), "rounds": 2, "round_timeout": 30.0, "secure_agg": False, **config}
     clock = FakeClock()
     grid = FakeGrid(replies, clock, online)
     coordinator = FakeCoordinator(tmp_path)
@@ -285,7 +285,7 @@ def test_a_custom_aggregate_is_used_and_checked(tmp_path: Path) -> None:
     with ProgressLog.in_dir(tmp_path, echo=False) as progress:
         summary = run_rounds(
             FakeGrid(replies, clock),  # type: ignore[arg-type]
-            TrainConfig(model="m", out_dir=str(tmp_path), rounds=1),
+            TrainConfig(model="m", out_dir=str(tmp_path), rounds=1, secure_agg=False),
             coordinator,
             progress=progress,
             aggregate=lambda updates: updates[-1],
@@ -298,7 +298,7 @@ def test_a_custom_aggregate_is_used_and_checked(tmp_path: Path) -> None:
         with pytest.raises(RoundError, match="names or shapes"):
             run_rounds(
                 FakeGrid(replies, clock),  # type: ignore[arg-type]
-                TrainConfig(model="m", out_dir=str(tmp_path), rounds=1),
+                TrainConfig(model="m", out_dir=str(tmp_path), rounds=1, secure_agg=False),
                 coordinator,
                 progress=progress,
                 aggregate=lambda updates: {"a.lora_A": updates[0]["a.lora_A"]},

@@ -1,6 +1,7 @@
-"""Federated rounds on real Flower processes: a SuperLink and three enrolled SuperNodes with a
+"""Federated rounds on real Flower processes: a SuperLink and four enrolled SuperNodes with a
 workspace's identities, running the test app in `fake_app/` (Corolla's `run_rounds` and
-`handle_train` around a fake coordinator and fake sites; see its modules).
+`handle_train` around a fake coordinator and fake sites; see its modules), with secure
+aggregation as `platform train` runs it: the coordinator sees only masked uploads.
 
 One federation serves the module; the kill test runs last, as it leaves one node dead.
 """
@@ -23,10 +24,10 @@ import pytest
 
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.launcher import follow_run
-from corolla.platform.training.local_federation import LocalFederation, local_consortium
+from corolla.platform.training.local_federation import COORDINATOR, LocalFederation, local_consortium
 
 APP = Path(__file__).parent / "fake_app"
-SITES = ("site-0", "site-1", "site-2")  # site-i sends updates of i + 1
+SITES = ("site-0", "site-1", "site-2", "site-3")  # site-i sends updates of i + 1
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
@@ -51,6 +52,7 @@ class Federation:
     local: LocalFederation
     stores: dict[str, Path]
     app: Path
+    workspace: Path
 
 
 @pytest.fixture(scope="module")
@@ -68,30 +70,42 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         for name in SITES
     }
     with LocalFederation(consortium.workspace, node_configs, work_dir=root / "logs") as local:
-        yield Federation(local=local, stores=stores, app=_app_with_config(root / "fake-app"))
+        yield Federation(local=local, stores=stores, app=_app_with_config(root / "fake-app"), workspace=consortium.workspace)
     assert not any(node.running for node in local.nodes.values())
 
 
-def _config(tmp_path: Path, **kwargs: object) -> TrainConfig:
-    return TrainConfig(model="unused", out_dir=str(tmp_path / "out"), sites=len(SITES), **kwargs)  # type: ignore[arg-type]
+def _config(federation: Federation, tmp_path: Path, **kwargs: object) -> TrainConfig:
+    """Secure aggregation with the workspace's coordinator; updates up to 4 fit the encoding."""
+    return TrainConfig(
+        model="unused",
+        out_dir=str(tmp_path / "out"),
+        sites=len(SITES),
+        workspace=str(federation.workspace),
+        node=COORDINATOR,
+        secure_agg_clip=4.0,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, tmp_path: Path) -> None:
-    config = _config(tmp_path, rounds=2, round_timeout=60.0, dp_epsilon=1.0)
+    config = _config(federation, tmp_path, rounds=2, round_timeout=60.0, dp_epsilon=1.0)
     lines: list[str] = []
     started = time.monotonic()
     followed = follow_run(federation.local.control, config, timeout=180, app=federation.app, echo=lines.append)
     print(f"2 rounds on 3 SuperNodes: {time.monotonic() - started:.1f} s")
 
     rounds = [e for e in followed.events if e["event"] == "round"]
-    assert [r["aggregated"] for r in rounds] == [3, 2]
-    assert rounds[0]["eval"]["accuracy"] == pytest.approx(2.0)  # 0 + mean(1, 2, 3)
-    assert rounds[1]["eval"]["accuracy"] == pytest.approx(3.5)  # 2 + mean(1, 2): site-2 refused
+    assert [r["aggregated"] for r in rounds] == [4, 3]
+    # Secure aggregation: whole numbers are exact in the fixed-point encoding, so the means are too.
+    assert rounds[0]["eval"]["accuracy"] == pytest.approx(2.5, abs=1e-6)  # 0 + mean(1, 2, 3, 4)
+    assert rounds[1]["eval"]["accuracy"] == pytest.approx(2.5 + 7 / 3, abs=1e-6)  # + mean(1, 2, 4): site-2 refused
     assert {name: info["status"] for name, info in rounds[1]["sites"].items()} == {
         "site-0": "ok",
         "site-1": "ok",
         "site-2": "refused",
+        "site-3": "ok",
     }
+    assert rounds[0]["secure_agg"] == {"uploads": 4, "survivors": 4, "dropped": 0, "unmask_answers": 4, "threshold": 3}
     assert rounds[0]["sites"]["site-1"]["epsilon"] == 0.5
 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -101,18 +115,19 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     assert summary["missing"] == [] and summary["failures"] == []
     assert summary["sites"]["site-2"]["rounds_trained"] == 1
     weights = np.load(tmp_path / "out" / "adapter" / "weights.npz")
-    assert all(np.all(weights[name] == np.float32(3.5)) for name in weights.files)
+    assert all(np.allclose(weights[name], 2.5 + 7 / 3, rtol=0, atol=1e-6) for name in weights.files)
 
     # Every site filed the run under the same key, from the SuperNode's context.
     keys = {(federation.stores[name] / "round-1").read_text() for name in SITES}
     assert keys == {f"flower-run-{followed.result.run_id}"}
 
     assert lines[0].startswith("training: 2 rounds, DP-SGD, epsilon 1.0 per site")
+    assert "secure aggregation" in lines[0]
     assert lines[1] == "before training: held-out loss 10.000  acc 0.00 (chance 0.25)"
     assert lines[2].startswith(
-        "round 1/2  held-out loss 8.000  acc 2.00 (chance 0.25)  eps site-0 0.5 site-1 0.5 site-2 0.5  "
+        "round 1/2  held-out loss 7.500  acc 2.50 (chance 0.25)  eps site-0 0.5 site-1 0.5 site-2 0.5 site-3 0.5  "
     )
-    assert "eps site-0 1 site-1 1 site-2 -" in lines[3]
+    assert "eps site-0 1 site-1 1 site-2 - site-3 1" in lines[3]
     assert "refused: site-2 (FakeRefused: privacy budget exhausted (fake))" in lines[3]
 
 
@@ -155,7 +170,7 @@ def test_a_site_killed_mid_round_is_reported_offline_and_the_round_completes(
 
     killer = threading.Thread(target=kill_when_training, daemon=True)
     killer.start()
-    config = _config(tmp_path, rounds=1, round_timeout=150.0)  # longer than Flower's heartbeat window
+    config = _config(federation, tmp_path, rounds=1, round_timeout=150.0)  # longer than Flower's heartbeat window
     followed = follow_run(federation.local.control, config, timeout=220, app=federation.app, echo=lambda _: None)
     finished = time.monotonic()
     killer.join(timeout=5)
@@ -163,11 +178,15 @@ def test_a_site_killed_mid_round_is_reported_offline_and_the_round_completes(
     assert killed_at, "site-1 never started its round"
     print(f"round completed {finished - killed_at[0]:.1f} s after the kill")
     [round_one] = [e for e in followed.events if e["event"] == "round"]
-    assert round_one["aggregated"] == 2
-    assert round_one["eval"]["accuracy"] == pytest.approx(2.0)  # mean(1, 3)
+    # Killed after the key stage, before its masked upload: the three others' sum is unmasked.
+    assert round_one["aggregated"] == 3, round_one
+    assert round_one["secure_agg"]["dropped"] == 1
+    assert round_one["eval"]["accuracy"] == pytest.approx(8 / 3, abs=1e-6)  # mean(1, 3, 4)
     dead = f"node-{victim.node_id}"  # it never replied in this run, so only its node id is known
     assert round_one["sites"][dead]["status"] == "offline"
     assert round_one["seconds"] < config.round_timeout  # the SuperLink said so; the loop did not wait it out
-    assert finished - killed_at[0] < 90  # 60 s heartbeat window, a 3 s poll, the ServerApp saving and exiting
+    # 60 s heartbeat window, a 3 s poll, the unmask stage (one more push and pull, ClientApps starting), the
+    # ServerApp saving and exiting; on a loaded 2-core machine the last two took up to ~45 s.
+    assert finished - killed_at[0] < 120
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(m["site"], m["status"]) for m in summary["missing"]] == [(dead, "offline")]

@@ -23,6 +23,7 @@ from flwr.app import Context, Message, RecordDict
 
 from corolla.errors import CorollaError
 from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.flower_app import secure
 from corolla.platform.training.flower_app.records import (
     METRICS,
     ROUND,
@@ -36,6 +37,7 @@ from corolla.platform.training.flower_app.records import (
     RecordError,
     check_like,
     from_array_record,
+    run_key,
     site_error,
     to_array_record,
     to_metrics_record,
@@ -92,10 +94,17 @@ def site_env_kwargs(node_config: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def run_key(context: Context) -> str:
-    """What the site's ledger files this run under. Taken from the SuperNode's context, not
-    from the message, so the coordinator cannot start a fresh budget in every round."""
-    return f"flower-run-{context.run_id}"
+def allow_plain_updates(node_config: Mapping[str, Any]) -> bool:
+    """Node config `allow-plain-updates` (default false): whether this site sends its update
+    in the clear when a run asks for no secure aggregation. By default it refuses."""
+    value = node_config.get("allow-plain-updates", False)
+    if not isinstance(value, bool):
+        raise NodeConfigError(f"node config 'allow-plain-updates' = {value!r}: expected true or false")
+    return value
+
+
+class PlainUpdateRefused(CorollaError):
+    """The run asks for updates in the clear and this site's node config does not allow it."""
 
 
 def handle_train(
@@ -106,25 +115,58 @@ def handle_train(
     env_type: Callable[..., Any] | None = None,
     refusals: tuple[type[BaseException], ...] | None = None,
 ) -> Message:
-    """Train one round on this site and reply with the update and metrics, or an error.
+    """Train one round on this site and reply with the update (masked, under secure
+    aggregation) and metrics, or an error.
 
     `env_type` builds the site's environment from `site_env_kwargs` and `refusals` are the
     exceptions that mean "the site declines"; by default `SiteEnv` and `SiteRefused` of
     `corolla.platform.training.site`.
     """
-    node = context.node_config.get("node")
-    site = node if isinstance(node, str) and node else f"node-{context.node_id}"
-    try:
+
+    def work() -> Message:
+        nonlocal env_type, refusals
         if env_type is None or refusals is None:
             from corolla.platform.training.site import SiteEnv, SiteRefused
 
             env_type = SiteEnv if env_type is None else env_type
             refusals = (SiteRefused,) if refusals is None else refusals
-        return _train(msg, context, site_round_fn, env_type, site)
+        return _train(msg, context, site_round_fn, env_type, site_name(context))
+
+    return reply_or_error(msg, context, work, refusals=lambda: (*(refusals or ()), PlainUpdateRefused))
+
+
+def handle_keys_query(msg: Message, context: Context) -> Message:
+    """A `query` message: this site's certificates for secure aggregation."""
+    return reply_or_error(msg, context, lambda: secure.keys_reply(msg, context))
+
+
+def handle_unmask(msg: Message, context: Context) -> Message:
+    """A `train.secagg_unmask` message: the second stage of this round's secure aggregation."""
+    return reply_or_error(msg, context, lambda: secure.unmask_reply(msg, context))
+
+
+def site_name(context: Context) -> str:
+    node = context.node_config.get("node")
+    return node if isinstance(node, str) and node else f"node-{context.node_id}"
+
+
+def reply_or_error(
+    msg: Message,
+    context: Context,
+    work: Callable[[], Message],
+    *,
+    refusals: Callable[[], tuple[type[BaseException], ...]] = tuple,
+) -> Message:
+    """`work()`'s reply, or the error reply the coordinator records: `SITE_REFUSED` for the
+    exceptions `refusals()` names, `SITE_FAILED` for other Corolla errors, `SITE_CRASHED` for
+    anything else (its traceback in the SuperNode's log only)."""
+    site = site_name(context)
+    try:
+        return work()
     except Exception as exc:  # every failure becomes a reply the coordinator can record
-        if refusals and isinstance(exc, refusals):
+        if isinstance(exc, refusals()):
             code = SITE_REFUSED
-            _log.warning("site %s refused round: %s", site, exc)
+            _log.warning("site %s refused: %s", site, exc)
         elif isinstance(exc, CorollaError):
             code = SITE_FAILED
             _log.error("site %s failed: %s", site, exc)
@@ -145,11 +187,25 @@ def _train(
         server_round = int(content[ROUND][SERVER_ROUND])  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise RecordError(f"malformed train message: {type(exc).__name__}: {exc}") from None
+    announced = secure.SECAGG in content.config_records
+    if config.secure_agg and not announced:
+        raise RecordError("the run uses secure aggregation, but the train message carries no announcement")
+    if not announced and not allow_plain_updates(context.node_config):
+        raise PlainUpdateRefused(
+            "the run asks for this site's update in the clear (no secure aggregation); this site's node config "
+            "does not set allow-plain-updates = true"
+        )
+    if announced:  # refuse a bad announcement before spending privacy budget on the round
+        secure.check_announcement(content, context)
     result = site_round_fn(config, env, weights, server_round=server_round, run_key=run_key(context))
     try:
         check_like(result.update, weights)
         update = to_array_record(result.update)  # float32; refuses non-float and non-finite arrays
     except RecordError as exc:
         raise RecordError(f"the site's update does not fit the weights it was sent: {exc}") from None
-    metrics = to_metrics_record({**result.metrics, SITE: site})
-    return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+    if not announced:
+        metrics = to_metrics_record({**result.metrics, SITE: site})
+        return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+    upload, clipped = secure.masked_upload(content, context, secure.flatten(result.update))
+    metrics = to_metrics_record({**result.metrics, SITE: site, "clipped": clipped})
+    return Message(RecordDict({secure.SECAGG: upload, METRICS: metrics}), reply_to=msg)

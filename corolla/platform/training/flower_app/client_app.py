@@ -1,4 +1,5 @@
-"""The ClientApp of `platform train`: `handle_train` with the site's DP-SGD round."""
+"""The ClientApp of `platform train`: `handle_train` with the site's DP-SGD round, and the
+site's two secure-aggregation answers (its certificates; the unmask stage)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from corolla.platform.training.flower_app.client import SiteResultLike, handle_train
+from corolla.platform.training.flower_app.client import (
+    SiteResultLike,
+    handle_keys_query,
+    handle_train,
+    handle_unmask,
+)
+from corolla.platform.training.flower_app.secure import UNMASK_ACTION
 
 app = ClientApp()
 
@@ -16,6 +23,16 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     # `handle_train` imports `SiteEnv` and `SiteRefused` itself, so a failing import is an error reply.
     return handle_train(msg, context, _train_site_round)
+
+
+@app.train(UNMASK_ACTION)
+def unmask(msg: Message, context: Context) -> Message:
+    return handle_unmask(msg, context)
+
+
+@app.query()
+def keys(msg: Message, context: Context) -> Message:
+    return handle_keys_query(msg, context)
 
 
 def _train_site_round(*args: Any, **kwargs: Any) -> SiteResultLike:

@@ -170,6 +170,11 @@ def format_round(event: Mapping[str, Any]) -> str:
         ]
         if names:
             parts.append(f"{status}: {', '.join(names)}")
+    secure = event.get("secure_agg")
+    if isinstance(secure, Mapping) and secure.get("error"):
+        parts.append(f"secure aggregation failed ({_short(secure['error'])})")
+    elif isinstance(secure, Mapping) and secure.get("dropped"):
+        parts.append(f"secure aggregation: {secure['dropped']} dropped, their masks removed")
     if event.get("kept"):
         parts.append("no updates: weights unchanged")
     return "  ".join(parts)

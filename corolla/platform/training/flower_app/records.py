@@ -59,6 +59,13 @@ class RecordError(CorollaError):
     exit_code = 2
 
 
+def run_key(context: Any) -> str:
+    """What a site files this run's privacy ledger and secure-aggregation state under, and the
+    run id the coordinator's announcements must name: from the Flower context, not from a
+    message, so the coordinator cannot start a fresh budget (or round store) in every round."""
+    return f"flower-run-{context.run_id}"
+
+
 # --- arrays ------------------------------------------------------------------------------
 
 

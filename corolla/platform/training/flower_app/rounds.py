@@ -56,6 +56,7 @@ from corolla.platform.training.flower_app.records import (
     read_error,
     to_array_record,
 )
+from corolla.platform.training.flower_app.secure import SecureRounds
 
 _log = logging.getLogger(__name__)
 
@@ -100,28 +101,34 @@ def run_rounds(
     coordinator: CoordinatorLike,
     *,
     progress: ProgressLog,
+    secure: SecureRounds | None = None,
     aggregate: Aggregate = mean_update,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Run `config.rounds` rounds; save through `coordinator.save` and return the summary
-    (with "adapter", the directory `save` returned)."""
+    (with "adapter", the directory `save` returned).
+
+    With `secure` (required when `config.secure_agg`), the sites' updates are combined by
+    secure aggregation and the coordinator sees only their mean; otherwise by `aggregate`
+    over the updates in the clear."""
+    if config.secure_agg and secure is None:
+        raise RoundError("the run asks for secure aggregation, but the coordinator was given no keys for it")
     weights = _checked_weights(coordinator.initial_weights())
     state = _RunState()
-    aggregation = getattr(aggregate, "__name__", type(aggregate).__name__)
+    plain_name = getattr(aggregate, "__name__", type(aggregate).__name__)
+    aggregation = "secure_aggregation" if secure is not None else plain_name
     progress.emit(
         {
             "event": "start",
             "rounds": config.rounds,
             "dp": config.dp,
             "dp_epsilon": config.dp_epsilon,
-            "secure_agg": config.secure_agg and aggregate is not mean_update,
+            "secure_agg": secure is not None,
             "aggregation": aggregation,
             "sites_expected": config.sites,
         }
     )
-    if config.secure_agg and aggregate is mean_update:
-        _log.warning("secure aggregation is not available yet: site updates are aggregated in the clear")
     started = clock()
     initial = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
     progress.emit(
@@ -140,31 +147,77 @@ def run_rounds(
         started = clock()
         want = config.sites if server_round == 1 else 1
         nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
-        updates, outcomes = _exchange(grid, nodes, weights, server_round, config.round_timeout, state)
-        if updates:
-            delta = aggregate(updates)
+        delta, aggregated, outcomes, secure_info = _train_round(
+            grid, nodes, weights, server_round, config.round_timeout, state, secure, aggregate
+        )
+        if delta is not None:
             _check_aggregate(delta, weights)
             weights = {name: (weights[name] + delta[name]).astype(np.float32) for name in weights}
         else:
-            _log.warning("round %d: no site sent an update; the weights are unchanged", server_round)
+            _log.warning("round %d: no update to aggregate; the weights are unchanged", server_round)
         evaluation = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
         record = {
             "round": server_round,
             "rounds": config.rounds,
             "seconds": round(clock() - started, 3),
             "nodes": len(nodes),
-            "aggregated": len(updates),
-            "kept": not updates,
+            "aggregated": aggregated,
+            "kept": delta is None,
             "eval": evaluation,
             "dp": config.dp,
             "sites": {state.name(node): info for node, info in outcomes.items()},
         }
+        if secure_info is not None:
+            record["secure_agg"] = secure_info
         progress.emit({"event": "round", **record})
         state.record_round(record, outcomes)
     summary = {**state.summary(config, evaluation, aggregation), "initial": initial}
     adapter = coordinator.save(weights, summary)
     progress.emit({"event": "done", "adapter": str(adapter), "summary": str(Path(config.out_dir) / "summary.json")})
     return {**summary, "adapter": str(adapter)}
+
+
+def _train_round(
+    grid: Grid,
+    nodes: list[int],
+    weights: Weights,
+    server_round: int,
+    timeout: float,
+    state: _RunState,
+    secure: SecureRounds | None,
+    aggregate: Aggregate,
+) -> tuple[Weights | None, int, dict[int, dict[str, Any]], dict[str, Any] | None]:
+    """One round: (the mean update or None, how many sites it averages, each node's
+    outcome, what secure aggregation reports or None when it is off)."""
+    if secure is None:
+        plain = _PlainRound(weights)
+        outcomes = _exchange(grid, nodes, weights, server_round, timeout, state, plain)
+        return (aggregate(plain.updates) if plain.updates else None), len(plain.updates), outcomes, None
+
+    from corolla.secure_agg import SecureAggregationError
+
+    failed = secure.enroll(grid, nodes, timeout)
+    members = [node for node in nodes if node in secure.members]
+    try:
+        secure_round = secure.round(members, server_round, weights)
+    except SecureAggregationError as exc:  # e.g. fewer than 2 sites with keys
+        _log.warning("round %d: no secure aggregation possible: %s", server_round, exc)
+        return (
+            None,
+            0,
+            {node: failed.get(node, {"status": "skipped", "reason": str(exc)}) for node in nodes},
+            {"error": f"{type(exc).__name__}: {exc}"},
+        )
+    outcomes = _exchange(grid, members, weights, server_round, timeout, state, secure_round)
+    outcomes = {node: failed[node] if node in failed else outcomes[node] for node in nodes}
+    if not secure_round.uploads:
+        return None, 0, outcomes, {"uploads": 0, "threshold": secure_round.aggregator.threshold}
+    try:
+        delta, info = secure_round.finish(grid, timeout)
+    except SecureAggregationError as exc:  # too few survivors, a sum out of range: the round is lost
+        _log.warning("round %d: secure aggregation failed: %s", server_round, exc)
+        return None, 0, outcomes, {"uploads": secure_round.uploads, "error": f"{type(exc).__name__}: {exc}"}
+    return delta, info["survivors"], outcomes, {"uploads": secure_round.uploads, **info}
 
 
 def _wait_for_nodes(
@@ -183,13 +236,49 @@ def _wait_for_nodes(
         sleep(NODE_POLL)
 
 
+class _PlainRound:
+    """Updates in the clear, as `_exchange` receives them."""
+
+    def __init__(self, like: Weights) -> None:
+        self.like = like
+        self.updates: list[Weights] = []
+
+    def train_records(self) -> dict[str, ConfigRecord]:
+        return {}
+
+    def accept(self, node: int, content: RecordDict) -> None:
+        try:
+            record = content[UPDATE]
+        except KeyError:
+            raise RecordError("the reply carries no update") from None
+        self.updates.append(from_array_record(record, like=self.like))
+
+
+class _RoundLike(Protocol):
+    def train_records(self) -> dict[str, ConfigRecord]: ...
+
+    def accept(self, node: int, content: RecordDict) -> None: ...
+
+
 def _exchange(
-    grid: Grid, nodes: list[int], weights: Weights, server_round: int, timeout: float, state: _RunState
-) -> tuple[list[Weights], dict[int, dict[str, Any]]]:
-    """Send the round to `nodes`; the updates that came back and each node's outcome."""
+    grid: Grid,
+    nodes: list[int],
+    weights: Weights,
+    server_round: int,
+    timeout: float,
+    state: _RunState,
+    round_: _RoundLike,
+) -> dict[int, dict[str, Any]]:
+    """Send the round to `nodes`, hand every reply's update to `round_`; each node's outcome."""
     if not nodes:
-        return [], {}
-    content = RecordDict({WEIGHTS: to_array_record(weights), ROUND: ConfigRecord({SERVER_ROUND: server_round})})
+        return {}
+    content = RecordDict(
+        {
+            WEIGHTS: to_array_record(weights),
+            ROUND: ConfigRecord({SERVER_ROUND: server_round}),
+            **round_.train_records(),
+        }
+    )
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round), ttl=timeout)
         for node in nodes
@@ -197,7 +286,6 @@ def _exchange(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # Message ids are set when pushed; the SuperLink's own error replies come from node 0.
     node_of = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
-    updates: list[Weights] = []
     outcomes: dict[int, dict[str, Any]] = {}
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -210,17 +298,16 @@ def _exchange(
             outcomes[node] = {"status": error.outcome, "reason": error.reason, "code": error.code}
             continue
         try:
-            update = from_array_record(reply.content[UPDATE], like=weights)
             metrics = from_metrics_record(reply.content[METRICS])
+            round_.accept(node, reply.content)
         except (RecordError, KeyError, TypeError, ValueError) as exc:
             outcomes[node] = {"status": "failed", "reason": f"invalid reply: {exc}"}
             continue
         site = metrics.pop(SITE, None)
         state.learn(node, site if isinstance(site, str) else None)
-        updates.append(update)
         outcomes[node] = {"status": "ok", **metrics}
     missing = {"status": "missing", "reason": f"no reply within {timeout:.0f} s"}
-    return updates, {node: outcomes.get(node, dict(missing)) for node in nodes}  # in node order
+    return {node: outcomes.get(node, dict(missing)) for node in nodes}  # in node order
 
 
 class _RunState:
@@ -265,7 +352,7 @@ class _RunState:
             "config": dataclasses.asdict(config),
             "dp": config.dp,
             "aggregation": aggregation,
-            "secure_agg": config.secure_agg and aggregation != "mean_update",
+            "secure_agg": aggregation == "secure_aggregation",
             "rounds": self.rounds,
             "sites": sites,
             **self.events,

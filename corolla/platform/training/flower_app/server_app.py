@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.flower_app.progress import ProgressLog
 from corolla.platform.training.flower_app.rounds import run_rounds
+from corolla.platform.training.flower_app.secure import rounds_for
 
 app = ServerApp()
 
@@ -17,5 +18,6 @@ def main(grid: Grid, context: Context) -> None:
     from corolla.platform.training.coordinator import Coordinator  # torch and the model: only in the run
 
     config = TrainConfig.from_run_config(context.run_config)
+    secure = rounds_for(config, context)  # None with --no-secure-agg
     with ProgressLog.in_dir(config.out_dir) as progress:
-        run_rounds(grid, config, Coordinator(config), progress=progress)
+        run_rounds(grid, config, Coordinator(config), progress=progress, secure=secure)

@@ -14,7 +14,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from corolla.errors import CorollaError
-from corolla.platform.training.flower_app.client import handle_train
+from corolla.platform.training.flower_app.client import handle_keys_query, handle_train, handle_unmask
+from corolla.platform.training.flower_app.secure import UNMASK_ACTION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,3 +54,13 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context, fake_round, env_type=FakeEnv, refusals=(FakeRefused,))
+
+
+@app.train(UNMASK_ACTION)
+def unmask(msg: Message, context: Context) -> Message:
+    return handle_unmask(msg, context)
+
+
+@app.query()
+def keys(msg: Message, context: Context) -> Message:
+    return handle_keys_query(msg, context)

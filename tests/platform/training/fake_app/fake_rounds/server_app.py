@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.flower_app.progress import ProgressLog
 from corolla.platform.training.flower_app.rounds import run_rounds
+from corolla.platform.training.flower_app.secure import rounds_for
 
 SHAPES = {
     "model.layers.0.self_attn.q_proj.lora_A.weight": (2, 3),
@@ -47,4 +48,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = TrainConfig.from_run_config(context.run_config)
     with ProgressLog.in_dir(config.out_dir) as progress:
-        run_rounds(grid, config, FakeCoordinator(config), progress=progress)
+        run_rounds(grid, config, FakeCoordinator(config), progress=progress, secure=rounds_for(config, context))

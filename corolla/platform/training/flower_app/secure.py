@@ -1,0 +1,357 @@
+"""Secure aggregation on Flower's Message API: what `run_rounds` and the ClientApp add to
+their messages so that the coordinator learns only the sum of the sites' updates.
+
+The protocol is `corolla.secure_agg` (docs/secure_aggregation.md); this module carries it.
+Besides the messages of `records.py`:
+
+- once per run and node, a `query` message `{"secagg": {"ask": "keys"}}`; the site answers
+  `{"secagg": {"node-id", "identity-cert", "agreement-cert"}}` (DER certificates, which the
+  coordinator checks against the consortium CA and the announcement shows every site);
+- the train message gains `{"secagg": {"announcement": bytes}}` (the round's signed roster,
+  threshold and encoding); the site replies with `{"secagg": {"upload": bytes}}` (its
+  masked, fixed-point update, 4 bytes per parameter) instead of `"update"`, and keeps the
+  secrets it needs later in its own store (`<store>/secagg/`), never in a message;
+- a `train.secagg_unmask` message to the sites whose uploads arrived, `{"secagg":
+  {"request": bytes}}`; each answers once per round `{"secagg": {"reply": bytes}}`.
+
+Two message stages per round, the first riding on training. Updates travel as one float32
+vector: the arrays in sorted name order, flattened (`flatten` / `unflatten`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from corolla.errors import CorollaError
+from corolla.platform.training.flower_app.records import (
+    ROUND,
+    SERVER_ROUND,
+    RecordError,
+    Weights,
+    read_error,
+    run_key,
+)
+
+_log = logging.getLogger(__name__)
+
+SECAGG = "secagg"  # the ConfigRecord every secure-aggregation message carries
+UNMASK_ACTION = "secagg_unmask"  # ClientApp action: message type "train.secagg_unmask"
+UNMASK_MESSAGE_TYPE = f"{MessageType.TRAIN}.{UNMASK_ACTION}"
+STATE_DIR = "secagg"  # under a site's store: its round secrets between the two stages
+
+
+def flatten(weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The arrays in sorted name order as one float32 vector (what the protocol masks)."""
+    return np.concatenate([np.asarray(weights[name], dtype=np.float32).ravel() for name in sorted(weights)])
+
+
+def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> Weights:
+    """`flatten`'s inverse, shaped like `like`."""
+    size = sum(int(np.size(like[n])) for n in like)
+    if vector.shape != (size,):
+        raise RecordError(f"the aggregate has shape {vector.shape}; the weights have {size} values")
+    out: Weights = {}
+    at = 0
+    for name in sorted(like):
+        size = int(np.size(like[name]))
+        out[name] = vector[at : at + size].reshape(np.shape(like[name])).astype(np.float32)
+        at += size
+    return out
+
+
+def _bytes(record: Any, key: str) -> bytes:
+    """`record[key]` when `record` is a ConfigRecord holding bytes there."""
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"expected a ConfigRecord {SECAGG!r}, got {type(record).__name__}")
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise RecordError(f"the {SECAGG!r} record lacks bytes {key!r}")
+    return value
+
+
+# --- coordinator ---------------------------------------------------------------------------
+
+
+@dataclass
+class SecureRounds:
+    """The coordinator's side over a run: who the sites are (their certified keys) and one
+    `corolla.secure_agg.Aggregator` per round."""
+
+    run_key: str  # the run id every site files its state under (`client.run_key`)
+    keys: Any  # corolla.secure_agg.CoordinatorKeys
+    verifier: Any  # the coordinator's `Verifier` (consortium CA + CRL)
+    clip: float  # encoding range: update values outside [-clip, clip] are clipped by the sites
+    members: dict[int, Any] = field(default_factory=dict)  # Flower node id -> secure_agg.Member
+
+    @classmethod
+    def for_node(cls, node_dir: Path, *, run_key: str, clip: float) -> SecureRounds:
+        """The coordinator whose identity is in `node_dir` (`<workspace>/nodes/<name>`)."""
+        from corolla.platform.pki import NodeIdentity
+        from corolla.secure_agg import CoordinatorKeys
+
+        identity = NodeIdentity.load(node_dir)
+        keys = CoordinatorKeys(
+            node_id=identity.node_id, identity_key=identity.identity_key_raw(), identity_cert=identity.identity_cert_der
+        )
+        return cls(run_key=run_key, keys=keys, verifier=identity.verifier(), clip=clip)
+
+    def enroll(self, grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, Any]]:
+        """Ask nodes not yet known for their certificates; the outcomes of those that fail."""
+        from corolla.secure_agg import Member
+
+        new = [n for n in nodes if n not in self.members]
+        if not new:
+            return {}
+        content = RecordDict({SECAGG: ConfigRecord({"ask": "keys"})})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in new]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
+        outcomes: dict[int, dict[str, Any]] = {}
+        for reply in replies:
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node not in new or node in self.members or node in outcomes:
+                continue
+            if reply.has_error():
+                error = read_error(reply.error)
+                outcomes[node] = {"status": error.outcome, "reason": f"secure-aggregation keys: {error.reason}"}
+                continue
+            try:
+                record = reply.content[SECAGG]
+                node_id = record.get("node-id")
+                if not isinstance(node_id, str):
+                    raise RecordError("the keys reply lacks its node id")
+                member = Member(
+                    node_id=node_id,
+                    identity_cert=_bytes(record, "identity-cert"),
+                    agreement_cert=_bytes(record, "agreement-cert"),
+                )
+                # chain to the CA, role site, node id, revocation: what every site checks again
+                self.verifier.check_signing_key_der(member.identity_cert, node_id=node_id, role="site")
+                self.verifier.check_agreement_der(member.agreement_cert, node_id=node_id)
+            except (CorollaError, KeyError, ValueError) as exc:
+                outcomes[node] = {"status": "failed", "reason": f"secure-aggregation keys refused: {exc}"}
+                continue
+            if any(m.node_id == member.node_id for m in self.members.values()):
+                outcomes[node] = {"status": "failed", "reason": f"node id {member.node_id} already in the run"}
+                continue
+            self.members[node] = member
+        for node in new:
+            if node not in self.members and node not in outcomes:
+                outcomes[node] = {"status": "missing", "reason": f"no keys reply within {timeout:.0f} s"}
+        return outcomes
+
+    def round(self, nodes: list[int], server_round: int, weights: Mapping[str, np.ndarray]) -> SecureRound:
+        """The round's aggregator over `nodes` (all enrolled)."""
+        from corolla.secure_agg import Aggregator, FixedPoint
+
+        members = [self.members[n] for n in nodes]
+        aggregator = Aggregator(
+            run_id=self.run_key,
+            round=server_round,
+            members=members,
+            encoding=FixedPoint.for_sites(len(members), clip=self.clip),
+            length=sum(int(np.size(w)) for w in weights.values()),
+            coordinator=self.keys,
+            verifier=self.verifier,
+        )
+        return SecureRound(
+            aggregator=aggregator,
+            server_round=server_round,
+            like=dict(weights),
+            node_ids={n: self.members[n].node_id for n in nodes},
+        )
+
+
+@dataclass
+class SecureRound:
+    """One round, coordinator side: the announcement out, uploads in, then the unmask stage."""
+
+    aggregator: Any  # corolla.secure_agg.Aggregator
+    server_round: int
+    like: Weights
+    node_ids: dict[int, str]  # Flower node id -> the site's node id in the roster
+    uploads: int = 0
+
+    def train_records(self) -> dict[str, ConfigRecord]:
+        return {SECAGG: ConfigRecord({"announcement": self.aggregator.announcement})}
+
+    def accept(self, node: int, content: RecordDict) -> None:
+        """A site's upload; the signed sender must be the member this Flower node enrolled as."""
+        from corolla.secure_agg import SecureAggregationError
+
+        try:
+            sender = self.aggregator.add_upload(_bytes(content[SECAGG], "upload"))
+        except KeyError:
+            raise RecordError("the reply carries no secure-aggregation upload") from None
+        except SecureAggregationError as exc:
+            raise RecordError(f"upload rejected: {exc}") from None
+        if sender != self.node_ids.get(node):
+            raise RecordError(f"upload signed by {sender}, but this node enrolled as {self.node_ids.get(node)}")
+        self.uploads += 1
+
+    def finish(self, grid: Grid, timeout: float) -> tuple[Weights, dict[str, Any]]:
+        """The unmask stage; the mean update of the sites whose uploads are in the sum."""
+        requests: dict[str, bytes] = self.aggregator.unmask_requests()
+        flower_node = {node_id: node for node, node_id in self.node_ids.items()}
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        SECAGG: ConfigRecord({"request": request}),
+                        ROUND: ConfigRecord({SERVER_ROUND: self.server_round}),
+                    }
+                ),
+                dst_node_id=flower_node[node_id],
+                message_type=UNMASK_MESSAGE_TYPE,
+                group_id=str(self.server_round),
+                ttl=timeout,
+            )
+            for node_id, request in requests.items()
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
+        unanswered = {}
+        for reply in replies:
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                unanswered[self.node_ids.get(node, str(node))] = read_error(reply.error).reason
+                continue
+            try:
+                self.aggregator.add_unmask_reply(_bytes(reply.content[SECAGG], "reply"))
+            except Exception as exc:  # any bad reply is one site's failure, not the round's
+                unanswered[self.node_ids.get(node, str(node))] = f"{type(exc).__name__}: {exc}"
+        result = self.aggregator.result()  # NotEnoughSurvivors etc. end the round without an update
+        mean = result.total.astype(np.float64) / result.count
+        info = {
+            "survivors": len(result.survivors),
+            "dropped": len(result.dropped),
+            "unmask_answers": len(result.answered),
+            "threshold": self.aggregator.threshold,
+        }
+        if unanswered:
+            info["unmask_failures"] = unanswered
+        return unflatten(mean.astype(np.float32), self.like), info
+
+
+# --- site ----------------------------------------------------------------------------------
+
+
+def _site_identity(context: Context) -> Any:
+    """The site's `NodeIdentity` (node config `workspace` and `node`): its signing key, its
+    key-agreement key and the CA it checks the roster against."""
+    from corolla.platform.pki import NodeIdentity
+
+    workspace, node = context.node_config.get("workspace"), context.node_config.get("node")
+    if not isinstance(workspace, str) or not workspace or not isinstance(node, str) or not node:
+        raise SecureSiteError(
+            "secure aggregation needs the site's identity: set node config 'workspace' and 'node' to its node "
+            "directory in a consortium workspace"
+        )
+    return NodeIdentity.load(Path(workspace).expanduser() / "nodes" / node)
+
+
+def _site_keys(identity: Any) -> Any:
+    from corolla.secure_agg import SiteKeys
+
+    return SiteKeys(
+        node_id=identity.node_id, identity_key=identity.identity_key_raw(), agreement_key=identity.agreement_key_raw()
+    )
+
+
+def _store(context: Context) -> Any:
+    from corolla.secure_agg import RoundStateStore
+
+    store = context.node_config.get("store")
+    if not isinstance(store, str) or not store:
+        raise SecureSiteError("node config 'store' is empty: secure aggregation keeps the site's round secrets there")
+    return RoundStateStore(Path(store).expanduser() / STATE_DIR)
+
+
+class SecureSiteError(CorollaError):
+    """The site cannot take part in secure aggregation (no identity, no store)."""
+
+    exit_code = 2
+
+
+def keys_reply(msg: Message, context: Context) -> Message:
+    """The answer to the coordinator's keys query: this site's certificates."""
+    if msg.content.get(SECAGG, ConfigRecord()).get("ask") != "keys":
+        raise RecordError("unknown query: this site answers only the secure-aggregation keys query")
+    identity = _site_identity(context)
+    record = ConfigRecord(
+        {
+            "node-id": identity.node_id,
+            "identity-cert": identity.identity_cert_der,
+            "agreement-cert": identity.agreement_cert_der,
+        }
+    )
+    return Message(RecordDict({SECAGG: record}), reply_to=msg)
+
+
+def check_announcement(content: RecordDict, context: Context) -> None:
+    """Refuse a round whose announcement this site would refuse, before it trains."""
+    from corolla.secure_agg.roster import read_announcement
+
+    identity = _site_identity(context)
+    announced = read_announcement(_bytes(content[SECAGG], "announcement"), identity.verifier())
+    if announced.announcement.run_id != run_key(context):
+        raise RecordError(f"the announcement is for run {announced.announcement.run_id}, not this run")
+
+
+def masked_upload(content: RecordDict, context: Context, update: np.ndarray) -> tuple[ConfigRecord, int]:
+    """Stage 1: this site's masked update for the round announced in `content`; its round
+    secrets go to the site's store before anything is sent. Returns the record and how many
+    values were clipped into the encoding's range."""
+    from corolla.secure_agg import SitePolicy, site_upload
+
+    if not np.all(np.isfinite(update)):
+        raise RecordError("the site's update holds NaN or infinite values")
+    identity = _site_identity(context)
+    result = site_upload(
+        _bytes(content[SECAGG], "announcement"),
+        update,
+        _site_keys(identity),
+        identity.verifier(),
+        policy=SitePolicy(),  # thresholds safe against a coordinator lying about dropouts
+        run_id=run_key(context),
+    )
+    _store(context).save(result.state)  # one upload per round: a replayed announcement is refused here
+    if result.clipped:
+        _log.warning("round %d: %d update values were clipped into the encoding range", result.round, result.clipped)
+    return ConfigRecord({"upload": result.upload}), int(result.clipped)
+
+
+def unmask_reply(msg: Message, context: Context) -> Message:
+    """Stage 2: this site's answer to the round's unmask request, once per round."""
+    from corolla.secure_agg import site_unmask
+
+    try:
+        request = _bytes(msg.content[SECAGG], "request")
+        server_round = int(msg.content[ROUND][SERVER_ROUND])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"malformed unmask message: {type(exc).__name__}: {exc}") from None
+    state = _store(context).take(run_key(context), server_round)  # deleted as it is read: one answer per round
+    reply = site_unmask(request, state, _site_keys(_site_identity(context)))
+    return Message(RecordDict({SECAGG: ConfigRecord({"reply": reply})}), reply_to=msg)
+
+
+def rounds_for(config: Any, context: Context) -> SecureRounds | None:
+    """The coordinator's `SecureRounds` for a run (None with `--no-secure-agg`)."""
+    if not config.secure_agg:
+        return None
+    if not config.workspace or not config.node:
+        raise SecureSiteError(
+            "secure aggregation needs the coordinator's identity: give the run config a workspace and node "
+            "(or run with --no-secure-agg)"
+        )
+    return SecureRounds.for_node(
+        Path(config.workspace) / "nodes" / config.node, run_key=run_key(context), clip=config.secure_agg_clip
+    )

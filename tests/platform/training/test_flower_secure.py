@@ -1,0 +1,303 @@
+"""Secure aggregation through the coordinator's loop and the ClientApp's handlers, in one
+process: a fake Grid hands every message (keys query, train, unmask) to the real site
+handlers of a throwaway consortium's sites, so everything but Flower's transport is real.
+The e2e with real SuperLink and SuperNodes is `test_flower_rounds_e2e.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from corolla.platform.training.config import TrainConfig
+from corolla.platform.training.flower_app.client import handle_keys_query, handle_train, handle_unmask
+from corolla.platform.training.flower_app.progress import ProgressLog
+from corolla.platform.training.flower_app.records import METRICS, ROUND, SERVER_ROUND, UPDATE, WEIGHTS, read_error
+from corolla.platform.training.flower_app.rounds import run_rounds
+from corolla.platform.training.flower_app.secure import (
+    SECAGG,
+    UNMASK_MESSAGE_TYPE,
+    SecureRounds,
+    flatten,
+    unflatten,
+)
+from corolla.platform.training.local_federation import COORDINATOR, local_consortium
+from corolla.secure_agg import FixedPoint
+
+SHAPES = {"m.q_proj.lora_A.weight": (4, 16), "m.q_proj.lora_B.weight": (16, 4), "m.v_proj.lora_B.weight": (8,)}
+RUN_ID = 7
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("secure-consortium")
+    local_consortium(root, servers=0, sites=4)
+    return root
+
+
+@dataclass(frozen=True, kw_only=True)
+class Env:
+    data: Path
+    store: Path
+    workspace: Path | None
+    node: str
+
+
+@dataclass
+class Result:
+    update: dict[str, np.ndarray]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def site_update(node: str, server_round: int) -> dict[str, np.ndarray]:
+    """Each site's update: its own N(0, 0.05) values, different every round."""
+    rng = np.random.default_rng([int(node.rsplit("-", 1)[1]), server_round])
+    return {name: rng.normal(0, 0.05, shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+class Sites:
+    """Flower node id 100 + i is site-i; what each does with a message is the real handler,
+    unless `drop` says the node is gone at that stage."""
+
+    def __init__(self, consortium: Path, tmp_path: Path, names: tuple[str, ...], config: TrainConfig) -> None:
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"text": "x"}\n')
+        self.names = {100 + int(n.rsplit("-", 1)[1]): n for n in names}
+        self.contexts = {
+            node: Context(
+                run_id=RUN_ID,
+                node_id=node,
+                node_config={
+                    "data": str(data),
+                    "store": str(tmp_path / "stores" / name),
+                    "workspace": str(consortium),
+                    "node": name,
+                },
+                state=RecordDict(),
+                run_config=config.to_run_config(),
+            )
+            for node, name in self.names.items()
+        }
+        self.drop: dict[tuple[int, str], Callable[[int], bool]] = {}  # (node, stage) -> round -> gone?
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.trained: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # round -> node -> update
+
+    def handle(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        kind = message.metadata.message_type
+        stage = {MessageType.QUERY: "keys", MessageType.TRAIN: "train", UNMASK_MESSAGE_TYPE: "unmask"}[kind]
+        server_round = int(message.content[ROUND][SERVER_ROUND]) if ROUND in message.content else 0
+        if self.drop.get((node, stage), lambda _: False)(server_round):
+            return None
+        context = self.contexts[node]
+        if stage == "keys":
+            return handle_keys_query(message, context)
+        if stage == "unmask":
+            return handle_unmask(message, context)
+
+        def site_round(config: Any, env: Env, weights: Any, *, server_round: int, run_key: str) -> Result:
+            update = site_update(env.node, server_round)
+            self.trained.setdefault(server_round, {})[node] = update
+            return Result(update, {"loss": 1.0})
+
+        return handle_train(message, context, site_round, env_type=Env, refusals=())
+
+
+class FakeGrid:
+    def __init__(self, sites: Sites) -> None:
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites.names)
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        out = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as HttpGrid.push_messages
+            self.sites.sent.append(message)
+            reply = self.sites.handle(message)
+            if reply is not None:
+                self.sites.replies.append(reply)
+                out.append(reply)
+        return out
+
+
+class Coordinator:
+    def __init__(self) -> None:
+        self.evaluated: list[dict[str, np.ndarray]] = []
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        self.evaluated.append(weights)
+        return {"loss": 1.0, "accuracy": 0.5, "chance": 0.25}
+
+    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
+        return Path("adapter")
+
+
+def _run(
+    consortium: Path, tmp_path: Path, names: tuple[str, ...], *, rounds: int = 1, drop: dict | None = None
+) -> tuple[dict[str, Any], Sites, Coordinator]:
+    config = TrainConfig(
+        model="m", out_dir=str(tmp_path / "out"), rounds=rounds, round_timeout=5.0, sites=len(names), dp_epsilon=None
+    )
+    sites = Sites(consortium, tmp_path, names, config)
+    sites.drop.update(drop or {})
+    secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
+    coordinator = Coordinator()
+    with ProgressLog.in_dir(config.out_dir) as progress:
+        summary = run_rounds(FakeGrid(sites), config, coordinator, progress=progress, secure=secure)
+    return summary, sites, coordinator
+
+
+def _quantum(sites: int) -> float:
+    return 2.0 ** -FixedPoint.for_sites(sites, clip=1.0).frac_bits
+
+
+def test_the_secure_mean_equals_the_plain_mean_within_the_quantization_error(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2")
+    summary, sites, coordinator = _run(consortium, tmp_path, names, rounds=2)
+
+    weights = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+    for server_round in (1, 2):
+        updates = sites.trained[server_round]
+        assert len(updates) == 3
+        plain = {k: np.mean([u[k].astype(np.float64) for u in updates.values()], axis=0) for k in SHAPES}
+        weights = {k: weights[k] + plain[k] for k in SHAPES}
+        got = coordinator.evaluated[server_round]  # evaluated[0] is the baseline
+        for k in SHAPES:
+            # each site rounds to the nearest multiple of the quantum: the mean is off by at most half of it,
+            # plus float32 rounding of the weights
+            np.testing.assert_allclose(got[k], weights[k], rtol=0, atol=_quantum(3) / 2 + 2e-7)
+    rounds = [r for r in summary["rounds"]]
+    assert [r["aggregated"] for r in rounds] == [3, 3]
+    assert rounds[0]["secure_agg"] == {"uploads": 3, "survivors": 3, "dropped": 0, "unmask_answers": 3, "threshold": 3}
+    assert summary["aggregation"] == "secure_aggregation" and summary["secure_agg"] is True
+
+    # The coordinator never received an update in the clear: only masked uploads, 4 bytes per parameter.
+    train_replies = [r for r in sites.replies if SECAGG in r.content and "upload" in r.content[SECAGG]]
+    assert len(train_replies) == 6
+    assert all(UPDATE not in r.content for r in sites.replies)
+    params = sum(int(np.prod(s)) for s in SHAPES.values())
+    for reply in train_replies:
+        upload = reply.content[SECAGG]["upload"]
+        assert 4 * params <= len(upload) < 4 * params + 4096
+        masked = np.frombuffer(upload[-4 * params :], dtype="<u4")
+        node = reply.metadata.src_node_id
+        encoded = FixedPoint.for_sites(3, clip=1.0).encode(flatten(site_update(sites.names[node], 1))).ring
+        assert np.mean(masked == encoded) < 0.01  # masked, not the encoding itself
+    # The site's round secrets stayed on the site and were consumed by the unmask stage.
+    for name in names:
+        assert not list((tmp_path / "stores" / name / "secagg").rglob("round-*.json"))
+
+
+def test_a_site_gone_after_the_key_stage_does_not_stop_the_round(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2", "site-3")
+    summary, sites, coordinator = _run(consortium, tmp_path, names, drop={(101, "train"): lambda r: True})
+
+    [round_one] = summary["rounds"]
+    assert round_one["aggregated"] == 3
+    assert round_one["secure_agg"]["dropped"] == 1 and round_one["secure_agg"]["threshold"] == 3
+    assert round_one["sites"]["node-101"]["status"] == "missing"
+    survivors = sites.trained[1]
+    assert set(survivors) == {100, 102, 103}
+    for k in SHAPES:
+        plain = np.mean([survivors[n][k].astype(np.float64) for n in survivors], axis=0)
+        np.testing.assert_allclose(coordinator.evaluated[1][k], plain, rtol=0, atol=_quantum(4) / 2 + 2e-7)
+
+
+def test_too_few_survivors_lose_the_round_not_the_run(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2")  # threshold 3 of 3: a lying coordinator cannot unmask one site
+    summary, _, coordinator = _run(
+        consortium, tmp_path, names, rounds=2, drop={(102, "unmask"): lambda r: r == 1}
+    )
+
+    first, second = summary["rounds"]
+    assert first["kept"] and first["aggregated"] == 0
+    assert "NotEnoughSurvivors" in first["secure_agg"]["error"] or "ReconstructionError" in first["secure_agg"]["error"]
+    assert all(np.all(w == 0) for w in coordinator.evaluated[1].values())  # weights unchanged
+    assert second["aggregated"] == 3 and not second["kept"]  # the next round goes on
+
+
+def test_a_site_without_keys_is_left_out_and_says_why(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2", "site-3")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    sites.contexts[103].node_config["workspace"] = ""  # this site has no identity for secure aggregation
+    secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
+    with ProgressLog.in_dir(config.out_dir) as progress:
+        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=secure)
+
+    [round_one] = summary["rounds"]
+    assert round_one["aggregated"] == 3
+    assert round_one["sites"]["node-103"]["status"] == "failed"
+    assert "secure aggregation needs the site's identity" in round_one["sites"]["node-103"]["reason"]
+    assert 103 not in sites.trained.get(1, {})  # never trained: it was not in the roster
+
+
+def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
+    grid = FakeGrid(sites)
+    assert secure.enroll(grid, [100, 101, 102], timeout=5.0) == {}
+    weights = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+    secure_round = secure.round([100, 101, 102], 1, weights)
+    train = Message(
+        RecordDict({WEIGHTS: _array_record(weights), ROUND: _round(1), **secure_round.train_records()}),
+        dst_node_id=100,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+    [reply] = grid.send_and_receive([train])
+    with pytest.raises(Exception, match="enrolled as"):
+        secure_round.accept(101, reply.content)  # site-0's upload claimed by node 101
+    secure_round.accept(100, reply.content)
+    assert secure_round.uploads == 1
+    assert METRICS in reply.content
+
+    # The same announcement again: the site has already uploaded for this round and refuses.
+    again = Message(train.content, dst_node_id=100, message_type=MessageType.TRAIN, group_id="1")
+    [refused] = grid.send_and_receive([again])
+    assert refused.has_error() and "already uploaded for round 1" in read_error(refused.error).reason
+
+
+def test_flatten_and_unflatten_are_inverse() -> None:
+    weights = site_update("site-3", 9)
+    vector = flatten(weights)
+    assert vector.dtype == np.float32 and vector.shape == (sum(int(np.prod(s)) for s in SHAPES.values()),)
+    back = unflatten(vector, weights)
+    assert list(back) == sorted(weights)
+    assert all(np.array_equal(back[k], weights[k]) for k in weights)
+    with pytest.raises(Exception, match="the weights have"):
+        unflatten(vector[:-1], weights)
+
+
+def _array_record(weights: dict[str, np.ndarray]) -> Any:
+    from corolla.platform.training.flower_app.records import to_array_record
+
+    return to_array_record(weights)
+
+
+def _round(server_round: int) -> Any:
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({SERVER_ROUND: server_round})
