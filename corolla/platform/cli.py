@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 unexpected Corolla error, 2 usage, 3 inference, 4 model
 loading, 5 routing, 6 discovery, 7 local launch, 8 PKI/workspace, 9 access denied,
-130 interrupted.
+13 verification/ledger, 14 ledger does not verify (tampered), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from corolla.errors import CorollaError
-from corolla.platform.commands import generate, keys, model, serve, swarm, train
+from corolla.platform.commands import audit, generate, keys, model, serve, swarm, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="platform", description="Corolla: a consortium's shared language model")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (keys, model, serve, swarm, generate, train):
+    for module in (keys, model, serve, swarm, generate, train, audit):
         module.register(sub)
     return parser
 

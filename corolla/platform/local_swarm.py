@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,13 +55,20 @@ class LocalSwarm:
         bootstrap: str | None = None,
         workspace: Path | None = None,
         nodes: Sequence[str] | None = None,
+        faults: Mapping[int, str] | None = None,
     ) -> None:
         """`workspace` and `nodes` (one node name of role server per span) make every
-        server run with its certificate; without them the servers run `--insecure`."""
+        server run with its certificate; without them the servers run `--insecure`.
+        `faults` (tests and benchmarks only) maps a server's index to an `--inject-fault`
+        spec such as "noise:0.01": that server corrupts a fraction of its outputs."""
         self.model = Path(model)
         self.spans = list(spans)
         self.extra_args = list(extra_args)
         self.per_server_args = [list(a) for a in per_server_args] if per_server_args else [[] for _ in spans]
+        for index, spec in (faults or {}).items():
+            if not 0 <= index < len(self.spans):
+                raise LaunchError(f"faults: server index {index} is not one of the {len(self.spans)} servers")
+            self.per_server_args[index] += ["--inject-fault", spec]
         self.torch_threads = torch_threads
         self.start_timeout = start_timeout
         self.bootstrap = bootstrap  # an existing DHT peer to join; None = the first server is one

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from corolla.inference.errors import BadRequestError
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
+from corolla.inference.server.faults import FaultSpec
 from corolla.platform.identity_args import add_identity_options, tls_from_args
 from corolla.platform.pki import Role, WorkspaceError
 
@@ -22,6 +23,13 @@ def parse_span(text: str) -> tuple[int, int]:
         return int(start), int(end)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--blocks must look like START:END (e.g. 4:8), got {text!r}") from None
+
+
+def parse_fault(text: str) -> FaultSpec:
+    try:
+        return FaultSpec.parse(text)
+    except BadRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -51,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     p.add_argument("--announce-ttl", type=float, default=30.0, help="seconds a DHT record lives unrefreshed")
     p.add_argument("--model-id", help="override the model id (default: directory name + fingerprint)")
+    # Tests and benchmarks only: corrupt a fraction of outputs (corolla/inference/server/faults.py).
+    p.add_argument("--inject-fault", type=parse_fault, metavar="KIND:FRACTION[:SEED]", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -82,10 +92,18 @@ def run(args: argparse.Namespace) -> int:
             model_id=args.model_id,
             tls=tls,
             announce_port=args.announce_port,
+            inject_fault=args.inject_fault,
         )
     except BadRequestError as exc:
         print(f"platform serve: {exc}", file=sys.stderr)
         return 2
+    if config.inject_fault is not None:
+        print(
+            f"platform serve: WARNING: FAULT-INJECTING SERVER ({config.inject_fault}): it corrupts a fraction of its "
+            "outputs on purpose; for tests and benchmarks only",
+            file=sys.stderr,
+            flush=True,
+        )
     server = BlockServer(config).start()
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,11 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from corolla.inference.client.routing import block_ranges
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.platform.identity_args import add_identity_options, tls_from_args
+from corolla.platform.workspace import resolve_workspace
+from corolla.verify.events import Subject
+from corolla.verify.reputation import ReputationBook
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -31,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     which = status.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint directory (gives the model id and block count)")
     which.add_argument("--model-id", help="model id as announced (block count then from the records)")
+    status.add_argument(
+        "--ledger", metavar="URL", help="verification ledger for the reputation column (default: the workspace's)"
+    )
     add_identity_options(status, role_hint="site")
     status.set_defaults(run=run_status)
 
@@ -60,8 +68,39 @@ def run_status(args: argparse.Namespace) -> int:
     tls = tls_from_args(args, "swarm status")
     with DhtNode(bootstrap=args.peers, **dht_security(tls)) as node:
         records = node.find_servers(model_id)
-    print(format_status(model_id, records, num_blocks))
+    print(format_status(model_id, records, num_blocks, reputation=ledger_reputation(args.ledger, args.workspace)))
     return 0
+
+
+def ledger_reputation(url: str | None, workspace: str | None) -> ReputationBook | None:
+    """The ledger replayed through the reputation policy: `url`, else the workspace's ledger
+    if there is one (None then: no column values)."""
+    from corolla.platform.commands.audit import open_existing_ledger, reputation_book
+    from corolla.verify.ledger_paths import default_ledger_path, default_ledger_url
+
+    if url is None:
+        ws = resolve_workspace(workspace)
+        if not default_ledger_path(ws).is_file():
+            return None
+        url = default_ledger_url(ws)
+    with open_existing_ledger(url) as ledger:
+        return reputation_book(ledger)
+
+
+def _reputation_cell(book: ReputationBook | None, model_id: str, r: ServerRecord, quarantined: frozenset[str]) -> str:
+    """`score/audits` of the record's (node, model, span), flagged if routing leaves the node out."""
+    if book is None:
+        return "-"
+    flag = " QUARANTINED" if r.node_id in quarantined else ""
+    try:
+        subject = Subject(node_id=r.node_id, model_id=model_id, start=r.start, end=r.end)
+    except ValidationError:
+        return "-" + flag
+    state = book.state(subject)
+    audits = state.audits_passed + state.audits_failed
+    if audits + state.inconclusive == 0:
+        return "no audits" + flag
+    return f"{state.score:.3f}/{audits}" + flag
 
 
 def dht_security(tls: TlsConfig | None) -> dict[str, Any]:
@@ -76,19 +115,26 @@ def dht_security(tls: TlsConfig | None) -> dict[str, Any]:
     }
 
 
-def format_status(model_id: str, records: list[ServerRecord], num_blocks: int | None) -> str:
+def format_status(
+    model_id: str, records: list[ServerRecord], num_blocks: int | None, *, reputation: ReputationBook | None = None
+) -> str:
+    """The status table; `reputation` (the ledger replayed) fills the reputation column:
+    score/refereed audits of the server's (node, model, span), QUARANTINED when routing
+    leaves the node out, "-" without a ledger."""
     now = time.time()
     lines = [f"model {model_id}: {len(records)} server(s)"]
     header = (
         f"{'endpoint':<22} {'blocks':>9} {'dtype':>9} {'quant':>5} {'tok/s/blk':>10} {'ms/step/blk':>11} "
-        f"{'free cache':>11} {'expires':>8}  node"
+        f"{'free cache':>11} {'expires':>8} {'reputation':>22}  node"
     )
     lines.append(header)
+    quarantined = reputation.quarantined_nodes(model_id) if reputation is not None else frozenset()
     for r in sorted(records, key=lambda r: (r.start, r.end, r.endpoint)):
+        rep = _reputation_cell(reputation, model_id, r, quarantined)
         lines.append(
             f"{r.endpoint:<22} {f'{r.start}:{r.end}':>9} {r.dtype:>9} {r.quant or '-':>5} {r.throughput:>10.0f} "
             f"{r.step_ms_per_block:>11.3f} {r.free_cache_bytes / 2**20:>9.0f}Mi {r.expires_at - now:>7.0f}s"
-            f"  {r.node_id}"
+            f" {rep:>22}  {r.node_id}"
         )
     total = num_blocks if num_blocks is not None else max((r.end for r in records), default=0)
     covered = [0] * total

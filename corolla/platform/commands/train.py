@@ -10,6 +10,7 @@ otherwise. With `--superlink HOST:PORT` the run is submitted to an existing fede
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from corolla.platform.training.config import TrainConfig, TrainConfigError
 from corolla.platform.workspace import resolve_workspace
+from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
 
 _DP_OFF_WARNING = """\
 WARNING: differential privacy is OFF (--dp-epsilon off).
@@ -52,6 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         action="store_true",
         help="aggregate site updates in the clear: the coordinator sees each one (sites must set allow-plain-updates)",
     )
+    verify = p.add_argument_group("verification")
+    verify.add_argument(
+        "--audit-rate",
+        type=float,
+        metavar="R",
+        help="fraction of span computations spot-checked (default 0.05; 0 = none)",
+    )
+    verify.add_argument(
+        "--ledger", metavar="URL", help="reputation ledger: sqlite path or postgresql://... (default: the workspace's)"
+    )
     opt.add_argument(
         "--secure-agg-clip",
         type=float,
@@ -67,6 +79,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     where.add_argument("--out", type=Path, metavar="DIR", help="adapter, progress.jsonl and summary.json")
     where.add_argument("--sites", type=int, metavar="N", help="sites of the local consortium (default 3)")
     where.add_argument("--servers", type=int, default=2, metavar="N", help="block servers of the local consortium")
+    where.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="K",
+        help="servers per span in the local consortium (spot checks need 2-3)",
+    )
+    # Tests and benchmarks only: local server INDEX corrupts outputs (`platform serve --inject-fault`).
+    where.add_argument("--inject-fault", action="append", default=[], type=_fault, help=argparse.SUPPRESS)
     mode = where.add_mutually_exclusive_group()
     mode.add_argument("--superlink", metavar="HOST:PORT", help="submit to this federation instead of a local one")
     mode.add_argument("--local", action="store_true", help="train in this process, without Flower")
@@ -111,7 +132,17 @@ _TRAIN_FLAGS = (
     "seed",
     "round_timeout",
     "secure_agg_clip",
+    "audit_rate",
+    "ledger",
 )
+
+
+def _fault(text: str) -> tuple[int, str]:
+    """`INDEX=KIND:FRACTION[:SEED]`: which local server injects which fault."""
+    index, sep, spec = text.partition("=")
+    if not sep or not index.isdigit() or not spec:
+        raise argparse.ArgumentTypeError(f"--inject-fault {text!r}: expected INDEX=KIND:FRACTION, e.g. 0=noise:1.0")
+    return int(index), spec
 
 
 def config_from_args(args: argparse.Namespace, **where: Any) -> TrainConfig:
@@ -167,7 +198,19 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         return run_local(config, site_data, test_data)
     if args.servers < 1:
         raise TrainConfigError(f"--servers {args.servers}: at least 1 block server is needed")
-    return LocalConsortiumRun(config, root=root, servers=args.servers, site_data=site_data, test_data=test_data).run()
+    if not args.ledger:  # the workspace's ledger outlives the throwaway consortium; `platform audit` reads it
+        config = dataclasses.replace(
+            config, ledger=default_ledger_url(workspace), ledger_key=str(default_ledger_key_path(workspace))
+        )
+    return LocalConsortiumRun(
+        config,
+        root=root,
+        servers=args.servers,
+        replicas=args.replicas,
+        site_data=site_data,
+        test_data=test_data,
+        faults=dict(args.inject_fault),
+    ).run()
 
 
 def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:

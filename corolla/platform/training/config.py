@@ -44,6 +44,9 @@ class TrainConfig:
     seed: int = 0  # the initial adapter and the synthetic data; never DP sampling or noise (site CSPRNG)
     secure_agg: bool = True  # combine site updates by secure aggregation
     secure_agg_clip: float = 1.0  # secure aggregation encodes update values in [-clip, clip] (others are clipped)
+    audit_rate: float = 0.05  # fraction of span computations spot-checked on another replica (0 = none)
+    ledger: str = ""  # the coordinator's reputation ledger URL; "" = <workspace>/ledger/ledger.db
+    ledger_key: str = ""  # the key that signs the ledger's head; "" = <workspace>/ledger/ledger.key
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
     sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online
     eval_records: int = 200  # held-out records scored after each round (0 = all)
@@ -73,6 +76,8 @@ class TrainConfig:
             raise TrainConfigError(f"targets={self.targets!r} must be module names such as q_proj,v_proj")
         if self.sites < 0:
             raise TrainConfigError(f"sites={self.sites} must be 0 (do not wait) or more")
+        if not (math.isfinite(self.audit_rate) and 0 <= self.audit_rate <= 1):
+            raise TrainConfigError(f"audit_rate={self.audit_rate} must be in [0, 1] (0 = no spot checks)")
         if self.eval_records < 0:
             raise TrainConfigError(f"eval_records={self.eval_records} must be 0 (all) or more")
 
@@ -107,7 +112,7 @@ class TrainConfig:
                 value = tuple(t for t in str(value).split(",") if t)
             elif f.name in ("dp_epsilon", "dp_delta"):
                 value = None if float(value) < 0 else float(value)
-            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip"):
+            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip", "audit_rate"):
                 value = float(value)
             kwargs[f.name] = value
         missing = [k for k in ("model", "out_dir") if k not in kwargs]

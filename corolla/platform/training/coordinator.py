@@ -31,8 +31,11 @@ MAX_LABELS = 32  # a held-out set with more distinct completions is scored by lo
 
 
 class Coordinator:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, spot_checker: Any = None) -> None:
+        """`spot_checker` (a `corolla.verify.SpotChecker`) audits the held-out scoring through
+        the swarm and keeps quarantined servers out of its routes."""
         self.config = config
+        self.spot_checker = spot_checker
         self.checkpoint = Checkpoint.open(config.model)
         self.settings = lora_settings(config)
         self.test: list[Record] = load_jsonl(config.test_data) if config.test_data else []
@@ -83,7 +86,11 @@ class Coordinator:
                 node_dir = Path(self.config.workspace) / "nodes" / self.config.node
                 tls = TlsConfig.for_node(NodeIdentity.load(node_dir))
             self._model = RemoteModelForCausalLM.from_pretrained(
-                self.config.model, initial_peers=self.config.peers, servers=self.config.servers, tls=tls
+                self.config.model,
+                initial_peers=self.config.peers,
+                servers=self.config.servers,
+                tls=tls,
+                spot_checker=self.spot_checker,
             )
         return self._model
 

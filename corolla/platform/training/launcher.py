@@ -190,16 +190,24 @@ class LocalConsortiumRun:
         *,
         root: Path,
         servers: int = 2,
+        replicas: int = 1,
         site_data: Sequence[Path],
         test_data: Path,
+        faults: Mapping[int, str] | None = None,
         echo: Echo = print,
         status: Echo = _stderr,
     ) -> None:
+        """`replicas` servers serve each span (servers // replicas spans); `faults` (tests and
+        benchmarks only) maps a server's index to an `--inject-fault` spec."""
         if servers < 1 or not site_data:
             raise TrainLaunchError(f"a local consortium needs at least 1 server and 1 site (got {servers}, 0)")
+        if replicas < 1 or servers % replicas:
+            raise TrainLaunchError(f"--replicas {replicas} must divide --servers {servers}")
         self.config = config
         self.root = Path(root)
         self.servers = servers
+        self.replicas = replicas
+        self.faults = dict(faults or {})
         self.site_data = [Path(p) for p in site_data]
         self.test_data = Path(test_data)
         self.echo = echo  # progress lines
@@ -220,10 +228,11 @@ class LocalConsortiumRun:
             self.status(f"starting {self.servers} block servers on {self.config.model} ...")
             swarm = LocalSwarm(
                 Path(self.config.model),
-                even_spans(blocks, self.servers),
+                [span for span in even_spans(blocks, self.servers // self.replicas) for _ in range(self.replicas)],
                 torch_threads=1,
                 workspace=consortium.workspace,
                 nodes=consortium.servers,
+                faults=self.faults,
             )
             stack.enter_context(swarm)
             node_configs: dict[str, dict[str, bool | int | float | str]] = {

@@ -29,6 +29,7 @@ from corolla.platform.training.data import DataError, EncodedBatch, encode, load
 from corolla.platform.training.privacy import BudgetExhaustedError, DpPlan, DpSettings, plan_noise, warn_dp_off
 from corolla.platform.training.privacy_ledger import PrivacyLedger
 from corolla.platform.training.swarm_trainer import SwarmTrainer
+from corolla.platform.training.verification import SiteAudits, SiteOrders
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class SiteRefused(CorollaError):
 class SiteResult:
     update: dict[str, np.ndarray]  # the site's new weights minus the given ones, float32
     metrics: dict[str, float | int | str]
+    audit_events: tuple[str, ...] = ()  # the round's spot-check verdicts, canonical JSON (verification.py)
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings:
@@ -98,7 +100,10 @@ def train_site_round(
     *,
     server_round: int,
     run_key: str,
+    orders: SiteOrders | None = None,
 ) -> SiteResult:
+    """One round of DP-SGD on the site's records through the swarm; with `orders`, a sample
+    of the span computations is spot-checked on other replicas (verification.py)."""
     started = time.monotonic()
     if env.max_epsilon is not None and (config.dp_epsilon is None or config.dp_epsilon > env.max_epsilon):
         asked = "no DP" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon}"
@@ -125,14 +130,20 @@ def train_site_round(
     except DataError as exc:
         raise DataError(f"{env.data}: {exc}") from None
     sample_rate = plan.sample_rate if plan is not None else min(1.0, config.batch_size / n)
-    tls = None
+    tls, reporter = None, env.node or env.data.stem
     if env.workspace is not None:
         from corolla.platform.pki import NodeIdentity
 
-        tls = TlsConfig.for_node(NodeIdentity.load(env.workspace / "nodes" / env.node))
+        identity = NodeIdentity.load(env.workspace / "nodes" / env.node)
+        tls, reporter = TlsConfig.for_node(identity), identity.node_id
+    audits = SiteAudits(orders, reporter=reporter) if orders is not None and orders.rate > 0 else None
     start = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
     with RemoteModelForCausalLM.from_pretrained(
-        config.model, initial_peers=config.peers, servers=config.servers, tls=tls
+        config.model,
+        initial_peers=config.peers,
+        servers=config.servers,
+        tls=tls,
+        spot_checker=audits.checker if audits is not None else None,
     ) as model:
         adapter = LoraAdapter.from_state(model.checkpoint, lora_settings(config), start)
         trainer = SwarmTrainer(
@@ -152,6 +163,7 @@ def train_site_round(
             )
         ]
         new = adapter.state()
+        events = tuple(audits.finish()) if audits is not None else ()  # before the swarm connection closes
     update = {name: (new[name] - start[name]).numpy() for name in start}
     seen = [x for x in losses if not math.isnan(x)]
     metrics: dict[str, float | int | str] = {
@@ -166,4 +178,6 @@ def train_site_round(
         metrics["loss"] = float(np.mean(seen)) if seen else math.nan
     else:
         metrics |= {"epsilon": epsilon, "noise_multiplier": plan.noise_multiplier, "delta": plan.delta}
-    return SiteResult(update=update, metrics=metrics)
+    if audits is not None:
+        metrics["audits"] = len(events)
+    return SiteResult(update=update, metrics=metrics, audit_events=events)

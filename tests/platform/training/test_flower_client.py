@@ -179,7 +179,9 @@ def _context(tmp_path: Path, *, secure_agg: bool = False, **node_config: Any) ->
 
 
 def _site(calls: list[Call], result: Result | Exception) -> Any:
-    def site_round(config: TrainConfig, env: Env, weights: dict[str, np.ndarray], *, server_round: int, run_key: str):
+    def site_round(
+        config: TrainConfig, env: Env, weights: dict[str, np.ndarray], *, server_round: int, run_key: str, orders: Any
+    ):
         calls.append(Call(config, env, weights, server_round, run_key))
         if isinstance(result, Exception):
             raise result

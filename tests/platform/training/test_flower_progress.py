@@ -67,8 +67,16 @@ def test_secure_aggregation_dropouts_and_failures_are_named() -> None:
     dropped = format_round({**ROUND, "secure_agg": {"uploads": 3, "survivors": 3, "dropped": 1}})
     assert dropped.endswith("secure aggregation: 1 dropped, their masks removed")
     failed = format_round({**ROUND, "kept": True, "secure_agg": {"error": "NotEnoughSurvivors: 2 of 3 answered"}})
-    assert failed.endswith("secure aggregation failed (NotEnoughSurvivors: 2 of 3 answered)  no updates: weights unchanged")
+    assert failed.endswith(
+        "secure aggregation failed (NotEnoughSurvivors: 2 of 3 answered)  no updates: weights unchanged"
+    )
     assert "secure aggregation" not in format_round({**ROUND, "secure_agg": {"uploads": 3, "dropped": 0}})
+
+
+def test_audits_and_quarantined_servers_are_on_the_round_line() -> None:
+    line = format_round({**ROUND, "verify": {"audits": 7, "quarantined": ["12D3KooWQuarantinedServerId"]}})
+    assert "  audits 7  QUARANTINED: 12D3KooWQuarantin" in line
+    assert "QUARANTINED" not in format_round({**ROUND, "verify": {"audits": 0, "quarantined": []}})
 
 
 def test_the_log_appends_flushed_lines_and_echoes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -136,7 +136,14 @@ class FakeCoordinator:
 def _run(
     tmp_path: Path, replies: dict[int, Reply], *, online: Callable[[float], list[int]] | None = None, **config: Any
 ) -> tuple[dict[str, Any], FakeGrid, FakeCoordinator, list[dict[str, Any]]]:
-    settings_ = {"model": "m", "out_dir": str(tmp_path), "rounds": 2, "round_timeout": 30.0, "secure_agg": False, **config}
+    settings_ = {
+        "model": "m",
+        "out_dir": str(tmp_path),
+        "rounds": 2,
+        "round_timeout": 30.0,
+        "secure_agg": False,
+        **config,
+    }
     clock = FakeClock()
     grid = FakeGrid(replies, clock, online)
     coordinator = FakeCoordinator(tmp_path)

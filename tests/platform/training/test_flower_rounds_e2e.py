@@ -70,7 +70,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         for name in SITES
     }
     with LocalFederation(consortium.workspace, node_configs, work_dir=root / "logs") as local:
-        yield Federation(local=local, stores=stores, app=_app_with_config(root / "fake-app"), workspace=consortium.workspace)
+        yield Federation(
+            local=local, stores=stores, app=_app_with_config(root / "fake-app"), workspace=consortium.workspace
+        )
     assert not any(node.running for node in local.nodes.values())
 
 

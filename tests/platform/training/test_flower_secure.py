@@ -110,7 +110,7 @@ class Sites:
         if stage == "unmask":
             return handle_unmask(message, context)
 
-        def site_round(config: Any, env: Env, weights: Any, *, server_round: int, run_key: str) -> Result:
+        def site_round(config: Any, env: Env, weights: Any, *, server_round: int, run_key: str, orders: Any) -> Result:
             update = site_update(env.node, server_round)
             self.trained.setdefault(server_round, {})[node] = update
             return Result(update, {"loss": 1.0})
@@ -225,9 +225,7 @@ def test_a_site_gone_after_the_key_stage_does_not_stop_the_round(consortium: Pat
 
 def test_too_few_survivors_lose_the_round_not_the_run(consortium: Path, tmp_path: Path) -> None:
     names = ("site-0", "site-1", "site-2")  # threshold 3 of 3: a lying coordinator cannot unmask one site
-    summary, _, coordinator = _run(
-        consortium, tmp_path, names, rounds=2, drop={(102, "unmask"): lambda r: r == 1}
-    )
+    summary, _, coordinator = _run(consortium, tmp_path, names, rounds=2, drop={(102, "unmask"): lambda r: r == 1})
 
     first, second = summary["rounds"]
     assert first["kept"] and first["aggregated"] == 0

@@ -42,6 +42,7 @@ from corolla.platform.training.flower_app.records import (
     to_array_record,
     to_metrics_record,
 )
+from corolla.platform.training.verification import VERIFY, SiteOrders, reply_record
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class SiteResultLike(Protocol):
     def metrics(self) -> Mapping[str, float | int | str]: ...  # e.g. loss, epsilon, steps, records, seconds
 
 
-SiteRoundFn = Callable[..., SiteResultLike]  # (config, env, weights, *, server_round, run_key) -> result
+SiteRoundFn = Callable[..., SiteResultLike]  # (config, env, weights, *, server_round, run_key, orders) -> result
 
 
 def site_env_kwargs(node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,15 +198,18 @@ def _train(
         )
     if announced:  # refuse a bad announcement before spending privacy budget on the round
         secure.check_announcement(content, context)
-    result = site_round_fn(config, env, weights, server_round=server_round, run_key=run_key(context))
+    orders = SiteOrders.from_content(content)
+    result = site_round_fn(config, env, weights, server_round=server_round, run_key=run_key(context), orders=orders)
     try:
         check_like(result.update, weights)
         update = to_array_record(result.update)  # float32; refuses non-float and non-finite arrays
     except RecordError as exc:
         raise RecordError(f"the site's update does not fit the weights it was sent: {exc}") from None
+    audits = list(getattr(result, "audit_events", ()))  # the round's spot-check verdicts (JSON)
+    extra = {VERIFY: reply_record(audits)} if orders is not None else {}
     if not announced:
         metrics = to_metrics_record({**result.metrics, SITE: site})
-        return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+        return Message(RecordDict({UPDATE: update, METRICS: metrics, **extra}), reply_to=msg)
     upload, clipped = secure.masked_upload(content, context, secure.flatten(result.update))
     metrics = to_metrics_record({**result.metrics, SITE: site, "clipped": clipped})
-    return Message(RecordDict({secure.SECAGG: upload, METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({secure.SECAGG: upload, METRICS: metrics, **extra}), reply_to=msg)

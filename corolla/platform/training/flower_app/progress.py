@@ -170,6 +170,12 @@ def format_round(event: Mapping[str, Any]) -> str:
         ]
         if names:
             parts.append(f"{status}: {', '.join(names)}")
+    verify = event.get("verify")
+    if isinstance(verify, Mapping):
+        parts.append(f"audits {_num(verify.get('audits'), 'd')}")
+        quarantined = verify.get("quarantined") or []
+        if quarantined:
+            parts.append(f"QUARANTINED: {', '.join(str(n)[:16] for n in quarantined)}")
     secure = event.get("secure_agg")
     if isinstance(secure, Mapping) and secure.get("error"):
         parts.append(f"secure aggregation failed ({_short(secure['error'])})")

@@ -57,6 +57,7 @@ from corolla.platform.training.flower_app.records import (
     to_array_record,
 )
 from corolla.platform.training.flower_app.secure import SecureRounds
+from corolla.platform.training.verification import VERIFY
 
 _log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def run_rounds(
     *,
     progress: ProgressLog,
     secure: SecureRounds | None = None,
+    audits: AuditsLike | None = None,
     aggregate: Aggregate = mean_update,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -111,7 +113,8 @@ def run_rounds(
 
     With `secure` (required when `config.secure_agg`), the sites' updates are combined by
     secure aggregation and the coordinator sees only their mean; otherwise by `aggregate`
-    over the updates in the clear."""
+    over the updates in the clear. With `audits`, every train message carries the spot-check
+    orders and the sites' audit reports go to the coordinator's ledger."""
     if config.secure_agg and secure is None:
         raise RoundError("the run asks for secure aggregation, but the coordinator was given no keys for it")
     weights = _checked_weights(coordinator.initial_weights())
@@ -148,7 +151,7 @@ def run_rounds(
         want = config.sites if server_round == 1 else 1
         nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
         delta, aggregated, outcomes, secure_info = _train_round(
-            grid, nodes, weights, server_round, config.round_timeout, state, secure, aggregate
+            grid, nodes, weights, server_round, config.round_timeout, state, secure, audits, aggregate
         )
         if delta is not None:
             _check_aggregate(delta, weights)
@@ -169,9 +172,16 @@ def run_rounds(
         }
         if secure_info is not None:
             record["secure_agg"] = secure_info
+        if audits is not None:
+            record["verify"] = audits.round_info()
         progress.emit({"event": "round", **record})
         state.record_round(record, outcomes)
     summary = {**state.summary(config, evaluation, aggregation), "initial": initial}
+    if audits is not None:
+        summary["verify"] = {
+            "audits": sum(r.get("verify", {}).get("audits", 0) for r in state.rounds),
+            "quarantined": state.rounds[-1]["verify"]["quarantined"] if state.rounds else [],
+        }
     adapter = coordinator.save(weights, summary)
     progress.emit({"event": "done", "adapter": str(adapter), "summary": str(Path(config.out_dir) / "summary.json")})
     return {**summary, "adapter": str(adapter)}
@@ -185,13 +195,14 @@ def _train_round(
     timeout: float,
     state: _RunState,
     secure: SecureRounds | None,
+    audits: AuditsLike | None,
     aggregate: Aggregate,
 ) -> tuple[Weights | None, int, dict[int, dict[str, Any]], dict[str, Any] | None]:
     """One round: (the mean update or None, how many sites it averages, each node's
     outcome, what secure aggregation reports or None when it is off)."""
     if secure is None:
         plain = _PlainRound(weights)
-        outcomes = _exchange(grid, nodes, weights, server_round, timeout, state, plain)
+        outcomes = _exchange(grid, nodes, weights, server_round, timeout, state, plain, audits, {})
         return (aggregate(plain.updates) if plain.updates else None), len(plain.updates), outcomes, None
 
     from corolla.secure_agg import SecureAggregationError
@@ -208,7 +219,8 @@ def _train_round(
             {node: failed.get(node, {"status": "skipped", "reason": str(exc)}) for node in nodes},
             {"error": f"{type(exc).__name__}: {exc}"},
         )
-    outcomes = _exchange(grid, members, weights, server_round, timeout, state, secure_round)
+    reporters = {node: secure.members[node].node_id for node in members}  # audits must come from these ids
+    outcomes = _exchange(grid, members, weights, server_round, timeout, state, secure_round, audits, reporters)
     outcomes = {node: failed[node] if node in failed else outcomes[node] for node in nodes}
     if not secure_round.uploads:
         return None, 0, outcomes, {"uploads": 0, "threshold": secure_round.aggregator.threshold}
@@ -254,6 +266,16 @@ class _PlainRound:
         self.updates.append(from_array_record(record, like=self.like))
 
 
+class AuditsLike(Protocol):
+    """What the loop needs from the coordinator's spot checks (`training.verification`)."""
+
+    def train_record(self) -> ConfigRecord: ...
+
+    def accept(self, content: RecordDict, *, reporter: str | None) -> int: ...
+
+    def round_info(self) -> dict[str, Any]: ...
+
+
 class _RoundLike(Protocol):
     def train_records(self) -> dict[str, ConfigRecord]: ...
 
@@ -268,17 +290,21 @@ def _exchange(
     timeout: float,
     state: _RunState,
     round_: _RoundLike,
+    audits: AuditsLike | None,
+    reporters: Mapping[int, str],
 ) -> dict[int, dict[str, Any]]:
-    """Send the round to `nodes`, hand every reply's update to `round_`; each node's outcome."""
+    """Send the round to `nodes`, hand every reply's update to `round_` and its audit report
+    to `audits`; each node's outcome."""
     if not nodes:
         return {}
-    content = RecordDict(
-        {
-            WEIGHTS: to_array_record(weights),
-            ROUND: ConfigRecord({SERVER_ROUND: server_round}),
-            **round_.train_records(),
-        }
-    )
+    records: dict[str, Any] = {
+        WEIGHTS: to_array_record(weights),
+        ROUND: ConfigRecord({SERVER_ROUND: server_round}),
+        **round_.train_records(),
+    }
+    if audits is not None:
+        records[VERIFY] = audits.train_record()
+    content = RecordDict(records)
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round), ttl=timeout)
         for node in nodes
@@ -299,6 +325,8 @@ def _exchange(
             continue
         try:
             metrics = from_metrics_record(reply.content[METRICS])
+            if audits is not None:  # before the update: a site whose report is bad has its update refused too
+                audits.accept(reply.content, reporter=reporters.get(node))
             round_.accept(node, reply.content)
         except (RecordError, KeyError, TypeError, ValueError) as exc:
             outcomes[node] = {"status": "failed", "reason": f"invalid reply: {exc}"}

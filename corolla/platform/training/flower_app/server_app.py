@@ -16,8 +16,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from corolla.platform.training.coordinator import Coordinator  # torch and the model: only in the run
+    from corolla.platform.training.verification import CoordinatorAudits
 
     config = TrainConfig.from_run_config(context.run_config)
     secure = rounds_for(config, context)  # None with --no-secure-agg
-    with ProgressLog.in_dir(config.out_dir) as progress:
-        run_rounds(grid, config, Coordinator(config), progress=progress, secure=secure)
+    audits = CoordinatorAudits.for_config(config)  # None with --audit-rate 0
+    coordinator = Coordinator(config, spot_checker=audits.checker if audits is not None else None)
+    try:
+        with ProgressLog.in_dir(config.out_dir) as progress:
+            run_rounds(grid, config, coordinator, progress=progress, secure=secure, audits=audits)
+    finally:
+        if audits is not None:
+            audits.close()

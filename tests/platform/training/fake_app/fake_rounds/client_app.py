@@ -36,7 +36,7 @@ class FakeResult:
     metrics: dict = field(default_factory=dict)
 
 
-def fake_round(config, env: FakeEnv, weights, *, server_round: int, run_key: str) -> FakeResult:
+def fake_round(config, env: FakeEnv, weights, *, server_round: int, run_key: str, orders=None) -> FakeResult:
     (env.store / f"round-{server_round}").write_text(run_key, encoding="utf-8")
     if (env.store / "sleep").exists():
         time.sleep(600)

@@ -1,0 +1,168 @@
+"""The coordinator's side of spot checks in training: sites' audit reports checked, written to
+the real ledger, replayed through the real reputation rule, and quarantines sent back out."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from corolla.platform.training.config import TrainConfig, TrainConfigError
+from corolla.platform.training.flower_app.records import RecordError
+from corolla.platform.training.verification import (
+    VERIFY,
+    CoordinatorAudits,
+    SiteOrders,
+    reply_record,
+)
+from corolla.verify.events import (
+    AuditEvent,
+    Comparison,
+    QuarantineEvent,
+    ReadmitEvent,
+    Run,
+    Subject,
+    Verdict,
+    Work,
+    canonical_json,
+)
+from corolla.verify.ledger import Ledger, LedgerKey
+
+MODEL = "tiny-llama@abc"
+
+
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def audit(node: str, verdict: Verdict, *, reporter: str = "site-a", check: str = "honest-1") -> AuditEvent:
+    agree = verdict is Verdict.PASS
+    referee = None if agree else Run(node_id="honest-2", precision="float32", output_sha256=_h("good"))
+    return AuditEvent(
+        event_id=uuid.uuid4().hex,
+        at=1.0,
+        reporter=reporter,
+        subject=Subject(node_id=node, model_id=MODEL, start=0, end=2),
+        work=Work.BACKWARD,
+        input_sha256=_h("in"),
+        primary=Run(node_id=node, precision="float32", output_sha256=_h("good" if agree else "bad")),
+        check=Run(node_id=check, precision="float32", output_sha256=_h("good")),
+        comparison=Comparison(rel_l2=0.0 if agree else 0.5, max_abs=0.0 if agree else 1.0, agree=agree),
+        tolerance_rel_l2=1e-4,
+        tolerance_max_abs=1e-3,
+        referee=referee,
+        referee_vs_primary=None if agree else Comparison(rel_l2=0.5, max_abs=1.0, agree=False),
+        referee_vs_check=None if agree else Comparison(rel_l2=0.0, max_abs=0.0, agree=True),
+        verdict=verdict,
+    )
+
+
+def _reply(*events: AuditEvent) -> RecordDict:
+    return RecordDict({VERIFY: reply_record([canonical_json(e).decode() for e in events])})
+
+
+@pytest.fixture
+def audits(tmp_path: Path) -> CoordinatorAudits:
+    config = TrainConfig(
+        model="m",
+        out_dir=str(tmp_path / "out"),
+        audit_rate=0.05,
+        ledger=str(tmp_path / "ledger.db"),
+        ledger_key=str(tmp_path / "ledger.key"),
+    )
+    made = CoordinatorAudits.for_config(config)
+    assert made is not None
+    yield made
+    made.close()
+
+
+def test_site_audits_go_to_the_ledger_and_a_failure_quarantines(audits: CoordinatorAudits, tmp_path: Path) -> None:
+    assert audits.accept(_reply(audit("bad-node", Verdict.PASS), audit("honest-1", Verdict.PASS)), reporter=None) == 2
+    assert audits.round_info() == {"audits": 2, "quarantined": []}
+    assert SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()})).quarantine == ()
+
+    assert audits.accept(_reply(audit("bad-node", Verdict.FAIL)), reporter=None) == 1
+    assert audits.round_info() == {"audits": 1, "quarantined": ["bad-node"]}
+    orders = SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()}))
+    assert orders is not None and orders.rate == 0.05
+    [quarantine] = orders.quarantine
+    assert quarantine.subject.node_id == "bad-node" and quarantine.reporter == "coordinator"
+
+    # The ledger holds the three audits and the coordinator's quarantine, chained and signed.
+    key = LedgerKey.load_or_create(tmp_path / "ledger.key")
+    with Ledger.open(str(tmp_path / "ledger.db")) as ledger:
+        kinds = [stored.event.kind for stored in ledger.events()]
+        assert kinds == ["audit", "audit", "audit", "quarantine"]
+        assert ledger.verify(key.public_key()).events == 4
+
+
+def test_quarantines_persist_across_runs_until_readmitted(audits: CoordinatorAudits, tmp_path: Path) -> None:
+    audits.accept(_reply(audit("bad-node", Verdict.FAIL)), reporter=None)
+    audits.close()
+    config = audits.config
+    again = CoordinatorAudits.for_config(config)
+    assert again is not None
+    orders = SiteOrders.from_content(RecordDict({VERIFY: again.train_record()}))
+    assert orders is not None and [q.subject.node_id for q in orders.quarantine] == ["bad-node"]
+    again.close()
+
+    subject = Subject(node_id="bad-node", model_id=MODEL, start=0, end=2)
+    key = LedgerKey.load_or_create(tmp_path / "ledger.key")
+    with Ledger.open(str(tmp_path / "ledger.db"), key=key, writer="operator") as ledger:
+        ledger.append([ReadmitEvent(event_id=uuid.uuid4().hex, at=2.0, reporter="op", subject=subject, reason="fixed")])
+    third = CoordinatorAudits.for_config(config)
+    assert third is not None
+    orders = SiteOrders.from_content(RecordDict({VERIFY: third.train_record()}))
+    assert orders is not None and orders.quarantine == ()
+    third.close()
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (ConfigRecord({"events": ["{not json"]}), "does not parse"),
+        (ConfigRecord({"events": "x"}), "must be a list of strings"),
+    ],
+)
+def test_bad_reports_are_refused_and_nothing_is_written(
+    audits: CoordinatorAudits, record: ConfigRecord, message: str
+) -> None:
+    with pytest.raises(RecordError, match=message):
+        audits.accept(RecordDict({VERIFY: record}), reporter=None)
+    assert audits.ledger.count() == 0
+
+
+def test_a_site_reports_its_own_audits_and_no_quarantines(audits: CoordinatorAudits) -> None:
+    with pytest.raises(RecordError, match="reported as 'site-b' by the site enrolled as 'site-a'"):
+        audits.accept(_reply(audit("bad-node", Verdict.FAIL, reporter="site-b")), reporter="site-a")
+    forged = QuarantineEvent(
+        event_id=uuid.uuid4().hex,
+        at=1.0,
+        reporter="site-a",
+        subject=Subject(node_id="honest-1", model_id=MODEL, start=0, end=2),
+        evidence=["x" * 32],
+        log_likelihood_ratio=99.0,
+        reason="a site's word",
+    )
+    bad = RecordDict({VERIFY: reply_record([canonical_json(forged).decode()])})
+    with pytest.raises(RecordError, match="quarantines are the coordinator's to decide"):
+        audits.accept(bad, reporter="site-a")
+    assert audits.ledger.count() == 0 and audits.round_info()["quarantined"] == []
+
+
+def test_site_orders_are_checked() -> None:
+    assert SiteOrders.from_content(RecordDict({})) is None
+    with pytest.raises(RecordError, match="verify rate 2.0"):
+        SiteOrders.from_content(RecordDict({VERIFY: ConfigRecord({"rate": 2.0, "quarantine": []})}))
+    with pytest.raises(RecordError, match="non-quarantine event"):
+        event = canonical_json(audit("n", Verdict.PASS)).decode()
+        SiteOrders.from_content(RecordDict({VERIFY: ConfigRecord({"rate": 0.1, "quarantine": [event]})}))
+
+
+def test_audit_rate_is_validated() -> None:
+    with pytest.raises(TrainConfigError, match="audit_rate=1.5"):
+        TrainConfig(model="m", out_dir="o", audit_rate=1.5)
+    assert CoordinatorAudits.for_config(TrainConfig(model="m", out_dir="o", audit_rate=0.0)) is None
