@@ -476,6 +476,30 @@ def targets(cases: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summary(cases: dict[str, Any], checks: dict[str, Any]) -> dict[str, Any]:
+    """Per case: both overheads, their ratio and the bytes per parameter, each against its
+    target; and whether every target is met."""
+    per_case: dict[str, Any] = {}
+    for name, case in cases.items():
+        row: dict[str, Any] = {
+            "corolla_overhead_s": round(case["corolla"]["overhead_s"], 4),
+            "upload_bytes_per_param": round(case["corolla"]["bytes"]["upload_per_param"], 4),
+            "bytes_target_met": checks[f"bytes_per_param_{name}"]["pass"],
+        }
+        if "overhead_ratio_flower_over_corolla" in case:
+            row["flower_overhead_s"] = round(case["flower_secaggplus"]["overhead_s"], 4)
+            row["overhead_ratio"] = round(case["overhead_ratio_flower_over_corolla"], 2)
+            row["overhead_ratio_paired_rounds_min"] = min(case["overhead_ratio_paired_rounds"])
+            row["ratio_target_met"] = checks[f"overhead_ratio_{name}"]["pass"]
+        per_case[name] = row
+    return {
+        "targets": f"overhead ratio >= {TARGET_OVERHEAD_RATIO}x (Flower SecAgg+ / Corolla), "
+        f"<= {TARGET_BYTES_PER_PARAM} bytes per parameter (the masked vector)",
+        "all_targets_met": all(t["pass"] for t in checks.values()),
+        "cases": per_case,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     info = inference_bench.machine_info()
     for key in ("torch", "transformers", "grpcio"):
@@ -518,6 +542,7 @@ def print_summary(result: dict[str, Any]) -> None:
         marginal = f"marginal {target['marginal']}, " if "marginal" in target else ""
         verdict = "PASS" if target["pass"] else "FAIL"
         print(f"    target {name}: {target['value']} ({marginal}limit {target['limit']}) {verdict}")
+    print(f"    all targets met: {result['summary']['all_targets_met']}")
     if other is not None and other > 0.05:
         print(f"WARNING: other processes used {other:.0%} of the CPU during the run; re-run on an idle machine.")
     print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
@@ -562,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases[case.name] = bench_case(case, consortium, plan.repeats)
     result["cases"] = cases
     result["targets"] = targets(cases)
+    result["summary"] = summary(cases, result["targets"])
     result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
     result["machine"]["cpu_during_run"] = meter.report()
     result["duration_s"] = round(time.perf_counter() - began, 1)

@@ -198,10 +198,10 @@ class Aggregator:
         digest = _crypto.hasher()
         for start in range(0, d, masking.CHUNK_WORDS):
             chunk = vector[start : start + masking.CHUNK_WORDS]
-            digest.update(chunk.data)
+            digest.update(chunk.data.cast("B"))
             part = self._sum[start : start + masking.CHUNK_WORDS]
             np.add(part, chunk, out=part)
-        if not _crypto.equal(digest.digest(), header.vector_sha256):
+        if not _crypto.equal(digest.digest(), header.vector_blake3):
             np.subtract(self._sum, vector, out=self._sum)
             raise BadSignature(f"the vector uploaded by {header.sender} is not the one it signed")
         self._uploads[sender] = (pack(Kind.UPLOAD, frame.header, frame.signature), header.commitment)

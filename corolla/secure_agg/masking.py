@@ -16,7 +16,7 @@ is about 1.6x faster than adding whole streams one after the other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 U32 = NDArray[np.uint32]
 WordReader = Callable[[U32], None]  # fills its (1-D, contiguous) argument with the stream's next words
 Keystream = Callable[[bytes], WordReader]  # opens the stream of a 32-byte seed (e.g. `_crypto.keystream`)
-CHUNK_WORDS = 1 << 15  # 128 KiB per chunk: a chunk of the vector and one of a stream stay in L2
+CHUNK_WORDS = 1 << 16  # 256 KiB per chunk: a chunk of the vector, of the input and of a stream stay in L2
 
 
 def pair_sign(i: int, j: int) -> int:
@@ -32,6 +32,34 @@ def pair_sign(i: int, j: int) -> int:
     if i == j:
         raise ValueError(f"a site has no pairwise mask with itself (index {i})")
     return 1 if i < j else -1
+
+
+def masked_chunks(
+    length: int,
+    terms: Iterable[tuple[int, bytes]],
+    keystream: Keystream,
+    *,
+    source: Callable[[int, U32], None],
+    chunk_words: int = CHUNK_WORDS,
+) -> Iterator[U32]:
+    """The vector source + sum of sign * PRG(seed) over `terms` (sign, seed), modulo 2^32,
+    chunk by chunk, without ever holding the whole vector: `source(start, chunk)` writes
+    the chunk's starting values (e.g. the encoded input from index `start` on), the
+    streams are added in cache, and the chunk is yielded. Each yielded array is a view of
+    one scratch buffer, valid until the next chunk is asked for (copy or hash it first)."""
+    if length < 0 or chunk_words < 1:
+        raise ValueError(f"length={length} and chunk_words={chunk_words} must be >= 0 and >= 1")
+    readers = _readers(terms, keystream)
+    size = min(chunk_words, length)
+    buffer, words = np.empty(size, dtype=np.uint32), np.empty(size, dtype=np.uint32)
+    for start in range(0, length, chunk_words):
+        count = min(chunk_words, length - start)
+        part, stream = buffer[:count], words[:count]
+        source(start, part)
+        for op, read in readers:
+            read(stream)
+            op(part, stream, out=part)
+        yield part
 
 
 def apply_streams(
@@ -50,11 +78,7 @@ def apply_streams(
     each finished chunk (e.g. to hash it while it is in cache)."""
     if vector.dtype != np.uint32 or vector.ndim != 1 or not vector.flags.c_contiguous:
         raise ValueError(f"expected a contiguous 1-D uint32 vector, got {vector.dtype}{vector.shape}")
-    readers = []
-    for sign, seed in terms:
-        if sign not in (1, -1):
-            raise ValueError(f"sign={sign} must be +1 or -1")
-        readers.append((np.add if sign == 1 else np.subtract, keystream(seed)))
+    readers = _readers(terms, keystream)
     buffer = np.empty(min(chunk_words, vector.shape[0]), dtype=np.uint32)
     for start in range(0, vector.shape[0], chunk_words):
         part = vector[start : start + chunk_words]
@@ -66,6 +90,15 @@ def apply_streams(
             op(part, words, out=part)
         if sink is not None:
             sink(part)
+
+
+def _readers(terms: Iterable[tuple[int, bytes]], keystream: Keystream) -> list[tuple[np.ufunc, WordReader]]:
+    readers: list[tuple[np.ufunc, WordReader]] = []
+    for sign, seed in terms:
+        if sign not in (1, -1):
+            raise ValueError(f"sign={sign} must be +1 or -1")
+        readers.append((np.add if sign == 1 else np.subtract, keystream(seed)))
+    return readers
 
 
 def mask(encoded: U32, *, index: int, self_seed: bytes, pair_seeds: Mapping[int, bytes], keystream: Keystream) -> U32:
@@ -88,7 +121,12 @@ def unmask(
     """The ring sum of the survivors' encoded inputs from the sum of their uploads: remove
     PRG(b_j) for every survivor j and, for every (survivor j, dropped q, s_jq), the term
     j added for q. Returns a new array."""
-    total = np.array(masked_sum, dtype=np.uint32, copy=True)
+    summed = np.asarray(masked_sum, dtype=np.uint32)
+    total = np.empty(summed.shape, dtype=np.uint32)
     terms = [(-1, seed) for seed in self_seeds] + [(-pair_sign(j, q), seed) for j, q, seed in dropped_pairs]
-    apply_streams(total, terms, keystream)
+
+    def copy(start: int, chunk: U32) -> None:  # the masked sum enters chunk by chunk, in cache
+        chunk[:] = summed[start : start + chunk.shape[0]]
+
+    apply_streams(total, terms, keystream, source=copy)
     return total

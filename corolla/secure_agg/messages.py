@@ -8,8 +8,8 @@ Every message is one frame:
     9          header                         h bytes of UTF-8 JSON (one of the models below)
     9 + h      signature                      64 bytes, Ed25519 over PROTOCOL | kind | header
     73 + h     payload                        uploads only: the masked vector, 4 bytes per
-                                              parameter, little-endian uint32; its SHA-256 is
-                                              in the (signed) header
+                                              parameter, little-endian uint32; its BLAKE3 hash
+                                              is in the (signed) header
 
 Bytes inside headers are standard base64 (RFC 4648, with padding). The masked vector is raw,
 so an upload costs 4 bytes per parameter plus a header of about n * (n - 1) * 90 bytes
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -132,7 +133,7 @@ class UploadHeader(_Model):
     digest: Bytes32  # the round digest
     sender: NodeId
     length: Length
-    vector_sha256: Bytes32  # of the payload
+    vector_blake3: Bytes32  # BLAKE3 of the payload (the masked vector)
     commitment: Bytes32  # to the sender's self-mask seed
     boxes: list[ShareBox] = Field(max_length=MAX_SITES)  # one per other member, sorted by recipient
 
@@ -238,6 +239,43 @@ def pack(kind: Kind, header: bytes, signature: bytes, payload: bytes | memoryvie
     if len(header) > MAX_HEADER_BYTES:
         raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
     return b"".join([_PREFIX.pack(MAGIC, kind, len(header)), header, signature, payload])
+
+
+class FrameWriter:
+    """One frame whose payload is written chunk by chunk before its header is final (an
+    upload: its header holds the payload's hash). The header's length must be known first;
+    an upload header's does not depend on its digests (fixed-size fields in base64).
+
+    The frame is built in an `io.BytesIO` grown once to its final size, whose `getvalue()`
+    hands over that buffer as the bytes object: the payload is copied once, from cache,
+    rather than into a vector and then again into the frame (two fresh 4 MB buffers per
+    million parameters, which cost about 3 ms of page faults and memory traffic here)."""
+
+    def __init__(self, kind: Kind, *, header_length: int, payload_length: int) -> None:
+        if not 0 <= header_length <= MAX_HEADER_BYTES or payload_length < 0:
+            raise ValueError(f"header_length={header_length}, payload_length={payload_length} out of range")
+        self._kind, self._header_length = kind, header_length
+        self._end = _PREFIX.size + header_length + SIGNATURE_BYTES + payload_length
+        self._buffer = io.BytesIO()
+        self._buffer.seek(self._end - 1)
+        self._buffer.write(b"\0")  # one allocation of the whole frame
+        self._buffer.seek(self._end - payload_length)
+
+    def write(self, chunk: memoryview) -> None:
+        """Append `chunk`'s bytes to the payload."""
+        if self._buffer.tell() + chunk.nbytes > self._end:
+            raise ValueError("the payload is longer than announced")
+        self._buffer.write(chunk)
+
+    def finish(self, header: bytes, signature: bytes) -> bytes:
+        """The frame, once the whole payload is written."""
+        if self._buffer.tell() != self._end:
+            raise ValueError("the payload is shorter than announced")
+        if len(header) != self._header_length or len(signature) != SIGNATURE_BYTES:
+            raise ValueError(f"expected a header of {self._header_length} bytes and a {SIGNATURE_BYTES}-byte signature")
+        self._buffer.seek(0)
+        self._buffer.write(b"".join([_PREFIX.pack(MAGIC, self._kind, len(header)), header, signature]))
+        return self._buffer.getvalue()
 
 
 def unpack(data: bytes | memoryview, *, expect: Kind) -> Frame:

@@ -39,6 +39,7 @@ from corolla.secure_agg.errors import (
     UntrustedMember,
 )
 from corolla.secure_agg.messages import (
+    FrameWriter,
     Kind,
     MemberKeys,
     OwnerShare,
@@ -131,8 +132,23 @@ def site_upload(
         raise ParameterError("the random source returned too few bytes")
     boxes, own_share = _seal_shares(rnd, me, self_seed, pairs, random)
 
-    # Encode, mask and hash chunk by chunk (in cache): y_i = enc(x_i) + PRG(b_i) +- PRG(s_ij).
-    masked = np.empty(ann.length, dtype="<u4")
+    # Encode, mask, hash and write into the frame chunk by chunk (in cache):
+    # y_i = enc(x_i) + PRG(b_i) + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij).
+    commitment = _crypto.self_mask_commitment(self_seed, run_id=ann.run_id, round=ann.round, node_id=ids[me])
+
+    def header(vector_blake3: bytes) -> bytes:
+        return UploadHeader(
+            run_id=ann.run_id,
+            round=ann.round,
+            digest=rnd.digest,
+            sender=ids[me],
+            length=ann.length,
+            vector_blake3=vector_blake3,
+            commitment=commitment,
+            boxes=boxes,
+        ).to_json()
+
+    frame = FrameWriter(Kind.UPLOAD, header_length=len(header(bytes(32))), payload_length=4 * ann.length)
     digest = _crypto.hasher()
     clipped = 0
 
@@ -140,25 +156,13 @@ def site_upload(
         nonlocal clipped
         clipped += encoding.encode_into(values[start : start + chunk.shape[0]], chunk)
 
-    masking.apply_streams(
-        masked,
-        [(1, self_seed)] + [(masking.pair_sign(me, j), pair.mask_seed) for j, pair in pairs.items()],
-        _crypto.keystream,
-        source=encode_chunk,
-        sink=lambda chunk: digest.update(chunk.data),
-    )
-    payload = masked.data.cast("B")
-    header = UploadHeader(
-        run_id=ann.run_id,
-        round=ann.round,
-        digest=rnd.digest,
-        sender=ids[me],
-        length=ann.length,
-        vector_sha256=digest.digest(),
-        commitment=_crypto.self_mask_commitment(self_seed, run_id=ann.run_id, round=ann.round, node_id=ids[me]),
-        boxes=boxes,
-    ).to_json()
-    upload = pack(Kind.UPLOAD, header, _crypto.sign(keys.identity_key, signing_input(Kind.UPLOAD, header)), payload)
+    terms = [(1, self_seed)] + [(masking.pair_sign(me, j), pair.mask_seed) for j, pair in pairs.items()]
+    for chunk in masking.masked_chunks(ann.length, terms, _crypto.keystream, source=encode_chunk):
+        data = chunk.data.cast("B")  # little-endian uint32 (the keystream reader insists on it)
+        digest.update(data)
+        frame.write(data)
+    signed = header(digest.digest())
+    upload = frame.finish(signed, _crypto.sign(keys.identity_key, signing_input(Kind.UPLOAD, signed)))
     state = RoundState(
         run_id=ann.run_id,
         round=ann.round,
@@ -309,10 +313,10 @@ def _open_bundle(
     boxes = [b for b in header.boxes if b.recipient == st.node_id]
     if len(boxes) != 1:
         raise MalformedMessage(f"the upload of {header.sender} holds {len(boxes)} share boxes for this site")
-    pair = agreement.pair_keys(member.agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=header.sender)
+    key = agreement.receive_key(member.agreement_key, run_id=st.run_id, round=st.round, me=ids[me], peer=header.sender)
     aad = box_aad(st.run_id, st.round, st.digest, sender=header.sender, recipient=st.node_id)
     try:
-        plaintext = _crypto.open_box(pair.receive_key, boxes[0].box, aad)
+        plaintext = _crypto.open_box(key, boxes[0].box, aad)
     except CryptoError:
         raise BadSignature(f"the share box {header.sender} sealed to this site does not open") from None
     count = len(ids) - 1  # its self-mask share, then one share per member other than the sender and this site

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from corolla.secure_agg import _crypto
 from corolla.secure_agg.errors import CryptoError
+from tests.secure_agg import make_vectors
 
 VECTORS = Path(__file__).parents[1] / "vectors"
 KDF = json.loads((VECTORS / "secure_agg_kdf.json").read_text())
@@ -33,6 +34,10 @@ def test_pair_keys_known_answers(vector: dict) -> None:
     assert at_a.mask_seed.hex() == at_b.mask_seed.hex() == vector["mask_seed"]
     assert at_a.send_key.hex() == at_b.receive_key.hex() == vector["share_key_a_to_b"]
     assert at_b.send_key.hex() == at_a.receive_key.hex() == vector["share_key_b_to_a"]
+    alone = _crypto.AgreementKey(sk_a).receive_key(
+        bytes.fromhex(b["x25519_public"]), **ids, me=a["node_id"], peer=b["node_id"]
+    )
+    assert alone.hex() == vector["share_key_b_to_a"]
 
 
 def test_derivations_differ_by_round_run_and_direction() -> None:
@@ -54,14 +59,21 @@ def test_self_mask_commitment_known_answers(vector: dict) -> None:
     assert got.hex() == vector["commitment"]
 
 
-def test_chacha20_layout_matches_rfc8439_block_vector() -> None:
-    """cryptography's 16-byte ChaCha20 nonce is the 4-byte little-endian block counter then
-    the 96-bit nonce: RFC 8439 section 2.3.2 through it (and through the reference below)."""
-    block = MASK["rfc8439_block"]
-    key, nonce = bytes.fromhex(block["key"]), bytes.fromhex(block["nonce"])
-    encryptor = Cipher(algorithms.ChaCha20(key, struct.pack("<I", block["counter"]) + nonce), mode=None).encryptor()
-    assert encryptor.update(bytes(64)).hex() == block["output"]
-    assert reference_block(key, block["counter"], nonce).hex() == block["output"]
+def test_aes_ctr_layout_matches_sp800_38a() -> None:
+    """The CTR mode the masks use (a 16-byte initial counter block, incremented as a 128-bit
+    big-endian integer) is SP 800-38A's, here and in the independent generator."""
+    vector = MASK["sp800_38a_f55"]
+    key, counter = bytes.fromhex(vector["key"]), bytes.fromhex(vector["initial_counter"])
+    plaintext = bytes.fromhex(vector["plaintext"])
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+    assert encryptor.update(plaintext).hex() == vector["ciphertext"]
+    stream = make_vectors.keystream_bytes(key, 0, len(plaintext), counter=int.from_bytes(counter, "big"))
+    assert bytes(a ^ b for a, b in zip(stream, plaintext, strict=True)).hex() == vector["ciphertext"]
+
+
+def test_mask_vectors_are_the_generated_ones() -> None:
+    """tests/vectors/secure_agg_mask.json is regenerated (make_vectors.py), never hand-edited."""
+    assert make_vectors.mask_vectors() == MASK
 
 
 @pytest.mark.parametrize("vector", MASK["streams"], ids=lambda v: v["seed"][:8])
@@ -74,15 +86,15 @@ def test_mask_expansion_known_answers(vector: dict) -> None:
     assert _crypto.keystream_words(seed, 16).tobytes().hex() == vector["first_64_bytes"]
 
 
-def test_keystream_equals_an_independent_chacha20() -> None:
+def test_keystream_equals_an_independent_aes_ctr() -> None:
     seed = bytes(range(100, 132))
-    words = 16 * 5 + 7  # a partial last block
-    expected = b"".join(reference_block(seed, counter, bytes(12)) for counter in range(6))[: 4 * words]
+    words = 4 * 300 + 3  # past the counter's first carry, and a partial last block
+    expected = make_vectors.keystream_bytes(seed, 0, 4 * words)
     assert _crypto.keystream_words(seed, words).tobytes() == expected
     assert _crypto.keystream_words(seed, 0).shape == (0,)
-    # read in uneven pieces, the stream goes on where it stopped
+    # read in uneven pieces, the stream goes on where it stopped (also within a block)
     read, pieces = _crypto.keystream(seed), []
-    for size in (1, 15, 16, 3, 52):
+    for size in (1, 15, 16, 3, 1168):
         piece = np.empty(size, dtype=np.uint32)
         read(piece)
         pieces.append(piece)
@@ -117,46 +129,24 @@ def test_boxes_and_signatures_fail_opaquely() -> None:
         _crypto.verify(_crypto.ed25519_public(bytes(32)), b"message", signature)
 
 
+def test_vector_hash_is_blake3() -> None:
+    """The upload's vector hash is BLAKE3-256 (the BLAKE3 team's test vector for the empty
+    input), and hashing chunk by chunk gives the one-shot hash."""
+    assert _crypto.hasher().digest().hex() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    data = np.arange(300_001, dtype=np.uint32)
+    one_shot, chunked = _crypto.hasher(), _crypto.hasher()
+    one_shot.update(data.tobytes())
+    for start in range(0, data.size, 65536):
+        chunked.update(data[start : start + 65536].data.cast("B"))
+    assert chunked.digest() == one_shot.digest() and len(one_shot.digest()) == 32
+
+
 def test_kdf_info_is_length_prefixed() -> None:
     # ("ab", "c") and ("a", "bc") must not collide
     one = _crypto.kdf_info("pair", run_id="r", round=1, ids=("ab", "c"))
     two = _crypto.kdf_info("pair", run_id="r", round=1, ids=("a", "bc"))
     assert one != two
     assert one.startswith(struct.pack(">I", 17) + b"corolla-secagg-v1")
-
-
-# -- an independent ChaCha20 block function (RFC 8439 section 2.3), for the tests only ----------
-
-
-def _rotl(v: int, c: int) -> int:
-    return ((v << c) & 0xFFFFFFFF) | (v >> (32 - c))
-
-
-def _quarter(s: list[int], a: int, b: int, c: int, d: int) -> None:
-    s[a] = (s[a] + s[b]) & 0xFFFFFFFF
-    s[d] = _rotl(s[d] ^ s[a], 16)
-    s[c] = (s[c] + s[d]) & 0xFFFFFFFF
-    s[b] = _rotl(s[b] ^ s[c], 12)
-    s[a] = (s[a] + s[b]) & 0xFFFFFFFF
-    s[d] = _rotl(s[d] ^ s[a], 8)
-    s[c] = (s[c] + s[d]) & 0xFFFFFFFF
-    s[b] = _rotl(s[b] ^ s[c], 7)
-
-
-def reference_block(key: bytes, counter: int, nonce: bytes) -> bytes:
-    state = [0x61707865, 0x3320646E, 0x79622D32, 0x6B206574, *struct.unpack("<8I", key), counter]
-    state += list(struct.unpack("<3I", nonce))
-    w = list(state)
-    for _ in range(10):
-        _quarter(w, 0, 4, 8, 12)
-        _quarter(w, 1, 5, 9, 13)
-        _quarter(w, 2, 6, 10, 14)
-        _quarter(w, 3, 7, 11, 15)
-        _quarter(w, 0, 5, 10, 15)
-        _quarter(w, 1, 6, 11, 12)
-        _quarter(w, 2, 7, 8, 13)
-        _quarter(w, 3, 4, 9, 14)
-    return struct.pack("<16I", *((a + b) & 0xFFFFFFFF for a, b in zip(w, state, strict=True)))
 
 
 def test_only_the_crypto_module_imports_hazmat() -> None:

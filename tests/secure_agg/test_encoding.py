@@ -85,6 +85,22 @@ def test_overflow_check_rejects_sums_out_of_range() -> None:
         FixedPoint.for_sites(5, clip=1.0).decode_sum(noise, summands=5)
 
 
+@pytest.mark.parametrize("frac_bits", [0, 16, 25, 30])
+def test_decoding_equals_the_float64_reference(frac_bits: int) -> None:
+    """Decoding goes int32 -> float32 -> times 2^-f: one rounding, the same float32 as the
+    exact float64 value rounded once, also beyond 2^24 where float32 cannot hold every integer."""
+    fp = FixedPoint(frac_bits=frac_bits, clip=1.0)
+    summands = fp.max_sites()
+    limit = summands * fp.bound
+    rng = np.random.default_rng(frac_bits)
+    signed = rng.integers(-limit, limit + 1, size=100_000).astype(np.int32)
+    signed[:4] = [limit, -limit, 2**24 + 1, -(2**24) - 3]
+    reference = (signed.astype(np.float64) * 2.0**-frac_bits).astype(np.float32)
+    decoded = fp.decode_sum(signed.view(np.uint32), summands=summands)
+    assert decoded.dtype == np.float32
+    assert np.array_equal(decoded, reference)
+
+
 def test_bad_inputs_and_parameters_are_named() -> None:
     fp = FixedPoint(frac_bits=16, clip=1.0)
     with pytest.raises(EncodingError, match=r"2 values are NaN or infinite \(the first at index 1\)"):

@@ -13,7 +13,7 @@ from corolla.secure_agg import _crypto, masking
 
 
 def fake_keystream(seed: bytes) -> masking.WordReader:
-    """A cheap deterministic stand-in for the ChaCha20 keystream (pure arithmetic tests only):
+    """A cheap deterministic stand-in for the AES-CTR keystream (pure arithmetic tests only):
     the low 32 bits of PCG64's raw outputs, which come in sequence however they are read."""
     generator = np.random.PCG64(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
 

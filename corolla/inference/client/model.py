@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,11 +34,21 @@ from corolla.inference.errors import BadRequestError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 
+if TYPE_CHECKING:
+    from corolla.verify.spot_check import SpotChecker
+
 _UNSET: Any = object()
 
 
 class RemoteModelForCausalLM(nn.Module):
-    def __init__(self, checkpoint: Checkpoint, swarm: Swarm, *, wire_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        swarm: Swarm,
+        *,
+        wire_dtype: torch.dtype | None = None,
+        spot_checker: SpotChecker | None = None,
+    ) -> None:
         super().__init__()
         self.checkpoint = checkpoint
         self.config = checkpoint.config
@@ -48,6 +58,9 @@ class RemoteModelForCausalLM(nn.Module):
         self.num_blocks = checkpoint.num_blocks
         self.blocks = RemoteSequential(swarm, num_blocks=self.num_blocks, wire_dtype=wire_dtype)
         self.adapter: LoraAdapter | None = None
+        self.spot_checker: SpotChecker | None = None
+        if spot_checker is not None:
+            self.use_spot_checker(spot_checker)
         try:
             self.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         except OSError:
@@ -65,10 +78,12 @@ class RemoteModelForCausalLM(nn.Module):
         bans: BanList | None = None,
         timeout: float = 60.0,
         tls: TlsConfig | None = None,
+        spot_checker: SpotChecker | None = None,
     ) -> RemoteModelForCausalLM:
         """Load the client parts of the checkpoint at `path` and join the swarm through
         `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints). With `tls`
-        (this node's identity), every channel is mutual TLS and only certified servers count."""
+        (this node's identity), every channel is mutual TLS and only certified servers count.
+        With `spot_checker`, see `use_spot_checker`."""
         checkpoint = Checkpoint.open(path)
         swarm = Swarm(
             model_id=model_id or checkpoint.model_id,
@@ -78,13 +93,24 @@ class RemoteModelForCausalLM(nn.Module):
             timeout=timeout,
             tls=tls,
         )
-        return cls(checkpoint, swarm, wire_dtype=wire_dtype)
+        return cls(checkpoint, swarm, wire_dtype=wire_dtype, spot_checker=spot_checker)
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
         """Apply `adapter` (client-held LoRA weights) in every forward, backward and generation
         from now on; None goes back to the base model."""
         self.adapter = adapter
         self.blocks.adapter = None if adapter is None else AdapterSync(adapter, model_id=self.swarm.model_id)
+
+    def use_spot_checker(self, checker: SpotChecker | None) -> None:
+        """Audit a sample of every forward, backward and generation step from now on with
+        `checker`, and route around the nodes its reputation book quarantines; None stops both."""
+        self.spot_checker = checker
+        self.blocks.spot_checker = checker
+        if checker is not None:
+            checker.attach(self.swarm.router)
+        else:
+            self.swarm.router.exclude = None
+            self.swarm.router.invalidate()
 
     def load_adapter(self, directory: str | Path) -> LoraAdapter:
         """Load a PEFT LoRA adapter directory and apply it (see `use_adapter`)."""
@@ -129,6 +155,7 @@ class RemoteModelForCausalLM(nn.Module):
             batch_size=batch_size,
             wire_dtype=self.wire_dtype,
             adapter=self.blocks.adapter,
+            spot_checker=self.spot_checker,
         )
 
     @torch.no_grad()

@@ -7,6 +7,9 @@
   announced throughput, scaled by the requests this client already has in flight
   there, with a little jitter so that equal replicas share the work.
 - A server that fails is banned with exponential backoff; success clears its record.
+- Records an `exclude` predicate rejects (nodes the ledger or this client's spot checker
+  quarantined) are dropped whenever the records are fetched; `invalidate()` makes the next
+  route fetch again, so a quarantine takes effect on this client's very next route.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def shortest_chain(
 
 
 class Router:
-    """Routes over the servers a `source` reports, minus banned ones."""
+    """Routes over the servers a `source` reports, minus banned and excluded ones."""
 
     def __init__(
         self,
@@ -125,6 +128,7 @@ class Router:
         refresh_period: float = 5.0,
         rng: random.Random | None = None,
         jitter: float = 0.1,
+        exclude: Callable[[ServerRecord], bool] | None = None,
     ) -> None:
         self._source = source
         self._rtt_ms = rtt_ms
@@ -132,6 +136,7 @@ class Router:
         self.refresh_period = refresh_period
         self._rng = rng or random.Random()
         self.jitter = jitter  # +-fraction of random cost noise, so equal replicas share load
+        self.exclude = exclude  # True for records never to route to (e.g. quarantined nodes); asked at each fetch
         self._records: list[ServerRecord] = []
         self._fetched_at = -float("inf")
         self._in_flight: dict[str, int] = {}
@@ -141,9 +146,15 @@ class Router:
         with self._lock:
             stale = time.monotonic() - self._fetched_at > self.refresh_period
             if refresh or stale:
-                self._records = self._source()
+                exclude = self.exclude
+                self._records = [r for r in self._source() if exclude is None or not exclude(r)]
                 self._fetched_at = time.monotonic()
             return [r for r in self._records if not self.bans.is_banned(r.endpoint)]
+
+    def invalidate(self) -> None:
+        """Forget the fetched records: the next route fetches (and filters) them again."""
+        with self._lock:
+            self._fetched_at = -float("inf")
 
     def generation_route(self, start: int, end: int) -> list[Hop]:
         def cost(record: ServerRecord, a: int, b: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.errors import RemoteError, RoutingError, StepNotFoundError
 from corolla.inference.server.backend import AdapterGrads, BackwardResult
+
+if TYPE_CHECKING:
+    from corolla.verify.spot_check import SpotChecker
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class RemoteSequential:
         self.wire_dtype = wire_dtype
         self.max_retries = max_retries
         self.adapter: AdapterSync | None = None  # LoRA weights every hop applies; None = the base model
+        self.spot_checker: SpotChecker | None = None  # audits a sample of every hop's work; None = no checks
 
     def __call__(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.num_blocks if end is None else end
@@ -168,8 +172,10 @@ class RemoteSequential:
 
     def _forward(self, hop: Hop, x: torch.Tensor) -> torch.Tensor:
         stub = self.swarm.stub(hop.endpoint)
+        used = [""]  # the adapter hash the server applied
 
         def call(adapter: str) -> torch.Tensor:
+            used[0] = adapter
             return stub.forward(
                 x,
                 model_id=self.swarm.model_id,
@@ -179,14 +185,21 @@ class RemoteSequential:
                 adapter=adapter,
             )
 
-        return self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+        out: torch.Tensor = self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+        if self.spot_checker is not None:
+            self.spot_checker.forward_done(
+                self.swarm, hop, x, out, wire_dtype=self.wire_dtype, adapter=self.adapter, adapter_digest=used[0]
+            )
+        return out
 
     def _backward(
         self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, mode: AdapterGrads, step_id: str, grad_input: bool
     ) -> BackwardResult:
         stub = self.swarm.stub(hop.endpoint)
+        used = [""]
 
         def call(adapter: str) -> BackwardResult:
+            used[0] = adapter
             return stub.backward(
                 x,
                 grad,
@@ -199,7 +212,20 @@ class RemoteSequential:
                 grad_input=grad_input,
             )
 
-        return self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+        result: BackwardResult = self._tracked(hop, lambda: self._with_adapter(stub, hop, call))
+        if self.spot_checker is not None:
+            self.spot_checker.backward_done(
+                self.swarm,
+                hop,
+                x,
+                grad,
+                result,
+                mode=mode,
+                grad_input=grad_input,
+                adapter=self.adapter,
+                adapter_digest=used[0],
+            )
+        return result
 
     def _with_adapter(self, stub: Any, hop: Hop, call: Any) -> Any:
         if self.adapter is None:

@@ -13,6 +13,7 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.client.transport import SessionStream
 from corolla.inference.errors import MaxLengthExceededError, RemoteError, RoutingError
+
+if TYPE_CHECKING:
+    from corolla.verify.spot_check import SpotChecker
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,10 @@ class InferenceSession:
         wire_dtype: torch.dtype | None = None,
         max_retries: int = 4,
         adapter: AdapterSync | None = None,
+        spot_checker: SpotChecker | None = None,
     ) -> None:
         self.swarm = swarm
+        self.spot_checker = spot_checker  # audits a sample of the steps (by a parallel forward of the history)
         self.adapter = adapter  # LoRA weights each server applies, put there before its session opens
         self.start = start
         self.end = end
@@ -78,6 +84,17 @@ class InferenceSession:
                 self._replace(i, exc, failures)
                 continue  # retry the same blocks on the replacement links
             self.swarm.router.bans.succeeded(link.hop.endpoint)
+            if self.spot_checker is not None:
+                self.spot_checker.step_done(
+                    self.swarm,
+                    link.hop,
+                    link.inputs,
+                    x,
+                    y,
+                    wire_dtype=self.wire_dtype,
+                    adapter=self.adapter,
+                    adapter_digest=link.stream.adapter,
+                )
             link.inputs.append(x)
             x = y
             i += 1

@@ -210,6 +210,7 @@ class SessionStream:
         self.session_id = session_id
         self.start = start
         self.end = end
+        self.adapter = adapter  # the adapter hash the session applies ("" = none)
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._requests.put(

@@ -20,6 +20,7 @@ from corolla.inference.grpc_tuning import tune_for_latency
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.inference.server.backend import SpanBackend
+from corolla.inference.server.faults import FaultInjectingBackend, FaultKind, FaultSpec, other_weights_span
 from corolla.inference.server.service import BlockServicer, NodeStats, ServiceLimits
 from corolla.inference.server.span_choice import choose_span
 from corolla.inference.server.throughput import measure
@@ -53,6 +54,7 @@ class ServerConfig:
     model_id: str | None = None  # override the checkpoint's fingerprinted id
     tls: TlsConfig | None = None  # mutual TLS, signed records, private DHT; None = plaintext (dev only)
     announce_port: int | None = None  # port put in the DHT record; None = the gRPC port (e.g. behind a proxy)
+    inject_fault: FaultSpec | None = None  # TESTS AND BENCHMARKS ONLY: corrupt a fraction of outputs (faults.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -66,6 +68,8 @@ class ServerConfig:
                 raise BadRequestError(f"{name}={getattr(self, name)} must be at least 1")
         if self.announce_ttl <= 0:
             raise BadRequestError(f"announce_ttl={self.announce_ttl} must be positive")
+        if self.inject_fault is not None and not isinstance(self.inject_fault, FaultSpec):
+            raise BadRequestError(f"inject_fault={self.inject_fault!r} must be a FaultSpec or None")
 
 
 class BlockServer:
@@ -125,6 +129,8 @@ class BlockServer:
             throughput,
             step_ms,
         )
+        if cfg.inject_fault is not None:
+            self.backend = self._faulty(self.backend, cfg.inject_fault, checkpoint)
         limits = ServiceLimits(
             max_message_bytes=cfg.max_message_bytes,
             max_sessions=cfg.max_sessions,
@@ -218,6 +224,21 @@ class BlockServer:
                 self.announce()
             except Exception:  # keep serving; the next refresh may succeed
                 log.exception("announcing to the DHT failed")
+
+    def _faulty(self, backend: SpanBackend, spec: FaultSpec, checkpoint: Checkpoint) -> FaultInjectingBackend:
+        other = None
+        if spec.kind == FaultKind.OTHER_WEIGHTS:
+            seed = secrets.randbits(63) if spec.seed is None else spec.seed
+            other = other_weights_span(
+                checkpoint, backend.start, backend.end, dtype=backend.dtype, quant=self.config.quant, seed=seed
+            )
+        log.warning(
+            "FAULT INJECTION: this server corrupts a fraction %g of its outputs (%s); for tests and benchmarks "
+            "only, never in a consortium",
+            spec.fraction,
+            spec,
+        )
+        return FaultInjectingBackend(backend, spec, other=other)
 
     def _pick_span(self, checkpoint: Checkpoint, model_id: str) -> tuple[int, int]:
         total = checkpoint.num_blocks

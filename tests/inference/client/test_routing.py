@@ -111,3 +111,22 @@ def test_router_skips_banned_servers_and_spreads_load() -> None:
     router.finish("127.0.0.1:1")
     chosen = {router.forward_route(0, 4)[0].endpoint for _ in range(50)}
     assert chosen == {"127.0.0.1:1", "127.0.0.1:2"}, "equal replicas should share the load"
+
+
+def test_excluded_records_are_dropped_at_each_fetch_and_invalidate_refetches() -> None:
+    records = [rec(1, 0, 4), rec(2, 0, 4)]
+    fetches = [0]
+
+    def source() -> list[ServerRecord]:
+        fetches[0] += 1
+        return records
+
+    quarantined: set[str] = set()
+    router = Router(source, rtt_ms=lambda r: 1.0, refresh_period=3600, exclude=lambda r: r.node_id in quarantined)
+    assert {r.endpoint for r in router.records()} == {"127.0.0.1:1", "127.0.0.1:2"}
+    quarantined.add(records[0].node_id)
+    assert len(router.records()) == 2, "cached records stay until the next fetch"
+    router.invalidate()
+    assert [r.endpoint for r in router.records()] == ["127.0.0.1:2"]
+    assert fetches[0] == 2
+    assert {router.generation_route(0, 4)[0].endpoint for _ in range(5)} == {"127.0.0.1:2"}
