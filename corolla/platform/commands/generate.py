@@ -11,6 +11,7 @@ import contextlib
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, TextStreamer
@@ -48,11 +49,47 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         metavar="DIR",
         help="a PEFT LoRA adapter directory (e.g. from `platform train`), applied by the servers",
     )
+    p.add_argument(
+        "--audit-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="spot-check this share of span computations on other replicas, verdicts to --ledger (default 0)",
+    )
+    p.add_argument("--ledger", metavar="URL", help="reputation ledger for --audit-rate (default: the workspace's)")
     add_identity_options(p, role_hint="site")
     p.set_defaults(run=run)
 
 
+def _ledger_checker(args: argparse.Namespace, stack: contextlib.ExitStack, reporter: str) -> Any:
+    """A spot checker whose verdicts go straight to the ledger, routing around the nodes the
+    ledger's history quarantines (inference clients report directly; sites in training
+    report through Flower)."""
+    from corolla.platform.training.verification import LockedBook
+    from corolla.verify.ledger import Ledger, LedgerKey
+    from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
+    from corolla.verify.spot_check import SpotChecker, SpotCheckSettings
+
+    workspace = resolve_workspace(args.workspace)
+    key = LedgerKey.load_or_create(default_ledger_key_path(workspace))
+    ledger = stack.enter_context(Ledger.open(args.ledger or default_ledger_url(workspace), key=key, writer=reporter))
+    book = LockedBook()
+    for stored in ledger.events():
+        book.observe(stored.event)
+
+    def sink(events: list[Any]) -> None:
+        ledger.append(events)
+
+    checker = SpotChecker(book, sink=sink, reporter=reporter, settings=SpotCheckSettings(rate=args.audit_rate))
+    stack.callback(checker.close)
+    stack.callback(checker.flush, 60.0)
+    return checker
+
+
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.audit_rate <= 1:
+        print(f"platform generate: --audit-rate {args.audit_rate} must be in [0, 1]", file=sys.stderr)
+        return 2
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
     if args.adapter:  # before any server starts: a bad directory is a quick, clear error
         LoraAdapter.load_peft(args.adapter, Checkpoint.open(model_dir))
@@ -90,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.adapter:
             model.load_adapter(args.adapter)
+        if args.audit_rate:
+            model.use_spot_checker(_ledger_checker(args, stack, reporter=getattr(args, "node", None) or "client"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer)

@@ -1,0 +1,18 @@
+"""The tamper-evident ledger of verification events (audits, quarantines, re-admissions).
+
+Append-only rows in a SHA-256 hash chain whose head is signed with an Ed25519 ledger key,
+on SQLite (a file; the default) or PostgreSQL (a consortium's shared database):
+
+    key = LedgerKey.load_or_create(workspace / "ledger.key")
+    with Ledger.open(workspace / "ledger.db", key=key, writer=node_id) as ledger:
+        ledger.append([event])
+        check = ledger.verify(key.public_key())
+
+`chain` documents the exact bytes hashed and signed; `schema` holds the tables.
+"""
+
+from corolla.verify.ledger.chain import GENESIS_HASH
+from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey
+from corolla.verify.ledger.store import AnyEvent, ChainCheck, Ledger, StoredEvent
+
+__all__ = ["GENESIS_HASH", "AnyEvent", "ChainCheck", "Ledger", "LedgerKey", "LedgerPublicKey", "StoredEvent"]

@@ -1,0 +1,1 @@
+"""The ledger's schema revisions, oldest first; each spells out its own DDL."""

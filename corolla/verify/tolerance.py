@@ -1,0 +1,159 @@
+"""How two honest runs of the same span work may differ, and whether two outputs agree.
+
+Two honest servers never return bit-identical outputs: compute dtypes (float32, bfloat16,
+float16), weight quantization (int8, nf4) and even batch composition (matmul blocking
+changes the order of additions) all change the rounding. A spot check therefore compares
+the primary's output with the check's by
+
+- relative L2 error, ||a - b|| / max(||b||, tiny), computed in float64, and
+- largest element difference, max |a - b|,
+
+and calls them in agreement when both are within a `Tolerance`. The tolerances ship in
+`corolla/verify/data/tolerances.json`, made by `python -m corolla.verify.calibration`
+(see that module for the procedure): per precision pair and work kind, a safety factor
+times the largest honest disagreement measured, with a floor, checked to sit below the
+disagreement that corrupted outputs cause. A mixed pair gets the looser of its two
+precisions' tolerances (each precision's own tolerance is measured against float32).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from corolla.verify.errors import VerifyError
+from corolla.verify.events import Comparison, Work
+
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "Tolerance",
+    "ToleranceEntry",
+    "ToleranceTable",
+    "compare",
+    "load_table",
+    "pair_key",
+    "tolerance_for",
+]
+
+Precision = Literal["float32", "bfloat16", "float16", "int8", "nf4"]  # compute dtype or weight quantization
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+TABLE_FORMAT: Literal["corolla-tolerances/1"] = "corolla-tolerances/1"
+_SATURATED = sys.float_info.max  # stands for "infinite": JSON, and so the ledger's hash, has no infinity
+_TINY = torch.finfo(torch.float64).tiny
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Tolerance:
+    rel_l2: float  # largest ||a - b|| / ||b|| still in agreement
+    max_abs: float  # largest max |a - b| still in agreement, in the output's units
+
+    def __post_init__(self) -> None:
+        for name in ("rel_l2", "max_abs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise VerifyError(f"{name}={value!r} must be a finite number > 0")
+
+
+def compare(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> Comparison:
+    """`a` (the primary's output) against `b` (the check's), in float64.
+
+    Any NaN or infinity in either tensor disagrees; both figures then saturate at the largest
+    float (so the event still hashes as JSON). Raises `VerifyError` when the shapes differ.
+    """
+    if a.shape != b.shape:
+        raise VerifyError(f"cannot compare outputs of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.is_complex() or b.is_complex():
+        raise VerifyError("cannot compare complex tensors")
+    a64 = a.detach().to(device="cpu", dtype=torch.float64)
+    b64 = b.detach().to(device="cpu", dtype=torch.float64)
+    if not (bool(torch.isfinite(a64).all()) and bool(torch.isfinite(b64).all())):
+        return Comparison(rel_l2=_SATURATED, max_abs=_SATURATED, agree=False)
+    if a64.numel() == 0:
+        return Comparison(rel_l2=0.0, max_abs=0.0, agree=True)
+    diff = a64 - b64
+    rel_l2 = min(float(torch.linalg.vector_norm(diff)) / max(float(torch.linalg.vector_norm(b64)), _TINY), _SATURATED)
+    max_abs = float(diff.abs().max())
+    return Comparison(rel_l2=rel_l2, max_abs=max_abs, agree=rel_l2 <= tol.rel_l2 and max_abs <= tol.max_abs)
+
+
+# -- the calibration table --------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ToleranceEntry(_Strict):
+    """One (precision pair, work): the tolerance, and the measurements it was set from."""
+
+    rel_l2: float = Field(gt=0, allow_inf_nan=False)
+    max_abs: float = Field(gt=0, allow_inf_nan=False)
+    honest_max_rel_l2: float = Field(ge=0, allow_inf_nan=False)  # largest honest disagreement for this pair
+    honest_max_abs: float = Field(ge=0, allow_inf_nan=False)
+    honest_comparisons: int = Field(ge=0)
+    # corruption kind -> smallest disagreement a corrupted primary caused against an honest check
+    corruption_min_rel_l2: dict[str, float] = Field(default_factory=dict)
+    corruption_min_max_abs: dict[str, float] = Field(default_factory=dict)
+    # corruption kind -> fraction of corrupted outputs that still agreed within this tolerance
+    corruption_undetected: dict[str, float] = Field(default_factory=dict)
+
+
+class ToleranceTable(_Strict):
+    format: Literal["corolla-tolerances/1"] = TABLE_FORMAT
+    settings: dict[str, JsonValue]  # how the calibration ran (models, samples, safety factor, floors)
+    per_precision: dict[str, dict[Work, dict[str, float]]]  # each precision against float32: raw maxima
+    tolerances: dict[str, dict[Work, ToleranceEntry]]  # pair_key(a, b) -> work -> entry
+
+
+def pair_key(precision_a: str, precision_b: str) -> str:
+    """The table's key for a pair, order-free: "bfloat16/float32" for either order."""
+    for precision in (precision_a, precision_b):
+        if precision not in PRECISIONS:
+            raise VerifyError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
+    return "/".join(sorted((precision_a, precision_b)))
+
+
+def load_table(path: str | Path | None = None) -> ToleranceTable:
+    """The shipped table, or one written by the calibration for another model."""
+    if path is None:
+        return _shipped_table()
+    return _parse_table(Path(path).read_text(), str(path))
+
+
+def tolerance_for(
+    precision_a: str, precision_b: str, work: Work | str, *, table: ToleranceTable | None = None
+) -> Tolerance:
+    """The tolerance for comparing a `precision_a` server's `work` output with a `precision_b` one's."""
+    key = pair_key(precision_a, precision_b)
+    try:
+        kind = Work(work)
+    except ValueError:
+        raise VerifyError(f"work {work!r} is not known; allowed: {', '.join(w.value for w in Work)}") from None
+    table = table if table is not None else _shipped_table()
+    entry = table.tolerances.get(key, {}).get(kind)
+    if entry is None:
+        raise VerifyError(f"the tolerance table has no entry for {key} {kind.value}; re-run the calibration")
+    return Tolerance(rel_l2=entry.rel_l2, max_abs=entry.max_abs)
+
+
+@cache
+def _shipped_table() -> ToleranceTable:
+    source = resources.files("corolla.verify").joinpath("data/tolerances.json")
+    return _parse_table(source.read_text(), "corolla/verify/data/tolerances.json")
+
+
+def _parse_table(text: str, where: str) -> ToleranceTable:
+    try:
+        return ToleranceTable.model_validate_json(text)
+    except ValidationError as exc:
+        raise VerifyError(f"{where} is not a valid tolerance table: {exc}") from exc
