@@ -260,6 +260,26 @@ def test_a_corrupted_step_fails_and_the_node_leaves(make_lab: Callable[..., Lab]
         assert fresh.route[0].endpoint != bad.endpoint
 
 
+def test_an_open_session_moves_off_a_node_once_it_is_quarantined(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab({"inject_fault": FaultSpec.parse(NOISE)}, {}, {})
+    bad = lab.servers[0]
+    checker = lab.checker()
+    router = lab.swarm.router
+    router.exclude = lambda r: r.endpoint != bad.endpoint  # the session opens on the bad server
+    router.invalidate()
+    session = InferenceSession(lab.swarm, start=0, end=4, max_length=16, batch_size=1, spot_checker=checker)
+    checker.attach(router)
+    x = lab.hidden(batch=1, tokens=8)
+    session.step(x[:, :5])  # audited at rate 1: FAIL, quarantined
+    assert lab.book.is_quarantined(lab.subject(bad))
+    out = session.step(x[:, 5:6])  # the next step replays the history on an honest replica
+    assert session.route[0].endpoint != bad.endpoint
+    honest = lab.swarm.stub(session.route[0].endpoint).forward(x[:, :6], model_id=lab.swarm.model_id, start=0, end=4)
+    torch.testing.assert_close(out, honest[:, 5:6], rtol=0, atol=1e-5)  # same as an honest forward of the prefix
+    session.close()
+    assert lab.audits()[-1].verdict == Verdict.PASS  # the step on the honest replica
+
+
 def test_later_steps_compare_only_their_positions(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab({}, {}, {})
     checker = lab.checker()

@@ -74,6 +74,7 @@ class InferenceSession:
                 f"{self.position + hidden.shape[1]} tokens would exceed the session's max_length {self.max_length}"
             )
         x = hidden.detach()
+        self._leave_excluded()
         i, failures = 0, 0
         while i < len(self._links):
             link = self._links[i]
@@ -160,11 +161,22 @@ class InferenceSession:
 
         return open_with("") if self.adapter is None else self.adapter.call(stub, hop.start, hop.end, open_with)
 
-    def _replace(self, index: int, exc: Exception, failures: int) -> None:
+    def _leave_excluded(self) -> None:
+        """Move off servers the router now excludes (quarantined by spot checks) mid-session:
+        their blocks go to a new chain that replays the history, as in failover."""
+        exclude = self.swarm.router.exclude
+        if exclude is None:
+            return
+        for i in range(len(self._links) - 1, -1, -1):
+            if exclude(self._links[i].hop.record):
+                self._replace(i, RoutingError(f"{self._links[i].hop.endpoint} is quarantined"), 0, ban=False)
+
+    def _replace(self, index: int, exc: Exception, failures: int, *, ban: bool = True) -> None:
         """Swap link `index` for a new chain over its blocks, replaying its inputs there."""
         old = self._links[index]
         old.stream.close()
-        self._ban(old.hop, exc, failures)
+        if ban:
+            self._ban(old.hop, exc, failures)
         while True:
             links = self._open_chain(old.hop.start, old.hop.end)
             done = 0
