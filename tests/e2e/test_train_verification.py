@@ -38,9 +38,7 @@ def _train(tiny_llama: Path, workspace: Path, *extra: str) -> tuple[dict, str]:
     return json.loads((out / "summary.json").read_text()), result.stdout
 
 
-def test_a_poisoned_replica_is_quarantined_and_training_stays_close_to_clean(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_a_poisoned_replica_is_quarantined_and_training_stays_close_to_clean(tiny_llama: Path, tmp_path: Path) -> None:
     clean, _ = _train(tiny_llama, tmp_path / "clean")
     assert clean["verify"]["quarantined"] == []  # honest replicas: nobody flagged
     assert clean["verify"]["audits"] > 10
@@ -73,12 +71,14 @@ def test_a_poisoned_replica_is_quarantined_and_training_stays_close_to_clean(
     assert bad in text
     [quarantine] = data["quarantines"]
     assert quarantine["subject"]["node_id"] == bad
-    evidence = json.dumps(quarantine)
-    assert '"verdict": "fail"' in evidence or '"verdict":"fail"' in evidence
+    for audit in quarantine["evidence"]:  # the refereed audits that convicted it, with their hashes
+        as_primary = audit["subject"]["node_id"] == bad and audit["verdict"] == "fail"
+        as_check = (audit["blamed"] or {}).get("node_id") == bad  # it was the check; the referee sided with the primary
+        assert as_primary or as_check, audit
+        assert audit["referee"] is not None and bad in audit["disagreeing"]
+        assert len(audit["input_sha256"]) == 64
     quarantined_at = quarantine["seq"]
-    with_primary_bad = [
-        a for a in _audits(ws) if a["seq"] > quarantined_at and a["event"]["primary"]["node_id"] == bad
-    ]
+    with_primary_bad = [a for a in _audits(ws) if a["seq"] > quarantined_at and a["event"]["primary"]["node_id"] == bad]
     assert with_primary_bad == []
 
     verify = subprocess.run(
