@@ -32,6 +32,7 @@ from corolla.secure_agg.errors import (
     MalformedMessage,
     NotEnoughSurvivors,
     ReconstructionError,
+    RejectedMessage,
     ReplayedMessage,
     RoundStateError,
     UntrustedMember,
@@ -175,11 +176,15 @@ class Aggregator:
 
     # -- stage 1 --------------------------------------------------------------------------
 
-    def add_upload(self, upload: bytes) -> str:
-        """Check an upload and add its masked vector to the sum; the sender's node id."""
+    def add_upload(self, upload: bytes, *, expected_sender: str | None = None) -> str:
+        """Check an upload and add its masked vector to the sum; the sender's node id.
+        With `expected_sender` (who the transport says delivered it), an upload signed by
+        anyone else is rejected before it counts, so the genuine one is not refused later."""
         self._expect(_Phase.UPLOAD, "add_upload")
         frame = unpack(upload, expect=Kind.UPLOAD)
         header = parse(UploadHeader, frame.header)
+        if expected_sender is not None and header.sender != expected_sender:
+            raise RejectedMessage(f"an upload from {header.sender} delivered as {expected_sender}'s")
         sender = self._member(header.sender)
         self._verify(sender, frame.signed_bytes, frame.signature, "upload")
         self._check_ids(header.run_id, header.round, header.digest, f"the upload of {header.sender}")

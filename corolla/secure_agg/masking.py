@@ -68,14 +68,13 @@ def apply_streams(
     keystream: Keystream,
     *,
     source: Callable[[int, U32], None] | None = None,
-    sink: Callable[[U32], None] | None = None,
     chunk_words: int = CHUNK_WORDS,
 ) -> None:
     """vector += sum of sign * PRG(seed) over `terms` (sign, seed), in place, modulo 2^32.
 
     Chunk by chunk: `source(start, chunk)`, if given, first writes the chunk's starting
-    values (e.g. the encoded input from index `start` on); `sink(chunk)`, if given, sees
-    each finished chunk (e.g. to hash it while it is in cache)."""
+    values (e.g. the masked sum from index `start` on), so that they are read into cache
+    once."""
     if vector.dtype != np.uint32 or vector.ndim != 1 or not vector.flags.c_contiguous:
         raise ValueError(f"expected a contiguous 1-D uint32 vector, got {vector.dtype}{vector.shape}")
     readers = _readers(terms, keystream)
@@ -88,8 +87,6 @@ def apply_streams(
         for op, read in readers:
             read(words)
             op(part, words, out=part)
-        if sink is not None:
-            sink(part)
 
 
 def _readers(terms: Iterable[tuple[int, bytes]], keystream: Keystream) -> list[tuple[np.ufunc, WordReader]]:

@@ -6,7 +6,7 @@ Every message is one frame:
     4          kind                           1 byte: 1 announce, 2 upload, 3 unmask request, 4 unmask reply
     5          header length h                4 bytes, big-endian
     9          header                         h bytes of UTF-8 JSON (one of the models below)
-    9 + h      signature                      64 bytes, Ed25519 over PROTOCOL | kind | header
+    9 + h      signature                      64 bytes, Ed25519 over PROTOCOL | kind | SHA-256(header)
     73 + h     payload                        uploads only: the masked vector, 4 bytes per
                                               parameter, little-endian uint32; its BLAKE3 hash
                                               is in the (signed) header
@@ -35,7 +35,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
 
-from corolla.secure_agg._crypto import PROTOCOL  # signed before every header: domain separation
+from corolla.secure_agg import _crypto
 from corolla.secure_agg.errors import MalformedMessage
 
 MAGIC = b"CSA1"
@@ -230,7 +230,11 @@ class Frame:
 
 
 def signing_input(kind: Kind, header: bytes) -> bytes:
-    return PROTOCOL + bytes([kind]) + header
+    """What a sender's Ed25519 key signs: PROTOCOL | kind | SHA-256(header). Signing the
+    header's digest, domain-separated by the protocol label and the kind, rather than the
+    header itself spares Ed25519's two SHA-512 passes over large headers (an unmask request
+    forwards every other survivor's upload header: about 100 KB for 10 sites)."""
+    return _crypto.PROTOCOL + bytes([kind]) + _crypto.digest(header)
 
 
 def pack(kind: Kind, header: bytes, signature: bytes, payload: bytes | memoryview = b"") -> bytes:
@@ -247,9 +251,9 @@ class FrameWriter:
     an upload header's does not depend on its digests (fixed-size fields in base64).
 
     The frame is built in an `io.BytesIO` grown once to its final size, whose `getvalue()`
-    hands over that buffer as the bytes object: the payload is copied once, from cache,
-    rather than into a vector and then again into the frame (two fresh 4 MB buffers per
-    million parameters, which cost about 3 ms of page faults and memory traffic here)."""
+    hands over that buffer as the bytes object (CPython does not copy it): each chunk is
+    copied once, from cache, and the site never holds the whole masked vector besides the
+    frame (half the peak memory of the upload; no measurable change in time)."""
 
     def __init__(self, kind: Kind, *, header_length: int, payload_length: int) -> None:
         if not 0 <= header_length <= MAX_HEADER_BYTES or payload_length < 0:

@@ -97,7 +97,7 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     print(f"2 rounds on 3 SuperNodes: {time.monotonic() - started:.1f} s")
 
     rounds = [e for e in followed.events if e["event"] == "round"]
-    assert [r["aggregated"] for r in rounds] == [4, 3]
+    assert [r["aggregated"] for r in rounds] == [4, 3], [(r.get("secure_agg"), r["sites"]) for r in rounds]
     # Secure aggregation: whole numbers are exact in the fixed-point encoding, so the means are too.
     assert rounds[0]["eval"]["accuracy"] == pytest.approx(2.5, abs=1e-6)  # 0 + mean(1, 2, 3, 4)
     assert rounds[1]["eval"]["accuracy"] == pytest.approx(2.5 + 7 / 3, abs=1e-6)  # + mean(1, 2, 4): site-2 refused

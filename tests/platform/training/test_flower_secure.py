@@ -266,7 +266,7 @@ def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_pa
         group_id="1",
     )
     [reply] = grid.send_and_receive([train])
-    with pytest.raises(Exception, match="enrolled as"):
+    with pytest.raises(Exception, match="delivered as"):
         secure_round.accept(101, reply.content)  # site-0's upload claimed by node 101
     secure_round.accept(100, reply.content)
     assert secure_round.uploads == 1

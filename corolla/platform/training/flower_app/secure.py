@@ -187,14 +187,15 @@ class SecureRound:
         """A site's upload; the signed sender must be the member this Flower node enrolled as."""
         from corolla.secure_agg import SecureAggregationError
 
+        enrolled = self.node_ids.get(node)
+        if enrolled is None:
+            raise RecordError(f"node {node} is not in this round's roster")
         try:
-            sender = self.aggregator.add_upload(_bytes(content[SECAGG], "upload"))
+            self.aggregator.add_upload(_bytes(content[SECAGG], "upload"), expected_sender=enrolled)
         except KeyError:
             raise RecordError("the reply carries no secure-aggregation upload") from None
-        except SecureAggregationError as exc:
+        except SecureAggregationError as exc:  # incl. an upload signed by a site other than this node's
             raise RecordError(f"upload rejected: {exc}") from None
-        if sender != self.node_ids.get(node):
-            raise RecordError(f"upload signed by {sender}, but this node enrolled as {self.node_ids.get(node)}")
         self.uploads += 1
 
     def finish(self, grid: Grid, timeout: float) -> tuple[Weights, dict[str, Any]]:
