@@ -27,7 +27,10 @@ def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
     try:
         return psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_SERVER} is unreachable ({str(exc).strip().splitlines()[0]})")
+        why = f"PostgreSQL at {PG_SERVER} is unreachable ({str(exc).strip().splitlines()[0]})"
+        if os.environ.get("COROLLA_REQUIRE_PG"):  # CI, where PostgreSQL is part of the machine: never skip
+            pytest.fail(why + "; COROLLA_REQUIRE_PG is set")
+        pytest.skip(why)
 
 
 @pytest.fixture
