@@ -1,7 +1,9 @@
 """`platform train` end to end: a local consortium of real processes (block servers, a
-Flower SuperLink, three SuperNodes), a short DP run, and what it must leave behind:
-per-site epsilon within the budget and equal to Opacus's recomputation from the logged
-history, a PEFT adapter that plain PEFT loads, and the progress lines on screen."""
+Flower SuperLink, three SuperNodes), a short DP run with secure aggregation, and what it
+must leave behind: per-site epsilon within the budget and equal to Opacus's recomputation
+from the logged history, a PEFT adapter that plain PEFT loads and that equals plain
+aggregation of the sites' updates within the encoding's quantization error, and the
+progress lines on screen."""
 
 from __future__ import annotations
 
@@ -11,12 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from corolla.inference.client import LoraAdapter
+from corolla.inference.models import Checkpoint
+from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.privacy import recompute_epsilon
+from corolla.platform.training.site import lora_settings
+from corolla.secure_agg import FixedPoint
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +35,13 @@ def test_platform_train_short_dp_run(tiny_llama: Path, tmp_path: Path) -> None:
         sys.executable, "-m", "corolla", "train", "--adapter", "lora", "--dp-epsilon", "2",
         "--model", str(tiny_llama), "--rounds", "2", "--steps-per-round", "3", "--batch-size", "16",
         "--workspace", str(tmp_path / "ws"), "--out", str(out), "--round-timeout", "240",
+        "--keep-site-updates",  # each site keeps what it contributed, for the comparison below
     ]  # fmt: skip
     env = dict(os.environ, COROLLA_WORKSPACE=str(tmp_path / "ws"))
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
+    assert lines[0].startswith("training: 2 rounds, DP-SGD, epsilon 2.0 per site, secure aggregation")
     assert any(line.startswith("before training: held-out loss") for line in lines)
     assert sum(line.startswith("round ") for line in lines) == 2
 
@@ -52,3 +62,20 @@ def test_platform_train_short_dp_run(tiny_llama: Path, tmp_path: Path) -> None:
     trained = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert trained and any(float(p.abs().max()) > 0 for p in trained)
     assert torch.isfinite(torch.cat([p.flatten() for p in trained])).all()
+
+    # Secure aggregation gave the plain mean of the sites' updates, within the encoding's quantum.
+    checkpoint = Checkpoint.open(tiny_llama)
+    config = TrainConfig(model=str(tiny_llama), out_dir=str(out))
+    weights = {k: v.double() for k, v in LoraAdapter.init(checkpoint, lora_settings(config), seed=0).state().items()}
+    stores = tmp_path / "ws" / "train-local" / "stores"
+    for server_round in (1, 2):
+        kept = sorted(stores.glob(f"site-*/updates/flower-run-*/round-{server_round}.npz"))
+        assert len(kept) == 3, kept
+        updates = [np.load(path) for path in kept]
+        for name in weights:
+            weights[name] += torch.from_numpy(np.mean([u[name].astype(np.float64) for u in updates], axis=0))
+    final = LoraAdapter.load_peft(out / "adapter", checkpoint).state()
+    quantum = 2.0 ** -FixedPoint.for_sites(3, clip=config.secure_agg_clip).frac_bits
+    for name, value in final.items():
+        # per round: a mean of roundings to the quantum (<= q/2) plus float32 rounding of the weights
+        torch.testing.assert_close(value.double(), weights[name], rtol=0, atol=2 * (quantum / 2) + 2e-6)

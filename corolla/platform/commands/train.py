@@ -88,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     )
     # Tests and benchmarks only: local server INDEX corrupts outputs (`platform serve --inject-fault`).
     where.add_argument("--inject-fault", action="append", default=[], type=_fault, help=argparse.SUPPRESS)
+    # Tests only: each local site keeps the updates it contributed in its store (keep-updates node config).
+    where.add_argument("--keep-site-updates", action="store_true", help=argparse.SUPPRESS)
     mode = where.add_mutually_exclusive_group()
     mode.add_argument("--superlink", metavar="HOST:PORT", help="submit to this federation instead of a local one")
     mode.add_argument("--local", action="store_true", help="train in this process, without Flower")
@@ -210,6 +212,7 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         site_data=site_data,
         test_data=test_data,
         faults=dict(args.inject_fault),
+        keep_updates=args.keep_site_updates,
     ).run()
 
 

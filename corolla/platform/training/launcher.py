@@ -194,6 +194,7 @@ class LocalConsortiumRun:
         site_data: Sequence[Path],
         test_data: Path,
         faults: Mapping[int, str] | None = None,
+        keep_updates: bool = False,
         echo: Echo = print,
         status: Echo = _stderr,
     ) -> None:
@@ -208,6 +209,7 @@ class LocalConsortiumRun:
         self.servers = servers
         self.replicas = replicas
         self.faults = dict(faults or {})
+        self.keep_updates = keep_updates  # each site keeps the updates it contributed (tests)
         self.site_data = [Path(p) for p in site_data]
         self.test_data = Path(test_data)
         self.echo = echo  # progress lines
@@ -242,6 +244,7 @@ class LocalConsortiumRun:
                     "workspace": str(consortium.workspace),
                     "node": name,
                     "allow-plain-updates": not self.config.secure_agg,  # only when this run asks for it
+                    "keep-updates": self.keep_updates,
                 }
                 for name, data in zip(consortium.sites, self.site_data, strict=True)
             }

@@ -98,10 +98,24 @@ def site_env_kwargs(node_config: Mapping[str, Any]) -> dict[str, Any]:
 def allow_plain_updates(node_config: Mapping[str, Any]) -> bool:
     """Node config `allow-plain-updates` (default false): whether this site sends its update
     in the clear when a run asks for no secure aggregation. By default it refuses."""
-    value = node_config.get("allow-plain-updates", False)
+    return _flag(node_config, "allow-plain-updates")
+
+
+def _flag(node_config: Mapping[str, Any], key: str) -> bool:
+    value = node_config.get(key, False)
     if not isinstance(value, bool):
-        raise NodeConfigError(f"node config 'allow-plain-updates' = {value!r}: expected true or false")
+        raise NodeConfigError(f"node config {key!r} = {value!r}: expected true or false")
     return value
+
+
+def _keep_update(context: Context, server_round: int, update: Mapping[str, np.ndarray]) -> None:
+    """Node config `keep-updates = true`: the site keeps, in its own store, the update it
+    contributed (before masking) as `updates/<run key>/round-<n>.npz`, to audit what it sent.
+    The file holds what secure aggregation hides from the coordinator: it stays on the site."""
+    directory = Path(str(context.node_config["store"])).expanduser() / "updates" / run_key(context)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in update.items()}
+    np.savez(directory / f"round-{server_round}.npz", **arrays)
 
 
 class PlainUpdateRefused(CorollaError):
@@ -205,6 +219,8 @@ def _train(
         update = to_array_record(result.update)  # float32; refuses non-float and non-finite arrays
     except RecordError as exc:
         raise RecordError(f"the site's update does not fit the weights it was sent: {exc}") from None
+    if _flag(context.node_config, "keep-updates"):
+        _keep_update(context, server_round, result.update)
     audits = list(getattr(result, "audit_events", ()))  # the round's spot-check verdicts (JSON)
     extra = {VERIFY: reply_record(audits)} if orders is not None else {}
     if not announced:
