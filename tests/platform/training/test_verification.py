@@ -155,7 +155,7 @@ def test_a_site_reports_its_own_audits_and_no_quarantines(audits: CoordinatorAud
 
 def test_site_orders_are_checked() -> None:
     assert SiteOrders.from_content(RecordDict({})) is None
-    with pytest.raises(RecordError, match="verify rate 2.0"):
+    with pytest.raises(RecordError, match=r"verify rate 2\.0"):
         SiteOrders.from_content(RecordDict({VERIFY: ConfigRecord({"rate": 2.0, "quarantine": []})}))
     with pytest.raises(RecordError, match="non-quarantine event"):
         event = canonical_json(audit("n", Verdict.PASS)).decode()
@@ -163,6 +163,6 @@ def test_site_orders_are_checked() -> None:
 
 
 def test_audit_rate_is_validated() -> None:
-    with pytest.raises(TrainConfigError, match="audit_rate=1.5"):
+    with pytest.raises(TrainConfigError, match=r"audit_rate=1\.5"):
         TrainConfig(model="m", out_dir="o", audit_rate=1.5)
     assert CoordinatorAudits.for_config(TrainConfig(model="m", out_dir="o", audit_rate=0.0)) is None
