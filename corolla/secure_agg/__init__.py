@@ -33,7 +33,7 @@ from corolla.secure_agg.errors import (
     UntrustedMember,
 )
 from corolla.secure_agg.roster import CertificateVerifier, Member, SitePolicy, secure_threshold
-from corolla.secure_agg.site import SiteKeys, SiteUpload, site_unmask, site_upload
+from corolla.secure_agg.site import SiteKeys, SiteUpload, check_announcement, site_unmask, site_upload
 from corolla.secure_agg.store import RoundStateStore
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "SiteUpload",
     "SumOutOfRange",
     "UntrustedMember",
+    "check_announcement",
     "secure_threshold",
     "site_unmask",
     "site_upload",

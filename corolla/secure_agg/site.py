@@ -78,6 +78,42 @@ class SiteUpload:
     clipped: int  # update values outside [-R, R], clipped before encoding
 
 
+def check_announcement(
+    announcement: bytes,
+    keys: SiteKeys,
+    verifier: CertificateVerifier,
+    *,
+    policy: SitePolicy | None = None,
+    run_id: str | None = None,
+) -> VerifiedRound:
+    """Every check `site_upload` makes of an announcement before it encodes anything:
+    signatures and certificates, the run (if `run_id` is given), this site in the roster
+    with its own keys, a threshold this site's `policy` accepts. A site calls it before it
+    trains, so that a round it would refuse costs it nothing."""
+    policy = SitePolicy() if policy is None else policy
+    rnd = read_announcement(announcement, verifier)
+    ann = rnd.announcement
+    if run_id is not None and ann.run_id != run_id:
+        raise ReplayedMessage(f"the announcement is for run {ann.run_id}; this site is in run {run_id}")
+    ids = rnd.ids
+    n = len(ids)
+    if keys.node_id not in ids:
+        raise RefusedRequest(f"this site ({keys.node_id}) is not in the announced roster of round {ann.round}")
+    mine = rnd.members[ids.index(keys.node_id)]
+    if not (
+        _crypto.equal(mine.agreement_key, _crypto.x25519_public(keys.agreement_key))
+        and _crypto.equal(mine.signing_key, _crypto.ed25519_public(keys.identity_key))
+    ):
+        raise UntrustedMember(f"the roster's keys for this site ({keys.node_id}) are not its own (substituted)")
+    least = policy.min_threshold(n)
+    if ann.threshold < least:
+        raise RefusedRequest(
+            f"threshold {ann.threshold} for {n} sites is below this site's minimum {least}: a coordinator lying "
+            f"about dropouts could unmask a single site"
+        )
+    return rnd
+
+
 def site_upload(
     announcement: bytes,
     update: ArrayLike,
@@ -94,29 +130,11 @@ def site_upload(
     `run_id`, if given, is the run this site knows it is in (from its own context, not from
     the message): an announcement for another run is refused, so that the round store's
     one-upload-per-round rule cannot be sidestepped with fresh run ids."""
-    policy = SitePolicy() if policy is None else policy
-    rnd = read_announcement(announcement, verifier)
+    rnd = check_announcement(announcement, keys, verifier, policy=policy, run_id=run_id)
     ann = rnd.announcement
     encoding = rnd.encoding
-    if run_id is not None and ann.run_id != run_id:
-        raise ReplayedMessage(f"the announcement is for run {ann.run_id}; this site is in run {run_id}")
     ids = rnd.ids
-    n = len(ids)
-    if keys.node_id not in ids:
-        raise RefusedRequest(f"this site ({keys.node_id}) is not in the announced roster of round {ann.round}")
     me = ids.index(keys.node_id)
-    mine = rnd.members[me]
-    if not (
-        _crypto.equal(mine.agreement_key, _crypto.x25519_public(keys.agreement_key))
-        and _crypto.equal(mine.signing_key, _crypto.ed25519_public(keys.identity_key))
-    ):
-        raise UntrustedMember(f"the roster's keys for this site ({keys.node_id}) are not its own (substituted)")
-    least = policy.min_threshold(n)
-    if ann.threshold < least:
-        raise RefusedRequest(
-            f"threshold {ann.threshold} for {n} sites is below this site's minimum {least}: a coordinator lying "
-            f"about dropouts could unmask a single site"
-        )
     values = _as_vector(update)
     if values.shape != (ann.length,):
         raise ParameterError(f"the update has {values.shape[0]} values; the round announced {ann.length}")

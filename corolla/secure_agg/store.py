@@ -60,6 +60,11 @@ class RoundStateStore:
         finally:
             taken.unlink()
 
+    def last_round(self, run_id: str) -> int | None:
+        """The last round this site uploaded for in `run_id` (None: none yet). Read-only: a
+        site checks it before training, so a replayed announcement costs no privacy budget."""
+        return self._last_round(self._run_dir(run_id))
+
     def _run_dir(self, run_id: str) -> Path:
         return self.directory / ("run-" + hashlib.sha256(run_id.encode()).hexdigest()[:32])
 

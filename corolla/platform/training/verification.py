@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.flower_app.records import RecordError
+from corolla.verify.errors import LedgerError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, Subject, canonical_json, parse_event
 from corolla.verify.reputation import QuarantineDecision, ReputationBook
 
@@ -51,9 +52,11 @@ class LockedBook:
     def __init__(self, book: ReputationBook | None = None) -> None:
         self.book = book if book is not None else ReputationBook()
         self._lock = threading.Lock()
+        self._ids: set[str] = set()  # every event id observed
 
     def observe(self, event: AuditEvent | QuarantineEvent | ReadmitEvent) -> list[QuarantineDecision]:
         with self._lock:
+            self._ids.add(event.event_id)
             if isinstance(event, AuditEvent):
                 return self.book.observe_all(event)
             self.book.observe(event)
@@ -61,6 +64,11 @@ class LockedBook:
 
     def observe_all(self, event: AuditEvent) -> list[QuarantineDecision]:
         return self.observe(event)
+
+    def seen(self, event_id: str) -> bool:
+        """Whether an event with this id has been observed (a resent or reused id)."""
+        with self._lock:
+            return event_id in self._ids
 
     def quarantined_nodes(self, model_id: str) -> frozenset[str]:
         with self._lock:
@@ -201,10 +209,12 @@ class CoordinatorAudits:
         elif isinstance(event, ReadmitEvent):
             self._quarantines.pop(event.subject, None)
 
-    def accept(self, content: RecordDict, *, reporter: str | None) -> int:
-        """A site's audit events: checked, appended, replayed. Returns how many were new."""
+    def check(self, content: RecordDict, *, reporter: str | None) -> list[AuditEvent]:
+        """A site's audit events, checked but not yet recorded (`record` them once the site's
+        upload has proved who it is). `reporter` is the node id the site enrolled with; None
+        (a run without secure aggregation has no enrolment) means its reports are not taken."""
         if VERIFY not in content:
-            return 0
+            return []
         record = content[VERIFY]
         if not isinstance(record, ConfigRecord):
             raise RecordError(f"the {VERIFY!r} record is not a ConfigRecord")
@@ -218,9 +228,20 @@ class CoordinatorAudits:
                 raise RecordError("a site may report audits only; quarantines are the coordinator's to decide")
             if reporter is not None and event.reporter != reporter:
                 raise RecordError(f"an audit reported as {event.reporter!r} by the site enrolled as {reporter!r}")
+            if self.book.seen(event.event_id):
+                raise RecordError(f"audit event id {event.event_id} is already in the ledger")
             events.append(event)
-        self._write(events)
-        return len(events)
+        if reporter is None and events:
+            log.warning("%d audit reports not recorded: without secure aggregation sites are not enrolled", len(events))
+            return []
+        return events
+
+    def record(self, events: Sequence[AuditEvent]) -> int:
+        """Write checked audit events to the ledger and replay them; how many were recorded."""
+        try:
+            return self._write(events)
+        except LedgerError as exc:  # e.g. an event id reused with other content: the site's fault
+            raise RecordError(f"audit report refused by the ledger: {exc}") from None
 
     def _own_events(self, events: Sequence[AuditEvent | QuarantineEvent]) -> None:
         # The checker has already shown these to the book (it shares it): only record them.
@@ -230,16 +251,19 @@ class CoordinatorAudits:
             for event in events:
                 self._remember(event)
 
-    def _write(self, events: Iterable[AuditEvent]) -> None:
+    def _write(self, events: Iterable[AuditEvent]) -> int:
+        written = 0
         with self._write_lock:
             for event in events:
+                if self.book.seen(event.event_id):
+                    continue
                 decisions = self.book.observe(event)
                 quarantines = [quarantine_event(d, reporter=self.reporter) for d in decisions]
                 self.ledger.append([event, *quarantines])
                 self.round_audits += 1
+                written += 1
                 for q in quarantines:
                     self._remember(q)
-                for q in quarantines:
                     log.warning(
                         "quarantined %s (blocks %d:%d of %s): %s",
                         q.subject.node_id,
@@ -248,6 +272,7 @@ class CoordinatorAudits:
                         q.subject.model_id,
                         q.reason,
                     )
+        return written
 
     def round_info(self) -> dict[str, Any]:
         """For the round's progress line: audits recorded since the last call, nodes quarantined."""

@@ -96,6 +96,7 @@ class Sites:
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.trained: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # round -> node -> update
+        self.calls: list[tuple[int, int]] = []  # (node, round) of every training the sites did
 
     def handle(self, message: Message) -> Message | None:
         node = message.metadata.dst_node_id
@@ -111,6 +112,7 @@ class Sites:
             return handle_unmask(message, context)
 
         def site_round(config: Any, env: Env, weights: Any, *, server_round: int, run_key: str, orders: Any) -> Result:
+            self.calls.append((node, server_round))
             update = site_update(env.node, server_round)
             self.trained.setdefault(server_round, {})[node] = update
             return Result(update, {"loss": 1.0})
@@ -272,10 +274,46 @@ def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_pa
     assert secure_round.uploads == 1
     assert METRICS in reply.content
 
-    # The same announcement again: the site has already uploaded for this round and refuses.
+    # The same announcement again: the site has already uploaded for this round and refuses,
+    # before training: a replayed round costs it no privacy budget.
+    trained = len(sites.calls)
     again = Message(train.content, dst_node_id=100, message_type=MessageType.TRAIN, group_id="1")
     [refused] = grid.send_and_receive([again])
     assert refused.has_error() and "already uploaded for round 1" in read_error(refused.error).reason
+    assert len(sites.calls) == trained
+
+
+def test_an_announcement_the_site_would_refuse_costs_no_training(consortium: Path, tmp_path: Path) -> None:
+    from corolla.secure_agg import Aggregator
+
+    names = ("site-0", "site-1", "site-2", "site-3")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
+    grid = FakeGrid(sites)
+    secure.enroll(grid, [100, 101, 102, 103], timeout=5.0)
+    weights = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+    low = Aggregator(  # threshold 2 of 4: a coordinator lying about dropouts could unmask one site
+        run_id=f"flower-run-{RUN_ID}",
+        round=1,
+        members=[secure.members[n] for n in (100, 101, 102, 103)],
+        encoding=FixedPoint.for_sites(4, clip=1.0),
+        length=sum(int(np.prod(s)) for s in SHAPES.values()),
+        coordinator=secure.keys,
+        verifier=secure.verifier,
+        threshold=2,
+    )
+    train = Message(
+        RecordDict(
+            {WEIGHTS: _array_record(weights), ROUND: _round(1), SECAGG: _config({"announcement": low.announcement})}
+        ),
+        dst_node_id=100,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+    [refused] = grid.send_and_receive([train])
+    assert refused.has_error() and "below this site's minimum 3" in read_error(refused.error).reason
+    assert sites.calls == []  # refused before training
 
 
 def test_flatten_and_unflatten_are_inverse() -> None:
@@ -293,6 +331,12 @@ def _array_record(weights: dict[str, np.ndarray]) -> Any:
     from corolla.platform.training.flower_app.records import to_array_record
 
     return to_array_record(weights)
+
+
+def _config(values: dict[str, Any]) -> Any:
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(values)
 
 
 def _round(server_round: int) -> Any:

@@ -64,6 +64,11 @@ def _reply(*events: AuditEvent) -> RecordDict:
     return RecordDict({VERIFY: reply_record([canonical_json(e).decode() for e in events])})
 
 
+def _accept(audits: CoordinatorAudits, content: RecordDict, *, reporter: str | None = "site-a") -> int:
+    """As the coordinator's loop does: check before the upload is accepted, record after."""
+    return audits.record(audits.check(content, reporter=reporter))
+
+
 @pytest.fixture
 def audits(tmp_path: Path) -> CoordinatorAudits:
     config = TrainConfig(
@@ -80,11 +85,11 @@ def audits(tmp_path: Path) -> CoordinatorAudits:
 
 
 def test_site_audits_go_to_the_ledger_and_a_failure_quarantines(audits: CoordinatorAudits, tmp_path: Path) -> None:
-    assert audits.accept(_reply(audit("bad-node", Verdict.PASS), audit("honest-1", Verdict.PASS)), reporter=None) == 2
+    assert _accept(audits, _reply(audit("bad-node", Verdict.PASS), audit("honest-1", Verdict.PASS))) == 2
     assert audits.round_info() == {"audits": 2, "quarantined": []}
     assert SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()})).quarantine == ()
 
-    assert audits.accept(_reply(audit("bad-node", Verdict.FAIL)), reporter=None) == 1
+    assert _accept(audits, _reply(audit("bad-node", Verdict.FAIL))) == 1
     assert audits.round_info() == {"audits": 1, "quarantined": ["bad-node"]}
     orders = SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()}))
     assert orders is not None and orders.rate == 0.05
@@ -100,7 +105,7 @@ def test_site_audits_go_to_the_ledger_and_a_failure_quarantines(audits: Coordina
 
 
 def test_quarantines_persist_across_runs_until_readmitted(audits: CoordinatorAudits, tmp_path: Path) -> None:
-    audits.accept(_reply(audit("bad-node", Verdict.FAIL)), reporter=None)
+    _accept(audits, _reply(audit("bad-node", Verdict.FAIL)))
     audits.close()
     config = audits.config
     again = CoordinatorAudits.for_config(config)
@@ -131,13 +136,13 @@ def test_bad_reports_are_refused_and_nothing_is_written(
     audits: CoordinatorAudits, record: ConfigRecord, message: str
 ) -> None:
     with pytest.raises(RecordError, match=message):
-        audits.accept(RecordDict({VERIFY: record}), reporter=None)
+        _accept(audits, RecordDict({VERIFY: record}))
     assert audits.ledger.count() == 0
 
 
 def test_a_site_reports_its_own_audits_and_no_quarantines(audits: CoordinatorAudits) -> None:
     with pytest.raises(RecordError, match="reported as 'site-b' by the site enrolled as 'site-a'"):
-        audits.accept(_reply(audit("bad-node", Verdict.FAIL, reporter="site-b")), reporter="site-a")
+        _accept(audits, _reply(audit("bad-node", Verdict.FAIL, reporter="site-b")))
     forged = QuarantineEvent(
         event_id=uuid.uuid4().hex,
         at=1.0,
@@ -149,8 +154,21 @@ def test_a_site_reports_its_own_audits_and_no_quarantines(audits: CoordinatorAud
     )
     bad = RecordDict({VERIFY: reply_record([canonical_json(forged).decode()])})
     with pytest.raises(RecordError, match="quarantines are the coordinator's to decide"):
-        audits.accept(bad, reporter="site-a")
+        _accept(audits, bad)
     assert audits.ledger.count() == 0 and audits.round_info()["quarantined"] == []
+
+
+def test_reused_event_ids_and_unenrolled_reports_are_not_recorded(audits: CoordinatorAudits) -> None:
+    first = audit("bad-node", Verdict.FAIL)
+    assert _accept(audits, _reply(first)) == 1
+    reused = first.model_copy(update={"verdict": Verdict.PASS})  # the same id, other content
+    with pytest.raises(RecordError, match="already in the ledger"):
+        _accept(audits, _reply(reused))
+    with pytest.raises(RecordError, match="already in the ledger"):
+        _accept(audits, _reply(first))  # a plain resend is refused too: nothing counts twice
+    # Without secure aggregation a site has no enrolled id: its reports are not taken.
+    assert _accept(audits, _reply(audit("honest-1", Verdict.PASS)), reporter=None) == 0
+    assert audits.ledger.count() == 2  # the first audit and its quarantine
 
 
 def test_site_orders_are_checked() -> None:

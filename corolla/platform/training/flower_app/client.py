@@ -211,7 +211,7 @@ def _train(
             "does not set allow-plain-updates = true"
         )
     if announced:  # refuse a bad announcement before spending privacy budget on the round
-        secure.check_announcement(content, context)
+        secure.check_announcement(content, context, weights)
     orders = SiteOrders.from_content(content)
     result = site_round_fn(config, env, weights, server_round=server_round, run_key=run_key(context), orders=orders)
     try:

@@ -207,7 +207,7 @@ def _train_round(
 
     from corolla.secure_agg import SecureAggregationError
 
-    failed = secure.enroll(grid, nodes, timeout)
+    failed = {**secure.prune(nodes), **secure.enroll(grid, nodes, timeout)}
     members = [node for node in nodes if node in secure.members]
     try:
         secure_round = secure.round(members, server_round, weights)
@@ -271,7 +271,9 @@ class AuditsLike(Protocol):
 
     def train_record(self) -> ConfigRecord: ...
 
-    def accept(self, content: RecordDict, *, reporter: str | None) -> int: ...
+    def check(self, content: RecordDict, *, reporter: str | None) -> list[Any]: ...
+
+    def record(self, events: list[Any]) -> int: ...
 
     def round_info(self) -> dict[str, Any]: ...
 
@@ -325,9 +327,12 @@ def _exchange(
             continue
         try:
             metrics = from_metrics_record(reply.content[METRICS])
-            if audits is not None:  # before the update: a site whose report is bad has its update refused too
-                audits.accept(reply.content, reporter=reporters.get(node))
+            # A bad audit report refuses the whole reply; a good one is written only once the
+            # upload (signed with the site's key) has shown the reply comes from the enrolled site.
+            reports = audits.check(reply.content, reporter=reporters.get(node)) if audits is not None else []
             round_.accept(node, reply.content)
+            if audits is not None and reports:
+                audits.record(reports)
         except (RecordError, KeyError, TypeError, ValueError) as exc:
             outcomes[node] = {"status": "failed", "reason": f"invalid reply: {exc}"}
             continue

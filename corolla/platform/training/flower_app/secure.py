@@ -148,6 +148,22 @@ class SecureRounds:
                 outcomes[node] = {"status": "missing", "reason": f"no keys reply within {timeout:.0f} s"}
         return outcomes
 
+    def prune(self, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        """Check the enrolled certificates again (the CRL is re-read as it changes): a site
+        revoked or expired since it enrolled leaves the run instead of failing every round."""
+        dropped: dict[int, dict[str, Any]] = {}
+        for node in nodes:
+            member = self.members.get(node)
+            if member is None:
+                continue
+            try:
+                self.verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role="site")
+                self.verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
+            except CorollaError as exc:
+                del self.members[node]
+                dropped[node] = {"status": "failed", "reason": f"left the run: its certificate no longer holds: {exc}"}
+        return dropped
+
     def round(self, nodes: list[int], server_round: int, weights: Mapping[str, np.ndarray]) -> SecureRound:
         """The round's aggregator over `nodes` (all enrolled)."""
         from corolla.secure_agg import Aggregator, FixedPoint
@@ -297,14 +313,31 @@ def keys_reply(msg: Message, context: Context) -> Message:
     return Message(RecordDict({SECAGG: record}), reply_to=msg)
 
 
-def check_announcement(content: RecordDict, context: Context) -> None:
-    """Refuse a round whose announcement this site would refuse, before it trains."""
-    from corolla.secure_agg.roster import read_announcement
+def check_announcement(content: RecordDict, context: Context, weights: Mapping[str, np.ndarray]) -> None:
+    """Refuse, before training (so that no privacy budget is spent on it), a round whose
+    announcement `masked_upload` would refuse: bad signatures or certificates, another run,
+    a roster without this site or with keys that are not its own, a threshold below this
+    site's policy, another length than the weights, or a round it has already uploaded for."""
+    from corolla.secure_agg import RefusedRequest, ReplayedMessage, SitePolicy
+    from corolla.secure_agg import check_announcement as check
 
     identity = _site_identity(context)
-    announced = read_announcement(_bytes(content[SECAGG], "announcement"), identity.verifier())
-    if announced.announcement.run_id != run_key(context):
-        raise RecordError(f"the announcement is for run {announced.announcement.run_id}, not this run")
+    announced = check(
+        _bytes(content[SECAGG], "announcement"),
+        _site_keys(identity),
+        identity.verifier(),
+        policy=SitePolicy(),
+        run_id=run_key(context),
+    )
+    ann = announced.announcement
+    size = sum(int(np.size(w)) for w in weights.values())
+    if ann.length != size:
+        raise RefusedRequest(f"the announcement is for {ann.length} values; the weights sent have {size}")
+    last = _store(context).last_round(run_key(context))
+    if last is not None and ann.round <= last:
+        raise ReplayedMessage(
+            f"this site already uploaded for round {last} of this run; it will not train for round {ann.round}"
+        )
 
 
 def masked_upload(content: RecordDict, context: Context, update: np.ndarray) -> tuple[ConfigRecord, int]:
