@@ -185,6 +185,18 @@ class QuarantineDecision:
     llr: float  # the statistic when it crossed (goes into QuarantineEvent.log_likelihood_ratio)
     reason: str
 
+    def event(self, *, event_id: str, at: float, reporter: str) -> QuarantineEvent:
+        """The `QuarantineEvent` that records this decision (the caller supplies id and time)."""
+        return QuarantineEvent(
+            event_id=event_id,
+            at=at,
+            reporter=reporter,
+            subject=self.subject,
+            evidence=list(self.evidence),
+            log_likelihood_ratio=self.llr,
+            reason=self.reason,
+        )
+
 
 class ReputationBook:
     """The reputation of every subject seen in a stream of ledger events."""
@@ -201,6 +213,10 @@ class ReputationBook:
         for event in events:
             book.observe(event)
         return book
+
+    def seen(self, event_id: str) -> bool:
+        """Whether an event with this id has been observed (a resend or a reused id is ignored)."""
+        return event_id in self._seen
 
     def observe(self, event: Event) -> QuarantineDecision | None:
         """Apply one event; return a decision only when an audit newly quarantines its subject.

@@ -69,15 +69,7 @@ def readmit(subject: Subject, *, at: float = 0.0) -> ReadmitEvent:
 
 
 def quarantine_event(decision: QuarantineDecision, *, at: float = 0.0) -> QuarantineEvent:
-    return QuarantineEvent(
-        event_id=f"quar-{next(_ids):08d}",
-        at=at,
-        reporter="site-1",
-        subject=decision.subject,
-        evidence=list(decision.evidence),
-        log_likelihood_ratio=decision.llr,
-        reason=decision.reason,
-    )
+    return decision.event(event_id=f"quar-{next(_ids):08d}", at=at, reporter="site-1")
 
 
 # -- the policy -------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def _ledger_checker(args: argparse.Namespace, stack: contextlib.ExitStack, repor
     """A spot checker whose verdicts go straight to the ledger, routing around the nodes the
     ledger's history quarantines (inference clients report directly; sites in training
     report through Flower)."""
+    from corolla.platform.commands.audit import reputation_book
     from corolla.platform.training.verification import LockedBook
     from corolla.verify.ledger import Ledger, LedgerKey
     from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
@@ -73,9 +74,7 @@ def _ledger_checker(args: argparse.Namespace, stack: contextlib.ExitStack, repor
     workspace = resolve_workspace(args.workspace)
     key = LedgerKey.load_or_create(default_ledger_key_path(workspace))
     ledger = stack.enter_context(Ledger.open(args.ledger or default_ledger_url(workspace), key=key, writer=reporter))
-    book = LockedBook()
-    for stored in ledger.events():
-        book.observe(stored.event)
+    book = LockedBook(reputation_book(ledger))
 
     def sink(events: list[Any]) -> None:
         ledger.append(events)

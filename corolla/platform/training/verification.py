@@ -52,11 +52,9 @@ class LockedBook:
     def __init__(self, book: ReputationBook | None = None) -> None:
         self.book = book if book is not None else ReputationBook()
         self._lock = threading.Lock()
-        self._ids: set[str] = set()  # every event id observed
 
     def observe(self, event: AuditEvent | QuarantineEvent | ReadmitEvent) -> list[QuarantineDecision]:
         with self._lock:
-            self._ids.add(event.event_id)
             if isinstance(event, AuditEvent):
                 return self.book.observe_all(event)
             self.book.observe(event)
@@ -68,7 +66,7 @@ class LockedBook:
     def seen(self, event_id: str) -> bool:
         """Whether an event with this id has been observed (a resent or reused id)."""
         with self._lock:
-            return event_id in self._ids
+            return self.book.seen(event_id)
 
     def quarantined_nodes(self, model_id: str) -> frozenset[str]:
         with self._lock:
@@ -81,18 +79,6 @@ class LockedBook:
     def quarantined(self) -> frozenset[Subject]:
         with self._lock:
             return frozenset(self.book.quarantined())
-
-
-def quarantine_event(decision: QuarantineDecision, *, reporter: str, at: float | None = None) -> QuarantineEvent:
-    return QuarantineEvent(
-        event_id=uuid.uuid4().hex,
-        at=time.time() if at is None else at,
-        reporter=reporter,
-        subject=decision.subject,
-        evidence=list(decision.evidence),
-        log_likelihood_ratio=decision.llr,
-        reason=decision.reason,
-    )
 
 
 # --- site ----------------------------------------------------------------------------------
@@ -258,7 +244,9 @@ class CoordinatorAudits:
                 if self.book.seen(event.event_id):
                     continue
                 decisions = self.book.observe(event)
-                quarantines = [quarantine_event(d, reporter=self.reporter) for d in decisions]
+                quarantines = [
+                    d.event(event_id=uuid.uuid4().hex, at=time.time(), reporter=self.reporter) for d in decisions
+                ]
                 self.ledger.append([event, *quarantines])
                 self.round_audits += 1
                 written += 1

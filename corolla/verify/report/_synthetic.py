@@ -120,14 +120,8 @@ def synthetic_events(
         for decision in book.observe_all(audit):
             if emitted >= n_events:
                 break
-            quarantine = QuarantineEvent(
-                event_id=f"q{seed}-{emitted:08d}",
-                at=start_at + emitted * step,
-                reporter="coordinator",
-                subject=decision.subject,
-                evidence=list(decision.evidence),
-                log_likelihood_ratio=decision.llr,
-                reason=decision.reason,
+            quarantine = decision.event(
+                event_id=f"q{seed}-{emitted:08d}", at=start_at + emitted * step, reporter="coordinator"
             )
             book.observe(quarantine)
             yield quarantine

@@ -353,18 +353,7 @@ class SpotChecker:
         with self._book_lock:
             decisions = self.book.observe_all(event)
         events: list[Event] = [event]
-        events.extend(
-            QuarantineEvent(
-                event_id=uuid.uuid4().hex,
-                at=self._clock(),
-                reporter=self.reporter,
-                subject=d.subject,
-                evidence=list(d.evidence),
-                log_likelihood_ratio=d.llr,
-                reason=d.reason,
-            )
-            for d in decisions
-        )
+        events.extend(d.event(event_id=uuid.uuid4().hex, at=self._clock(), reporter=self.reporter) for d in decisions)
         with self._lock:
             self._counts["audits"] += 1
             self._counts[{Verdict.PASS: "passed", Verdict.FAIL: "failed"}.get(verdict, "inconclusive")] += 1

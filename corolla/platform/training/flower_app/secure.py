@@ -133,9 +133,7 @@ class SecureRounds:
                     identity_cert=_bytes(record, "identity-cert"),
                     agreement_cert=_bytes(record, "agreement-cert"),
                 )
-                # chain to the CA, role site, node id, revocation: what every site checks again
-                self.verifier.check_signing_key_der(member.identity_cert, node_id=node_id, role="site")
-                self.verifier.check_agreement_der(member.agreement_cert, node_id=node_id)
+                self._check(member)
             except (CorollaError, KeyError, ValueError) as exc:
                 outcomes[node] = {"status": "failed", "reason": f"secure-aggregation keys refused: {exc}"}
                 continue
@@ -148,6 +146,12 @@ class SecureRounds:
                 outcomes[node] = {"status": "missing", "reason": f"no keys reply within {timeout:.0f} s"}
         return outcomes
 
+    def _check(self, member: Any) -> None:
+        """A member's certificates against the CA now: chain, role site, node id, validity,
+        revocation (what every site checks again when it reads the roster)."""
+        self.verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role="site")
+        self.verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
+
     def prune(self, nodes: list[int]) -> dict[int, dict[str, Any]]:
         """Check the enrolled certificates again (the CRL is re-read as it changes): a site
         revoked or expired since it enrolled leaves the run instead of failing every round."""
@@ -157,8 +161,7 @@ class SecureRounds:
             if member is None:
                 continue
             try:
-                self.verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role="site")
-                self.verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
+                self._check(member)
             except CorollaError as exc:
                 del self.members[node]
                 dropped[node] = {"status": "failed", "reason": f"left the run: its certificate no longer holds: {exc}"}
