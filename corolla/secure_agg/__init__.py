@@ -4,6 +4,8 @@ A SecAgg-family protocol (Bonawitz et al. 2017) for a consortium whose members h
 certified long-term keys, in two message stages that ride on Flower's train message and a
 second message (see docs/secure_aggregation.md):
 
+- once per run, each site proves that it holds the identity key of the certificates it
+  enrols with (`sign_enrolment` on the coordinator's fresh nonce, `check_enrolment`);
 - the coordinator's `Aggregator` makes the round's signed `announcement` (roster with
   certificates, threshold, encoding); each site answers with `site_upload` (masked vector,
   encrypted shares) and keeps its `state` in a `RoundStateStore`;
@@ -16,6 +18,7 @@ in `_crypto`.
 
 from corolla.secure_agg.aggregator import AggregateResult, Aggregator, CoordinatorKeys
 from corolla.secure_agg.encoding import Encoded, FixedPoint
+from corolla.secure_agg.enrolment import check_enrolment, new_nonce, sign_enrolment
 from corolla.secure_agg.errors import (
     BadSignature,
     CryptoError,
@@ -63,7 +66,10 @@ __all__ = [
     "SumOutOfRange",
     "UntrustedMember",
     "check_announcement",
+    "check_enrolment",
+    "new_nonce",
     "secure_threshold",
+    "sign_enrolment",
     "site_unmask",
     "site_upload",
 ]

@@ -3,7 +3,8 @@
 Every message is one frame:
 
     offset 0   b"CSA1"                        magic and format version
-    4          kind                           1 byte: 1 announce, 2 upload, 3 unmask request, 4 unmask reply
+    4          kind                           1 byte: 1 announce, 2 upload, 3 unmask request, 4 unmask reply,
+                                              5 enrolment
     5          header length h                4 bytes, big-endian
     9          header                         h bytes of UTF-8 JSON (one of the models below)
     9 + h      signature                      64 bytes, Ed25519 over PROTOCOL | kind | SHA-256(header)
@@ -51,6 +52,7 @@ class Kind(IntEnum):
     UPLOAD = 2  # site -> coordinator, with the training reply: masked vector and encrypted shares
     UNMASK_REQUEST = 3  # coordinator -> each survivor: survivors, dropped, the shares addressed to it
     UNMASK_REPLY = 4  # survivor -> coordinator: shares of survivors' self-masks, dropped pairs' seeds
+    ENROL = 5  # site -> coordinator, once per run: proof that it holds the identity key it enrols with
 
 
 # -- field types ------------------------------------------------------------------------------
@@ -81,12 +83,13 @@ def _length(n: int) -> AfterValidator:
 
 
 Bytes = Annotated[bytes, PlainValidator(_b64decode), PlainSerializer(_b64encode, return_type=str)]
-Bytes32 = Annotated[Bytes, _length(32)]  # keys, seeds, digests
+Bytes32 = Annotated[Bytes, _length(32)]  # keys, seeds, digests, enrolment nonces
 Share = Annotated[Bytes, _length(66)]  # an element of GF(2^521 - 1)
 NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 RunId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
 Round = Annotated[int, Field(ge=0, lt=2**63)]
 Length = Annotated[int, Field(ge=1, le=MAX_LENGTH)]
+FlowerNodeId = Annotated[int, Field(ge=0, lt=2**64)]  # Flower's node ids are uint64
 
 
 class _Model(BaseModel):
@@ -174,6 +177,20 @@ class UnmaskReply(_Model):
     self_shares: list[OwnerShare] = Field(max_length=MAX_SITES)  # for every survivor, itself included
     seeds: list[PeerSeed] = Field(max_length=MAX_SITES)  # for every dropped member
     seed_shares: list[PairShare] = Field(max_length=MAX_SITES**2)  # for every (other survivor, dropped)
+
+
+class Enrolment(_Model):
+    """A site's answer to the coordinator's keys query, signed with its identity key: it
+    holds the key of the identity certificate it sends, it answers this query (the nonce)
+    of this run, from this Flower node, with these certificates (their SHA-256)."""
+
+    version: Literal[1] = 1
+    run_id: RunId
+    nonce: Bytes32  # the coordinator's, fresh for every query
+    flower_node: FlowerNodeId  # the Flower node id the site answers from (its SuperNode's)
+    node_id: NodeId
+    identity_cert_sha256: Bytes32
+    agreement_cert_sha256: Bytes32
 
 
 class MemberKeys(_Model):

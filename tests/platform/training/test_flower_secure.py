@@ -5,6 +5,7 @@ The e2e with real SuperLink and SuperNodes is `test_flower_rounds_e2e.py`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from corolla.platform.pki import NodeIdentity
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.flower_app.client import handle_keys_query, handle_train, handle_unmask
-from corolla.platform.training.flower_app.progress import ProgressLog
+from corolla.platform.training.flower_app.progress import ProgressLog, format_round
 from corolla.platform.training.flower_app.records import METRICS, ROUND, SERVER_ROUND, UPDATE, WEIGHTS, read_error
 from corolla.platform.training.flower_app.rounds import run_rounds
 from corolla.platform.training.flower_app.secure import (
@@ -28,7 +30,7 @@ from corolla.platform.training.flower_app.secure import (
     unflatten,
 )
 from corolla.platform.training.local_federation import COORDINATOR, local_consortium
-from corolla.secure_agg import FixedPoint
+from corolla.secure_agg import FixedPoint, sign_enrolment
 
 SHAPES = {"m.q_proj.lora_A.weight": (4, 16), "m.q_proj.lora_B.weight": (16, 4), "m.v_proj.lora_B.weight": (8,)}
 RUN_ID = 7
@@ -93,10 +95,12 @@ class Sites:
             for node, name in self.names.items()
         }
         self.drop: dict[tuple[int, str], Callable[[int], bool]] = {}  # (node, stage) -> round -> gone?
+        self.answer: dict[tuple[int, str], Callable[[Message], Message]] = {}  # (node, stage) -> a node's own answer
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.trained: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # round -> node -> update
         self.calls: list[tuple[int, int]] = []  # (node, round) of every training the sites did
+        self.metrics: Callable[[int], dict[str, Any]] = lambda server_round: {"loss": 1.0}  # what sites report
 
     def handle(self, message: Message) -> Message | None:
         node = message.metadata.dst_node_id
@@ -105,6 +109,8 @@ class Sites:
         server_round = int(message.content[ROUND][SERVER_ROUND]) if ROUND in message.content else 0
         if self.drop.get((node, stage), lambda _: False)(server_round):
             return None
+        if (node, stage) in self.answer:  # a node that does not run the real handler
+            return self.answer[(node, stage)](message)
         context = self.contexts[node]
         if stage == "keys":
             return handle_keys_query(message, context)
@@ -115,7 +121,7 @@ class Sites:
             self.calls.append((node, server_round))
             update = site_update(env.node, server_round)
             self.trained.setdefault(server_round, {})[node] = update
-            return Result(update, {"loss": 1.0})
+            return Result(update, self.metrics(server_round))
 
         return handle_train(message, context, site_round, env_type=Env, refusals=())
 
@@ -167,6 +173,10 @@ def _run(
     with ProgressLog.in_dir(config.out_dir) as progress:
         summary = run_rounds(FakeGrid(sites), config, coordinator, progress=progress, secure=secure)
     return summary, sites, coordinator
+
+
+def _secure(consortium: Path) -> SecureRounds:
+    return SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
 
 
 def _quantum(sites: int) -> float:
@@ -250,6 +260,159 @@ def test_a_site_without_keys_is_left_out_and_says_why(consortium: Path, tmp_path
     assert round_one["sites"]["node-103"]["status"] == "failed"
     assert "secure aggregation needs the site's identity" in round_one["sites"]["node-103"]["reason"]
     assert 103 not in sites.trained.get(1, {})  # never trained: it was not in the roster
+
+
+def test_every_keys_query_carries_a_fresh_nonce_and_every_reply_proves_the_key(
+    consortium: Path, tmp_path: Path
+) -> None:
+    names = ("site-0", "site-1", "site-2")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    secure = _secure(consortium)
+    assert secure.enroll(FakeGrid(sites), [100, 101, 102], timeout=5.0) == {}
+
+    assert {n: m.node_id for n, m in secure.members.items()} == {
+        node: NodeIdentity.load(consortium / "nodes" / name).node_id for node, name in sites.names.items()
+    }
+    queries = [m.content[SECAGG] for m in sites.sent]
+    assert all(q["ask"] == "keys" and q["run-id"] == f"flower-run-{RUN_ID}" for q in queries)
+    nonces = [q["nonce"] for q in queries]
+    assert all(isinstance(n, bytes) and len(n) == 32 for n in nonces) and len(set(nonces)) == 3
+    assert all(isinstance(r.content[SECAGG]["proof"], bytes) for r in sites.replies)
+
+
+def test_a_node_presenting_another_sites_certificates_is_refused_and_that_site_enrols(
+    consortium: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node 100 (site-0) answers first, with site-3's certificates, signed with its own key:
+    without the proof it would take site-3's place and keep site-3 (node 103) out of the run."""
+    names = ("site-0", "site-1", "site-2", "site-3")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    own, victim = (NodeIdentity.load(consortium / "nodes" / name) for name in ("site-0", "site-3"))
+
+    def impersonate(message: Message) -> Message:
+        query = message.content[SECAGG]
+        nonce = query["nonce"]
+        assert isinstance(nonce, bytes)
+        proof = sign_enrolment(
+            node_id=victim.node_id,
+            identity_key=own.identity_key_raw(),  # the only identity key this node holds
+            run_id=str(query["run-id"]),
+            nonce=nonce,
+            flower_node=100,
+            identity_cert=victim.identity_cert_der,
+            agreement_cert=victim.agreement_cert_der,
+        )
+        record = {
+            "node-id": victim.node_id,
+            "identity-cert": victim.identity_cert_der,
+            "agreement-cert": victim.agreement_cert_der,
+            "proof": proof,
+        }
+        return Message(RecordDict({SECAGG: _config(record)}), reply_to=message)
+
+    sites.answer[(100, "keys")] = impersonate
+    with caplog.at_level("WARNING"), ProgressLog.in_dir(config.out_dir) as progress:
+        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium))
+
+    [round_one] = summary["rounds"]
+    refused = round_one["sites"]["node-100"]
+    assert refused["status"] == "failed"
+    assert f"not signed by the identity key of {victim.node_id}" in refused["reason"]
+    assert "node 100 left out of secure aggregation" in caplog.text
+    assert round_one["aggregated"] == 3 and round_one["sites"]["site-3"]["status"] == "ok"  # the run goes on
+    assert set(sites.trained[1]) == {101, 102, 103}
+
+
+def test_a_keys_reply_replayed_from_an_earlier_query_is_refused(consortium: Path, tmp_path: Path) -> None:
+    names = ("site-0", "site-1", "site-2")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    grid = FakeGrid(sites)
+    assert _secure(consortium).enroll(grid, [100, 101, 102], timeout=5.0) == {}
+    [earlier] = [r for m, r in zip(sites.sent, sites.replies, strict=True) if m.metadata.dst_node_id == 100]
+
+    # A coordinator asking again (a restarted ServerApp, same run) gets site-0's earlier answer back.
+    sites.answer[(100, "keys")] = lambda message: Message(
+        RecordDict({SECAGG: _config(dict(earlier.content[SECAGG]))}), reply_to=message
+    )
+    secure = _secure(consortium)
+    outcomes = secure.enroll(grid, [100, 101, 102], timeout=5.0)
+    assert set(outcomes) == {100} and outcomes[100]["status"] == "failed"
+    assert "answers another query" in outcomes[100]["reason"]
+    assert set(secure.members) == {101, 102}
+
+
+def test_a_keys_reply_relayed_from_another_flower_node_is_refused(consortium: Path, tmp_path: Path) -> None:
+    """Node 103 hands its query to site-0 (node 100, which the coordinator did not ask) and
+    returns site-0's genuine answer as its own: signed for node 100, so refused."""
+    names = ("site-0", "site-1", "site-2", "site-3")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, names, config)
+    sites.answer[(103, "keys")] = lambda message: handle_keys_query(message, sites.contexts[100])
+    secure = _secure(consortium)
+    outcomes = secure.enroll(FakeGrid(sites), [101, 102, 103], timeout=5.0)
+    assert set(outcomes) == {103} and outcomes[103]["status"] == "failed"
+    assert "signed for Flower node 100, but came from node 103" in outcomes[103]["reason"]
+    assert set(secure.members) == {101, 102}
+
+
+def test_a_site_signs_only_a_keys_query_of_its_own_run_with_a_nonce(consortium: Path, tmp_path: Path) -> None:
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
+    sites = Sites(consortium, tmp_path, ("site-0",), config)
+    cases = {
+        "carries no nonce": {"ask": "keys", "run-id": f"flower-run-{RUN_ID}"},
+        f"this site is in run flower-run-{RUN_ID}": {"ask": "keys", "run-id": "flower-run-8", "nonce": bytes(32)},
+        "nonce must be 32 bytes": {"ask": "keys", "run-id": f"flower-run-{RUN_ID}", "nonce": bytes(8)},
+    }
+    for reason, query in cases.items():
+        message = Message(RecordDict({SECAGG: _config(query)}), dst_node_id=100, message_type=MessageType.QUERY)
+        reply = handle_keys_query(message, sites.contexts[100])
+        assert reply.has_error() and reason in read_error(reply.error).reason
+
+
+def test_a_secure_round_lost_after_the_uploads_counts_for_no_site(consortium: Path, tmp_path: Path) -> None:
+    """Round 1: site-1 never uploads, site-2 uploads but does not answer the unmask request:
+    2 answers of threshold 3, the round is lost. Every site that uploaded trained (and spent
+    its privacy budget) but is in no aggregate; round 2 completes with the same three."""
+    names = ("site-0", "site-1", "site-2", "site-3")
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=2, round_timeout=5.0, dp_epsilon=3.0)
+    sites = Sites(consortium, tmp_path, names, config)
+    sites.metrics = lambda server_round: {"loss": 1.0, "epsilon": 0.5 * server_round}  # spent before training
+    sites.drop.update({(101, "train"): lambda r: True, (102, "unmask"): lambda r: r == 1})
+    with ProgressLog.in_dir(config.out_dir) as progress:
+        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium))
+
+    first, second = summary["rounds"]
+    assert first["kept"] and first["aggregated"] == 0 and "NotEnoughSurvivors" in first["secure_agg"]["error"]
+    assert first["secure_agg"]["uploads"] == 3
+    uploaded = ("site-0", "site-2", "site-3")
+    for name in uploaded:
+        outcome = first["sites"][name]
+        assert outcome["status"] == "not_aggregated"
+        assert "not aggregated: secure aggregation failed (NotEnoughSurvivors" in outcome["reason"]
+        assert "privacy budget it spent on the round stays spent" in outcome["reason"]
+        assert outcome["epsilon"] == 0.5  # the round's privacy cost is kept in the records
+    assert first["sites"]["node-101"]["status"] == "missing"  # a site that never uploaded stays what it was
+    assert second["aggregated"] == 3 and all(second["sites"][name]["status"] == "ok" for name in uploaded)
+
+    for name in uploaded:
+        site = summary["sites"][name]
+        assert site["rounds_trained"] == 1 and site["rounds_not_aggregated"] == 1
+        assert site["epsilon"] == 1.0  # both rounds spent budget
+    assert summary["sites"]["node-101"]["rounds_trained"] == 0
+    assert summary["failures"] == summary["refusals"] == []  # a lost round is no site's failure
+    # The progress log says the same as the summary.
+    events = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").read_text().splitlines()]
+    [logged] = [e for e in events if e["event"] == "round" and e["round"] == 1]
+    assert {name: info["status"] for name, info in logged["sites"].items()} == {
+        "site-0": "not_aggregated",
+        "node-101": "missing",
+        "site-2": "not_aggregated",
+        "site-3": "not_aggregated",
+    }
+    assert "secure aggregation failed (NotEnoughSurvivors" in format_round(logged)
 
 
 def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_path: Path) -> None:

@@ -3,7 +3,11 @@
 Each round: sample every online SuperNode, send it the current weights, wait for the
 replies, add the mean of the updates that came back, evaluate, log. A site that refuses
 (e.g. its privacy budget is spent), fails, or does not answer is recorded and the round
-goes on with the others; a round with no update keeps the weights and says so.
+goes on with the others; a round with no update keeps the weights and says so. A secure
+round lost after the uploads (too few survivors to unmask, or unmasking failed) records
+every site that uploaded as `not_aggregated`, not `ok`: it trained, and spent privacy
+budget on it, but its update is in no aggregate (the summary counts such rounds in
+`rounds_not_aggregated`, not in `rounds_trained`).
 
 How flwr 1.42 reports a site that is gone (read from its source and checked end to end by
 `tests/platform/training/test_flower_rounds_e2e.py`):
@@ -63,6 +67,9 @@ _log = logging.getLogger(__name__)
 
 Aggregate = Callable[[list[Weights]], Weights]
 NODE_POLL = 1.0  # seconds between looks at the online nodes while waiting for sites
+# A site's round outcome when it trained and uploaded but the round's secure aggregation was
+# lost after the uploads: its update is in no aggregate, its privacy spending for the round stands.
+NOT_AGGREGATED = "not_aggregated"
 
 
 class RoundError(CorollaError):
@@ -228,8 +235,23 @@ def _train_round(
         delta, info = secure_round.finish(grid, timeout)
     except SecureAggregationError as exc:  # too few survivors, a sum out of range: the round is lost
         _log.warning("round %d: secure aggregation failed: %s", server_round, exc)
-        return None, 0, outcomes, {"uploads": secure_round.uploads, "error": f"{type(exc).__name__}: {exc}"}
+        error = f"{type(exc).__name__}: {exc}"
+        return None, 0, _not_aggregated(outcomes, error), {"uploads": secure_round.uploads, "error": error}
     return delta, info["survivors"], outcomes, {"uploads": secure_round.uploads, **info}
+
+
+def _not_aggregated(outcomes: Mapping[int, dict[str, Any]], error: str) -> dict[int, dict[str, Any]]:
+    """The outcomes of a secure round lost after the uploads: every site whose upload was
+    accepted trained, but its update is in no aggregate. Its metrics stay as it reported them
+    (its epsilon included: the round's privacy cost was charged before training)."""
+    reason = (
+        f"trained, but its update was not aggregated: secure aggregation failed ({error}); "
+        "any privacy budget it spent on the round stays spent"
+    )
+    return {
+        node: {**info, "status": NOT_AGGREGATED, "reason": reason} if info["status"] == "ok" else info
+        for node, info in outcomes.items()
+    }
 
 
 def _wait_for_nodes(
@@ -378,7 +400,9 @@ class _RunState:
             sites[self.name(node)] = {
                 "node_id": node,
                 "epsilon": epsilons[-1] if epsilons else None,
-                "rounds_trained": sum(h["status"] == "ok" for h in history),
+                "rounds_trained": sum(h["status"] == "ok" for h in history),  # its update is in the aggregate
+                # trained (privacy budget spent) but lost with the round's secure aggregation
+                "rounds_not_aggregated": sum(h["status"] == NOT_AGGREGATED for h in history),
                 "history": history,
             }
         return {

@@ -4,9 +4,12 @@ their messages so that the coordinator learns only the sum of the sites' updates
 The protocol is `corolla.secure_agg` (docs/secure_aggregation.md); this module carries it.
 Besides the messages of `records.py`:
 
-- once per run and node, a `query` message `{"secagg": {"ask": "keys"}}`; the site answers
-  `{"secagg": {"node-id", "identity-cert", "agreement-cert"}}` (DER certificates, which the
-  coordinator checks against the consortium CA and the announcement shows every site);
+- once per run and node, a `query` message `{"secagg": {"ask": "keys", "run-id": str,
+  "nonce": bytes}}` (a fresh 32-byte nonce per query); the site answers `{"secagg":
+  {"node-id", "identity-cert", "agreement-cert", "proof"}}`: DER certificates, which the
+  coordinator checks against the consortium CA and the announcement shows every site, and
+  the proof that it holds the identity key (`corolla.secure_agg.sign_enrolment`: the run,
+  the nonce, the Flower node it answers from and the certificates' digests, signed);
 - the train message gains `{"secagg": {"announcement": bytes}}` (the round's signed roster,
   threshold and encoding); the site replies with `{"secagg": {"upload": bytes}}` (its
   masked, fixed-point update, 4 bytes per parameter) instead of `"update"`, and keeps the
@@ -21,7 +24,8 @@ vector: the arrays in sorted name order, flattened (`flatten` / `unflatten`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +94,7 @@ class SecureRounds:
     verifier: Any  # the coordinator's `Verifier` (consortium CA + CRL)
     clip: float  # encoding range: update values outside [-clip, clip] are clipped by the sites
     members: dict[int, Any] = field(default_factory=dict)  # Flower node id -> secure_agg.Member
+    random: Callable[[int], bytes] = field(default=os.urandom, repr=False)  # the keys queries' nonces
 
     @classmethod
     def for_node(cls, node_dir: Path, *, run_key: str, clip: float) -> SecureRounds:
@@ -104,14 +109,24 @@ class SecureRounds:
         return cls(run_key=run_key, keys=keys, verifier=identity.verifier(), clip=clip)
 
     def enroll(self, grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, Any]]:
-        """Ask nodes not yet known for their certificates; the outcomes of those that fail."""
-        from corolla.secure_agg import Member
+        """Ask nodes not yet known for their certificates, each with a fresh nonce; enrol those
+        whose certificates hold and whose signed reply proves they hold the identity key (for
+        this run, this query and the Flower node asked). The outcomes of those that fail."""
+        from corolla.secure_agg import Member, check_enrolment, new_nonce
 
         new = [n for n in nodes if n not in self.members]
         if not new:
             return {}
-        content = RecordDict({SECAGG: ConfigRecord({"ask": "keys"})})
-        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout) for n in new]
+        nonces = {n: new_nonce(self.random) for n in new}
+        messages = [
+            Message(
+                RecordDict({SECAGG: ConfigRecord({"ask": "keys", "run-id": self.run_key, "nonce": nonces[n]})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+                ttl=timeout,
+            )
+            for n in new
+        ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
         outcomes: dict[int, dict[str, Any]] = {}
@@ -133,12 +148,24 @@ class SecureRounds:
                     identity_cert=_bytes(record, "identity-cert"),
                     agreement_cert=_bytes(record, "agreement-cert"),
                 )
-                self._check(member)
+                # The node proves it holds the key of these certificates, for this query from this node.
+                check_enrolment(
+                    _bytes(record, "proof"),
+                    member,
+                    self.verifier,
+                    run_id=self.run_key,
+                    nonce=nonces[node],
+                    flower_node=node,
+                )
             except (CorollaError, KeyError, ValueError) as exc:
                 outcomes[node] = {"status": "failed", "reason": f"secure-aggregation keys refused: {exc}"}
+                _log.warning("node %d left out of secure aggregation: keys refused: %s", node, exc)
                 continue
             if any(m.node_id == member.node_id for m in self.members.values()):
                 outcomes[node] = {"status": "failed", "reason": f"node id {member.node_id} already in the run"}
+                _log.warning(
+                    "node %d left out of secure aggregation: node id %s already in the run", node, member.node_id
+                )
                 continue
             self.members[node] = member
         for node in new:
@@ -302,16 +329,33 @@ class SecureSiteError(CorollaError):
 
 
 def keys_reply(msg: Message, context: Context) -> Message:
-    """The answer to the coordinator's keys query: this site's certificates."""
-    if msg.content.get(SECAGG, ConfigRecord()).get("ask") != "keys":
+    """The answer to the coordinator's keys query: this site's certificates, and the proof
+    that it holds their identity key, signed over the query's nonce, this site's own run key
+    and Flower node id (from its Flower context, not from the message) and the certificates."""
+    from corolla.secure_agg import ReplayedMessage, sign_enrolment
+
+    query = msg.content.config_records.get(SECAGG, ConfigRecord())
+    if query.get("ask") != "keys":
         raise RecordError("unknown query: this site answers only the secure-aggregation keys query")
+    nonce = query.get("nonce")
+    if not isinstance(nonce, bytes):
+        raise RecordError("the keys query carries no nonce: this site signs its keys only over a fresh one")
+    run_id = run_key(context)
+    if query.get("run-id") != run_id:
+        raise ReplayedMessage(f"the keys query is for run {query.get('run-id')!r}; this site is in run {run_id}")
     identity = _site_identity(context)
+    identity_cert, agreement_cert = identity.identity_cert_der, identity.agreement_cert_der
+    proof = sign_enrolment(
+        node_id=identity.node_id,
+        identity_key=identity.identity_key_raw(),
+        run_id=run_id,
+        nonce=nonce,
+        flower_node=int(context.node_id),
+        identity_cert=identity_cert,
+        agreement_cert=agreement_cert,
+    )
     record = ConfigRecord(
-        {
-            "node-id": identity.node_id,
-            "identity-cert": identity.identity_cert_der,
-            "agreement-cert": identity.agreement_cert_der,
-        }
+        {"node-id": identity.node_id, "identity-cert": identity_cert, "agreement-cert": agreement_cert, "proof": proof}
     )
     return Message(RecordDict({SECAGG: record}), reply_to=msg)
 
