@@ -24,25 +24,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import itertools
-import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 import torch
-import transformers
+from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, warn_if_loaded
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
@@ -199,27 +193,6 @@ QUICK = Plan(
 # -- measurement helpers ------------------------------------------------------------------------
 
 
-def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
-    """p50 / p90 / mean / min / max in milliseconds of a list of durations in seconds."""
-    ms = sorted(s * 1000 for s in seconds)
-    return {
-        "p50": round(_quantile(ms, 0.5), 4),
-        "p90": round(_quantile(ms, 0.9), 4),
-        "mean": round(statistics.fmean(ms), 4),
-        "min": round(ms[0], 4),
-        "max": round(ms[-1], 4),
-        "n": len(ms),
-    }
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 class StepTimer:
     """A `transformers` streamer that timestamps each `put`: the prompt, then every new token."""
 
@@ -258,81 +231,6 @@ def generation_figures(runs: Sequence[GenerationRun], new_tokens: int) -> dict[s
         "session_open_ms": summary_ms([r.open_s for r in runs]),
         "prefill_ms": summary_ms([r.prefill_s for r in runs]),
     }
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model or platform.processor(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
-        "loadavg_at_start": _loadavg(),
-    }
-
-
-class CpuMeter:
-    """CPU time the rest of the machine used while this benchmark ran: busy time from
-    /proc/stat minus this process's and its reaped children's (the servers). On a shared
-    machine, a large share means the figures carry other people's load."""
-
-    def __init__(self) -> None:
-        self._busy0 = _busy_seconds()
-        self._own0 = _own_seconds()
-        self._wall0 = time.perf_counter()
-
-    def report(self) -> dict[str, float | None]:
-        wall = time.perf_counter() - self._wall0
-        busy = _busy_seconds()
-        own = _own_seconds() - self._own0
-        if busy is None or self._busy0 is None:
-            return {"own_cpu_s": round(own, 1), "other_cpu_s": None, "other_cpu_share": None}
-        other = max(0.0, busy - self._busy0 - own)
-        return {
-            "own_cpu_s": round(own, 1),
-            "other_cpu_s": round(other, 1),
-            "other_cpu_share": round(other / (wall * (os.cpu_count() or 1)), 3),
-        }
-
-
-def _busy_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tcp_bytes(ports: Sequence[int]) -> int | None:
@@ -470,7 +368,7 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
                     "local_corolla_blocks": lambda: local_blocks_generation(parts, span, prompt, cfg.new_tokens),
                     "remote": lambda: remote_generation(model, prompt, cfg.new_tokens),
                 }
-                runs = _interleaved(variants, warmup=cfg.warmup, repeats=cfg.repeats)
+                runs = interleaved(variants, warmup=cfg.warmup, repeats=cfg.repeats)
             hf_runs, block_runs = runs["local_transformers"], runs["local_corolla_blocks"]
             reference = hf_runs[0].tokens
             rows["remote"] = _remote_row(
@@ -572,7 +470,7 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _interleaved(
+def interleaved(
     variants: dict[str, Callable[[], GenerationRun]], *, warmup: int, repeats: int
 ) -> dict[str, list[GenerationRun]]:
     """Warm each variant up, then run them in rounds, the order rotated each round, so that
@@ -675,7 +573,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
                     if before is not None:
                         after = tcp_bytes(ports[name])
                         tcp[name] = None if after is None else after - before
-            server_threads_seen = [_env_threads(s.process.pid) for s in servers]
+            server_threads_seen = [env_threads(s.process.pid) for s in servers]
 
     ref = outputs["local_corolla_blocks"]
     # LlamaModel ends with the final RMSNorm: compare it with the norm of the local blocks' output.
@@ -747,7 +645,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _env_threads(pid: int) -> str | None:
+def env_threads(pid: int) -> str | None:
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
@@ -842,12 +740,10 @@ def print_summary(result: dict[str, Any]) -> None:
         f" (paired-round median {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_paired_median']:.3f},"
         f" best-of {fwd['remote_fp32']['ratio_vs_local_corolla_blocks_min']:.3f})"
     )
-    if other is not None and other > 0.05:
-        print(
-            f"WARNING: other processes used {other:.0%} of the CPU during the run; per-step latencies through "
-            "several processes suffer most. Re-run on an idle machine before quoting figures."
-        )
-    print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
+    warn_if_loaded(
+        m,
+        "; per-step latencies through several processes suffer most. Re-run on an idle machine before quoting figures.",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -856,26 +752,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    began = time.perf_counter()
-    meter = CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "inference",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-    }
+    run = Run("inference", quick=args.quick, machine=machine_info(**torch_stack()))
+    result = run.result
     with tempfile.TemporaryDirectory(prefix="corolla-bench-") as tmp:
         result["generation"] = bench_generation(plan.generation, Path(tmp))
         result["forward"] = bench_forward(plan.forward, Path(tmp))
     result["targets"] = targets(result["generation"], result["forward"], quick=args.quick)
-    result["machine"]["loadavg_at_end"] = _loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    result["output"] = str(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out)
     print_summary(result)
+    run.print_written()
     return 0
 
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -47,13 +45,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # Opacus ships a top-level `benchmarks` package that shadows this directory: import the
-# inference benchmark's helpers by path, as training.py does.
+# shared helpers by path, as training.py does.
 sys.path[:0] = [str(HERE)]
 
 import cryptography  # noqa: E402
 import flwr  # noqa: E402
-import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import numpy as np  # noqa: E402
+from _results import Run, machine_info, warn_if_loaded  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
@@ -500,14 +498,6 @@ def summary(cases: dict[str, Any], checks: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def machine_info() -> dict[str, Any]:
-    info = inference_bench.machine_info()
-    for key in ("torch", "transformers", "grpcio"):
-        info.pop(key, None)
-    info.update(numpy=np.__version__, cryptography=cryptography.__version__, flwr=flwr.__version__)
-    return info
-
-
 def print_summary(result: dict[str, Any]) -> None:
     m = result["machine"]
     other = m["cpu_during_run"]["other_cpu_share"]
@@ -543,9 +533,7 @@ def print_summary(result: dict[str, Any]) -> None:
         verdict = "PASS" if target["pass"] else "FAIL"
         print(f"    target {name}: {target['value']} ({marginal}limit {target['limit']}) {verdict}")
     print(f"    all targets met: {result['summary']['all_targets_met']}")
-    if other is not None and other > 0.05:
-        print(f"WARNING: other processes used {other:.0%} of the CPU during the run; re-run on an idle machine.")
-    print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
+    warn_if_loaded(m, "; re-run on an idle machine.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -556,27 +544,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     logging.getLogger("flwr").setLevel(logging.ERROR)  # one INFO line per stage otherwise
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process sets
-    began = time.perf_counter()
-    meter = inference_bench.CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "secure_agg",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {
-            "repeats": plan.repeats,
-            "clip_R": CLIP,
-            "inputs": "N(0, 0.01) float32 per site, the same for every protocol",
-            "threshold": "corolla.secure_agg.secure_threshold(n) for both (n=5: 4, n=10: 6)",
-            "flower": "SecAggPlusWorkflow(num_shares=1.0 (all pairs), reconstruction_threshold=t, "
-            "clipping_range=1.0, quantization_range=2^22, modulus_range=2^32) with secaggplus_mod",
-            "message_stages": {
-                "corolla": "2: the upload rides on the train reply, plus one unmask exchange",
-                "flower_secaggplus": "4: setup, share keys, collect masked vectors (the train reply), unmask",
-                "note": f"in deployment each extra exchange costs at least one Grid pull interval "
-                f"({FLOWER_PULL_INTERVAL_S:.0f} s in flwr 1.42): not part of the compute figures here",
-            },
+    run = Run(
+        "secure_agg",
+        quick=args.quick,
+        machine={
+            **machine_info(),
+            "numpy": np.__version__,
+            "cryptography": cryptography.__version__,
+            "flwr": flwr.__version__,
+        },
+    )
+    result = run.result
+    result["settings"] = {
+        "repeats": plan.repeats,
+        "clip_R": CLIP,
+        "inputs": "N(0, 0.01) float32 per site, the same for every protocol",
+        "threshold": "corolla.secure_agg.secure_threshold(n) for both (n=5: 4, n=10: 6)",
+        "flower": "SecAggPlusWorkflow(num_shares=1.0 (all pairs), reconstruction_threshold=t, "
+        "clipping_range=1.0, quantization_range=2^22, modulus_range=2^32) with secaggplus_mod",
+        "message_stages": {
+            "corolla": "2: the upload rides on the train reply, plus one unmask exchange",
+            "flower_secaggplus": "4: setup, share keys, collect masked vectors (the train reply), unmask",
+            "note": f"in deployment each extra exchange costs at least one Grid pull interval "
+            f"({FLOWER_PULL_INTERVAL_S:.0f} s in flwr 1.42): not part of the compute figures here",
         },
     }
     cases: dict[str, Any] = {}
@@ -588,13 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["cases"] = cases
     result["targets"] = targets(cases)
     result["summary"] = summary(cases, result["targets"])
-    result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    result["output"] = str(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out)
     print_summary(result)
+    run.print_written()
     return 0
 
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import math
 import os
 import statistics
@@ -42,13 +40,14 @@ from typing import Any, Literal
 
 HERE = Path(__file__).resolve().parent
 # Opacus ships a top-level `benchmarks` package that shadows this directory: import the
-# inference benchmark's helpers by path, as wan.py does.
+# sibling modules by path, as wan.py does.
 sys.path[:0] = [str(HERE)]
 
 import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import opacus  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
+from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, warn_if_loaded  # noqa: E402
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.checkpoint import Checkpoint  # noqa: E402
@@ -185,11 +184,11 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
     cpu: dict[Variant, list[tuple[float, float]]] = {name: [] for name in VARIANTS}  # (this process, servers)
     ports: dict[Variant, list[int]] = {}
     trainers: dict[Variant, Any] = {}
-    with inference_bench.torch_threads(cfg.local_threads), contextlib.ExitStack() as stack:
+    with torch_threads(cfg.local_threads), contextlib.ExitStack() as stack:
         started = time.perf_counter()
         swarm = stack.enter_context(LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.server_threads))
         swarm_start_s = time.perf_counter() - started
-        server_threads_seen = [inference_bench._env_threads(s.process.pid) for s in swarm.servers]
+        server_threads_seen = [inference_bench.env_threads(s.process.pid) for s in swarm.servers]
         server_pids = [s.process.pid for s in swarm.servers]
         local_kw: dict[str, Any] = dict(lr=DP.lr, max_grad_norm=DP.max_grad_norm, expected_batch_size=cfg.batch)
         trainers["local_peft"] = LocalTrainer(model_dir, clone(), noise_multiplier=None, **local_kw)
@@ -238,11 +237,11 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
         payload = {name: dict(trainers[name].bytes) for name in ("swarm_dp_per_sample", "swarm_dp_flat")}
 
     rows: dict[str, Any] = {}
-    local_dp_p50 = inference_bench.summary_ms(times["local_opacus_dp"])["p50"]
+    local_dp_p50 = summary_ms(times["local_opacus_dp"])["p50"]
     for name in names:
         row: dict[str, Any] = {
             "how": VARIANTS[name],
-            "step_ms": inference_bench.summary_ms(times[name]),
+            "step_ms": summary_ms(times[name]),
             "step_ms_all": [round(s * 1000, 1) for s in times[name]],
             # CPU time per step (mean): less sensitive than wall time to other load on the machine
             "cpu_ms_per_step": {
@@ -473,12 +472,7 @@ def print_summary(result: dict[str, Any]) -> None:
             f"target {name}: {t['value']} vs limit {t['limit']}: {'PASS' if t['pass'] else 'FAIL'}"
             + (f" (excess {t['excess_bytes']} B)" if "excess_bytes" in t else "")
         )
-    if other is not None and other > 0.05:
-        print(
-            f"WARNING: other processes used {other:.0%} of the CPU during the run. Re-run on an idle machine "
-            "before quoting figures."
-        )
-    print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
+    warn_if_loaded(m, ". Re-run on an idle machine before quoting figures.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -490,16 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.threads is not None:
         plan = tuple(replace(cfg, server_threads=args.threads, local_threads=args.threads) for cfg in plan)
-    began = time.perf_counter()
-    meter = inference_bench.CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "training",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {**inference_bench.machine_info(), "opacus": opacus.__version__, "peft": peft.__version__},
-        "configs": {},
-    }
+    run = Run(
+        "training",
+        quick=args.quick,
+        machine={**machine_info(**torch_stack()), "opacus": opacus.__version__, "peft": peft.__version__},
+    )
+    result = run.result
+    result["configs"] = {}
     with tempfile.TemporaryDirectory(prefix="corolla-bench-") as tmp:
         model_dirs: dict[TinySpec, Path] = {}
         for cfg in plan:
@@ -507,13 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model_dirs[cfg.spec] = init_tiny(Path(tmp) / f"model-{len(model_dirs)}", cfg.spec)
             result["configs"][cfg.name] = bench_config(cfg, model_dirs[cfg.spec])
     result["targets"] = targets(result["configs"], quick=args.quick)
-    result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    result["output"] = str(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out)
     print_summary(result)
+    run.print_written()
     return 0
 
 

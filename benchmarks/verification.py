@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import datetime as dt
 import json
 import random
 import statistics
@@ -54,14 +53,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # Opacus ships a top-level `benchmarks` package that shadows this directory: import the
-# inference and training benchmarks' helpers by path, as training.py does.
+# shared helpers and the training benchmark's by path, as training.py does.
 sys.path[:0] = [str(HERE)]
 
-import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import psycopg  # noqa: E402
 import sqlalchemy  # noqa: E402
 import torch  # noqa: E402
 import training as training_bench  # noqa: E402  (benchmarks/training.py)
+from _results import Run, machine_info, quantile, torch_stack, warn_if_loaded  # noqa: E402
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.discovery import ServerRecord  # noqa: E402
@@ -139,8 +138,8 @@ def percentiles_ms(seconds: Sequence[float]) -> dict[str, float | int]:
     """p50 / p95 / mean / min / max in milliseconds of durations in seconds."""
     ms = sorted(s * 1000 for s in seconds)
     return {
-        "p50": round(inference_bench._quantile(ms, 0.5), 3),
-        "p95": round(inference_bench._quantile(ms, 0.95), 3),
+        "p50": round(quantile(ms, 0.5), 3),
+        "p95": round(quantile(ms, 0.95), 3),
         "mean": round(statistics.fmean(ms), 3),
         "min": round(ms[0], 3),
         "max": round(ms[-1], 3),
@@ -283,7 +282,7 @@ class Checked:
 def timed_generation(
     model: RemoteModelForCausalLM, prompt: torch.Tensor, new_tokens: int
 ) -> tuple[torch.Tensor, list[tuple[float, float]]]:
-    """Greedy decoding, as `inference_bench.remote_generation`, keeping each timed step's
+    """Greedy decoding, as `remote_generation` in benchmarks/inference.py, keeping each timed step's
     (start, end) rather than its duration; the prefill step is not timed."""
     parts = model.client_parts
     session = model.inference_session(max_length=prompt.shape[1] + new_tokens, batch_size=prompt.shape[0])
@@ -591,11 +590,7 @@ def print_summary(result: dict[str, Any]) -> None:
         f"report of {r['events']} events: build_report {r['build_report_s']} s, verify + build + render "
         f"{r['report_total_s']} s ({r['report_total_cpu_s']} CPU s)"
     )
-    if other is not None and other > 0.05:
-        print(
-            f"WARNING: other processes used {other:.0%} of the CPU during the run; the milliseconds carry their load."
-        )
-    print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
+    warn_if_loaded(m, "; the milliseconds carry their load.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -606,20 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(1)  # servers and clients share this process and 2 cores
-    began = time.perf_counter()
-    meter = inference_bench.CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "verification",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            **inference_bench.machine_info(),
-            "sqlalchemy": sqlalchemy.__version__,
-            "psycopg": psycopg.__version__,
-        },
-        "plan": asdict(plan),
-    }
+    run = Run(
+        "verification",
+        quick=args.quick,
+        machine={**machine_info(**torch_stack()), "sqlalchemy": sqlalchemy.__version__, "psycopg": psycopg.__version__},
+    )
+    result = run.result
+    result["plan"] = asdict(plan)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="corolla-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
@@ -642,16 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"(d) report: {json.dumps(result['report'])}", flush=True)
     if set("abcd") <= set(args.parts):
         result["headline"] = headline(result)
-    result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    result["output"] = str(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out)
     if "headline" in result:
         print_summary(result)
-    else:
-        print(f"wrote {args.out} in {result['duration_s']:.0f} s")
+    run.print_written()
     return 0
 
 

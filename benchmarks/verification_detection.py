@@ -42,9 +42,7 @@ uses `SystemRandom`), the fault RNGs are seeded at server start.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
-import json
 import random
 import sys
 import tempfile
@@ -60,9 +58,9 @@ import torch
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE)]  # benchmarks/inference.py's helpers, as training.py imports them
+sys.path[:0] = [str(HERE)]  # the shared helpers (benchmarks/_results.py), as training.py imports them
 
-import inference as inference_bench  # noqa: E402
+from _results import Run, machine_info, torch_stack  # noqa: E402
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.client.routing import Hop, shortest_chain  # noqa: E402
@@ -403,16 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(1)  # servers and client share this process and 2 cores
-    began = time.perf_counter()
-    meter = inference_bench.CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "verification_detection",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": inference_bench.machine_info(),
-        "plan": asdict(plan),
-    }
+    run = Run("verification_detection", quick=args.quick, machine=machine_info(**torch_stack()))
+    result = run.result
+    result["plan"] = asdict(plan)
     with tempfile.TemporaryDirectory(prefix="corolla-bench-") as tmp, ExitStack() as stack:
         lab = Lab(init_tiny(Path(tmp) / "tiny-llama", TinySpec(arch="llama")), stack)
         if "a" in args.parts or "b" in args.parts:
@@ -428,14 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"(c) {h['audits']} honest audits, {h['quarantines']} quarantines, verdicts {h['verdicts']}")
     if set("abc") <= set(args.parts):
         result["targets"] = targets(result, plan, args.quick)
-    result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out, record_output=False)  # its records have never had an "output" key
     for name, t in result.get("targets", {}).items():
         print(f"{'PASS' if t['pass'] else 'FAIL'} {name}: {t['value']} (limit {t['limit']})")
-    print(f"wrote {args.out} in {result['duration_s']} s")
+    run.print_written()
     return 0
 
 

@@ -22,7 +22,6 @@ Results go to `benchmarks/results/wan.json`; a summary is printed. (a) needs roo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import subprocess
@@ -36,11 +35,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# The namespace lab lives with the e2e tests; the measurement helpers with the inference benchmark.
+# The namespace lab lives with the e2e tests; the generation loop with the inference benchmark.
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import torch  # noqa: E402
+from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, warn_if_loaded  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from corolla.inference.client import RemoteModelForCausalLM  # noqa: E402
@@ -232,7 +232,7 @@ def bench_wan(cfg: WanBench, workdir: Path) -> dict[str, Any]:
 
 
 def _wan_level(data: dict[str, Any], rtt: float, hops: int, stats: list[Any], wall_s: float) -> dict[str, Any]:
-    step = inference_bench.summary_ms(data["step_s"])
+    step = summary_ms(data["step_s"])
     bound_ms = hops * rtt
     row: dict[str, Any] = {
         "rtt_ms": rtt,
@@ -282,7 +282,7 @@ def _echo_calibration(client: Any, server: Any, echo_port: int, rtt: float, roun
 
 
 def _reference_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    with inference_bench.torch_threads(1), torch.inference_mode():
+    with torch_threads(1), torch.inference_mode():
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         ids = torch.tensor([prompt])
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=None)
@@ -299,7 +299,7 @@ def bench_tls(cfg: TlsBench, workdir: Path) -> dict[str, Any]:
     prompt = torch.randint(
         0, cfg.spec.vocab_size - 16, (1, cfg.prompt_tokens), generator=torch.Generator().manual_seed(0)
     )
-    with inference_bench.torch_threads(cfg.threads), torch.inference_mode():
+    with torch_threads(cfg.threads), torch.inference_mode():
         local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         reference = local.generate(
             prompt, max_new_tokens=cfg.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=None
@@ -329,7 +329,7 @@ def bench_tls(cfg: TlsBench, workdir: Path) -> dict[str, Any]:
                 ) as plain:
                     plain.swarm.router.records(refresh=True)
                     joined["plaintext"] = time.perf_counter() - t0
-                    runs = inference_bench._interleaved(
+                    runs = inference_bench.interleaved(
                         {
                             "mutual_tls": lambda: inference_bench.remote_generation(secure, prompt, cfg.new_tokens),
                             "plaintext": lambda: inference_bench.remote_generation(plain, prompt, cfg.new_tokens),
@@ -456,12 +456,7 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{p['mean']:.3f} ms; TLS / plaintext: p50 x{r['tls_over_plaintext_step_p50']:.3f}, mean "
         f"x{r['tls_over_plaintext_step_mean']:.3f}, paired rounds x{r['tls_over_plaintext_paired_round_median']:.3f}"
     )
-    if other is not None and other > 0.05:
-        print(
-            f"WARNING: other processes used {other:.0%} of the CPU during the run; re-run on an idle machine "
-            "before quoting figures."
-        )
-    print(f"wrote {result['output']} in {result['duration_s']:.0f} s")
+    warn_if_loaded(m, "; re-run on an idle machine before quoting figures.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,26 +465,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    began = time.perf_counter()
-    meter = inference_bench.CpuMeter()
-    result: dict[str, Any] = {
-        "benchmark": "wan",
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": inference_bench.machine_info(),
-    }
+    run = Run("wan", quick=args.quick, machine=machine_info(**torch_stack()))
+    result = run.result
     with tempfile.TemporaryDirectory(prefix="corolla-wan-") as tmp:
         result["wan"] = bench_wan(plan.wan, Path(tmp))
         result["tls"] = bench_tls(plan.tls, Path(tmp))
     result["headline"] = headline(result["wan"], result["tls"])
-    result["machine"]["loadavg_at_end"] = inference_bench._loadavg()
-    result["machine"]["cpu_during_run"] = meter.report()
-    result["duration_s"] = round(time.perf_counter() - began, 1)
-    result["output"] = str(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run.finish(args.out)
     print_summary(result)
+    run.print_written()
     return 0
 
 
