@@ -62,7 +62,8 @@ better; calibrate the deployed model before relying on nf4 servers.
 Limits, stated in the table's settings: the largest-difference tolerance is in the units of
 the model's activations (and, for backward, of gradients of a per-row mean loss), and
 disagreement grows with span length; for a deployed model, re-run with `--model DIR`
-(its checkpoint; `other_weights` then uses a copy of the span with its blocks rotated).
+(its checkpoint; `other_weights` then uses a copy of the span with its blocks rotated) and
+give the table to `platform train` or `platform generate` as `--tolerances FILE`.
 """
 
 from __future__ import annotations

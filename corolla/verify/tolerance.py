@@ -14,6 +14,9 @@ and calls them in agreement when both are within a `Tolerance`. The tolerances s
 times the largest honest disagreement measured, with a floor, checked to sit below the
 disagreement that corrupted outputs cause. A mixed pair gets the looser of its two
 precisions' tolerances (each precision's own tolerance is measured against float32).
+`load_table(FILE)` reads a table calibrated for another model (`python -m
+corolla.verify.calibration --model DIR --out FILE`), as `platform train` and `platform
+generate` do with `--tolerances FILE`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "compare",
     "load_table",
     "pair_key",
+    "parse_table",
     "tolerance_for",
 ]
 
@@ -124,10 +128,30 @@ def pair_key(precision_a: str, precision_b: str) -> str:
 
 
 def load_table(path: str | Path | None = None) -> ToleranceTable:
-    """The shipped table, or one written by the calibration for another model."""
+    """The shipped table, or one written by the calibration for another model (`--tolerances
+    FILE`). Raises VerifyError, naming the file, when it cannot be read or is not a table."""
     if path is None:
         return _shipped_table()
-    return _parse_table(Path(path).read_text(), str(path))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise VerifyError(f"cannot read the tolerance table {path}: {why}") from None
+    return parse_table(text, where=str(path))
+
+
+def parse_table(text: str | bytes, *, where: str) -> ToleranceTable:
+    """A tolerance table from its JSON (a file, or a coordinator's train message); `where`
+    names the source in the VerifyError raised when it is not a valid table."""
+    try:
+        return ToleranceTable.model_validate_json(text)
+    except ValidationError as exc:
+        first, count = exc.errors()[0], exc.error_count()
+        at = ".".join(str(part) for part in first["loc"])
+        raise VerifyError(
+            f"{where} is not a valid tolerance table ({count} error{'s' if count > 1 else ''}; first: "
+            f"{at + ': ' if at else ''}{first['msg']})"
+        ) from None
 
 
 def tolerance_for(
@@ -149,11 +173,4 @@ def tolerance_for(
 @cache
 def _shipped_table() -> ToleranceTable:
     source = resources.files("corolla.verify").joinpath("data/tolerances.json")
-    return _parse_table(source.read_text(), "corolla/verify/data/tolerances.json")
-
-
-def _parse_table(text: str, where: str) -> ToleranceTable:
-    try:
-        return ToleranceTable.model_validate_json(text)
-    except ValidationError as exc:
-        raise VerifyError(f"{where} is not a valid tolerance table: {exc}") from exc
+    return parse_table(source.read_text(), where="corolla/verify/data/tolerances.json")

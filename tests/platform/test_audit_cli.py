@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from corolla.verify.errors import LedgerError
 from corolla.verify.events import Verdict
 from corolla.verify.ledger import AnyEvent, Ledger, LedgerKey
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_path, default_ledger_url
+from corolla.verify.report import build, build_report, chain_status, render_html, render_json, render_markdown
+from tests.verify.ledger.two_pass import two_pass
 from tests.verify.report.scenario import MODEL, X, audit, quarantine, scenario, subj, write_ledger
 
 
@@ -230,3 +233,35 @@ def test_reading_never_creates_a_ledger(tmp_path: Path, form: str) -> None:
     with pytest.raises(LedgerError, match="no ledger at"):
         open_existing_ledger(form.format(p=path))
     assert not path.exists()
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["clean", "tampered"])
+def test_the_one_pass_report_is_the_two_pass_report(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tampered: bool
+) -> None:
+    """Each format, byte for byte, against what the command wrote when it verified first and
+    then read the events again; the same exit code and message for a tampered ledger."""
+    if tampered:
+        _tamper(workspace, 4)
+        db = sqlite3.connect(default_ledger_path(workspace))
+        with db:
+            db.execute('UPDATE ledger_events SET body = \'{"kind": "nonsense"}\' WHERE seq = 7')
+        db.close()
+    now = 1_760_000_000.0
+    monkeypatch.setattr(build, "time", types.SimpleNamespace(time=lambda: now))
+    key = LedgerKey.load_or_create(default_ledger_key_path(workspace))
+    with Ledger.open(str(default_ledger_path(workspace))) as ledger:
+        reading = two_pass(ledger, key.public_key())
+    reference = build_report(reading.events, chain=reading.chain, now=now)
+    if reading.unreadable:
+        reference = reference.model_copy(update={"unreadable_seqs": reading.unreadable})
+    assert reference.unreadable_seqs == ([7] if tampered else [])
+    for fmt, render in (("html", render_html), ("json", render_json), ("md", render_markdown)):
+        out = tmp_path / f"report.{fmt}"
+        assert main(["audit", "report", "--workspace", str(workspace), "--out", str(out)]) == (14 if tampered else 0)
+        assert out.read_text() == render(reference)
+        err = capsys.readouterr().err
+        if tampered:
+            assert err == f"platform audit report: {chain_status(reading.chain).message}\n"
+            assert "(first bad event: seq 4): event 4: event_hash does not match its contents" in err
+    assert main(["audit", "verify", "--workspace", str(workspace)]) == (14 if tampered else 0)

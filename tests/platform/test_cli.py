@@ -152,6 +152,45 @@ def test_generate_with_adapter_matches_peft(
     assert "not a PEFT adapter directory" in capsys.readouterr().err
 
 
+def test_generate_audits_with_the_tolerance_table_given(
+    tiny_llama: Path, start_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`platform generate --audit-rate R --tolerances FILE`: the audits written to the ledger
+    were judged against FILE's tolerances, not the shipped ones."""
+    from corolla.verify.ledger import Ledger
+    from corolla.verify.tolerance import load_table
+
+    data = load_table().model_dump(mode="json")
+    for entry in data["tolerances"]["float32/float32"].values():
+        entry["rel_l2"], entry["max_abs"] = 0.0123, 0.0456
+    table = tmp_path / "calibrated.json"
+    table.write_text(json.dumps(data))
+    servers = [start_server(tiny_llama, (0, 4)) for _ in range(2)]  # two replicas: each checks the other
+    ledger = tmp_path / "ledger.db"
+    args = ["generate", "fever and cough", "--model", str(tiny_llama), "--max-new-tokens", "3", "--insecure"]
+    args += ["--workspace", str(tmp_path / "ws"), "--ledger", str(ledger), "--audit-rate", "1"]
+    for s in servers:
+        args += ["--servers", s.endpoint]
+    assert main([*args, "--tolerances", str(table)]) == 0
+    with Ledger.open(str(ledger)) as opened:
+        audits = [stored.event for stored in opened.events() if stored.event.kind == "audit"]
+    assert audits and all((a.tolerance_rel_l2, a.tolerance_max_abs) == (0.0123, 0.0456) for a in audits)
+
+
+def test_generate_refuses_a_bad_tolerance_table_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "calibrated.json"
+    bad.write_text('{"format": "corolla-tolerances/1", "settings": {}}')
+    # No server listens there, and no model is there: the table is refused before either is tried.
+    args = ["generate", "--model", str(tmp_path / "nope"), "--servers", "127.0.0.1:9", "--audit-rate", "0.5"]
+    assert main([*args, "--tolerances", str(bad)]) == 13
+    err = capsys.readouterr().err
+    assert err.startswith(f"platform generate: {bad} is not a valid tolerance table (2 errors; first: per_precision")
+    assert main([*args, "--tolerances", str(tmp_path / "missing.json")]) == 13
+    assert "cannot read the tolerance table" in capsys.readouterr().err
+
+
 def test_keys_issue_agreement_certifies_a_key_for_an_existing_site(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,6 +21,7 @@ from corolla.verify.tolerance import (
     compare,
     load_table,
     pair_key,
+    parse_table,
     tolerance_for,
 )
 
@@ -154,6 +155,42 @@ def test_load_table_rejects_a_bad_file(tmp_path: Path) -> None:
     bad.write_text('{"format": "corolla-tolerances/1", "settings": {}}')
     with pytest.raises(VerifyError, match="not a valid tolerance table"):
         load_table(bad)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the tolerance table {path}: No such file or directory"),
+        (b"\xff{}", "cannot read the tolerance table {path}: 'utf-8' codec can't decode byte 0xff"),
+        (b"[1, 2]", "{path} is not a valid tolerance table (1 error; first: Input should be an object)"),
+        (
+            b'{"format": "corolla-tolerances/2", "settings": {}, "per_precision": {}, "tolerances": {}}',
+            "{path} is not a valid tolerance table (1 error; first: format: Input should be 'corolla-tolerances/1')",
+        ),
+    ],
+    ids=["missing", "not UTF-8", "not an object", "another format"],
+)
+def test_a_table_that_cannot_be_used_names_the_file_and_the_first_problem(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "calibrated.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VerifyError) as info:
+        load_table(path)
+    assert str(info.value).startswith(message.format(path=path))
+    with pytest.raises(VerifyError, match=r"cannot read the tolerance table .*: Is a directory"):
+        load_table(tmp_path)
+
+
+def test_a_table_round_trips_through_json() -> None:
+    """What a coordinator sends its sites (`model_dump_json`) parses back to the same table."""
+    table = load_table()
+    assert parse_table(table.model_dump_json(), where="a train message") == table
+    with pytest.raises(
+        VerifyError, match=r"^a train message is not a valid tolerance table \(3 errors; first: settings"
+    ):
+        parse_table("{}", where="a train message")
 
 
 @pytest.mark.parametrize("key", sorted({pair_key(a, b) for a, b in combinations_with_replacement(PRECISIONS, 2)}))

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,7 @@ from corolla.platform.commands.serve import parse_span
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.errors import LedgerError, LedgerTamperedError, VerifyError
 from corolla.verify.events import ReadmitEvent, Subject
-from corolla.verify.ledger import ChainCheck, Ledger, LedgerKey, LedgerPublicKey, StoredEvent
+from corolla.verify.ledger import Ledger, LedgerKey, LedgerPublicKey
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
 from corolla.verify.reputation import ReputationBook, ReputationPolicy
 
@@ -145,7 +144,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from corolla.verify.report import build_report, render_html, render_json, render_markdown
+    from corolla.verify.report import ledger_report, render_html, render_json, render_markdown
 
     url, workspace = _ledger_url(args)
     fmt = _report_format(args)
@@ -153,29 +152,18 @@ def run_report(args: argparse.Namespace) -> int:
     with open_existing_ledger(url) as ledger:
         total = ledger.count()
         loud = total > _PROGRESS_OVER
-        chain: ChainCheck | LedgerTamperedError | None = None
         if public_key is None:
             print(f"platform audit report: {_no_key_message(workspace)}; the report says so", file=sys.stderr)
-        else:
-            if loud:
-                print(f"checking the chain of {total} events ...", file=sys.stderr, flush=True)
-            try:
-                chain = ledger.verify(public_key)
-            except LedgerTamperedError as exc:
-                chain = exc
+        elif loud:
+            print(f"checking the chain of {total} events as they are read ...", file=sys.stderr, flush=True)
 
         def progress(n: int) -> None:
             print(f"read {n}/{total} events", file=sys.stderr, flush=True)
 
-        unreadable: list[int] = []
-        report = build_report(
-            _readable_events(ledger, unreadable),
-            chain=chain,
-            progress=progress if loud else None,
-            progress_every=max(10_000, total // 10),
+        # One pass: each row is read and parsed once while the chain is checked (Ledger.scan).
+        report = ledger_report(
+            ledger, public_key, progress=progress if loud else None, progress_every=max(10_000, total // 10)
         )
-    if unreadable:
-        report = report.model_copy(update={"unreadable_seqs": unreadable})
     text = {"html": render_html, "json": render_json, "md": render_markdown}[fmt](report)
     t = report.totals
     if args.out == "-":
@@ -191,27 +179,10 @@ def run_report(args: argparse.Namespace) -> int:
         f"{t.quarantined_now} quarantined; chain {report.chain.state}"
     )
     print(summary, file=sys.stderr if args.out == "-" else sys.stdout)
-    if isinstance(chain, LedgerTamperedError):
+    if report.chain.state == "tampered":
         print(f"platform audit report: {report.chain.message}", file=sys.stderr)
-        return chain.exit_code
+        return LedgerTamperedError.exit_code
     return 0
-
-
-def _readable_events(ledger: Ledger, unreadable: list[int]) -> Iterator[StoredEvent]:
-    """The ledger's events, stepping over rows whose body is not an event (noting their seq),
-    so that a tampered ledger still gets a report that shows what is left."""
-    after = 0
-    while True:
-        try:
-            for stored in ledger.events(after_seq=after):
-                after = stored.seq
-                yield stored
-            return
-        except LedgerTamperedError as exc:
-            if exc.seq is None or exc.seq <= after:
-                raise
-            unreadable.append(exc.seq)
-            after = exc.seq
 
 
 # -- verify ----------------------------------------------------------------------------------

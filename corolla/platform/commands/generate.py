@@ -11,7 +11,7 @@ import contextlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer, TextStreamer
@@ -23,6 +23,9 @@ from corolla.platform.identity_args import add_identity_options, tls_from_args
 from corolla.platform.local_swarm import LocalSwarm, even_spans
 from corolla.platform.pki import NodeIdentity
 from corolla.platform.workspace import default_model, resolve_workspace, throwaway_consortium
+
+if TYPE_CHECKING:
+    from corolla.verify.tolerance import ToleranceTable
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -57,14 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="spot-check this share of span computations on other replicas, verdicts to --ledger (default 0)",
     )
     p.add_argument("--ledger", metavar="URL", help="reputation ledger for --audit-rate (default: the workspace's)")
+    p.add_argument(
+        "--tolerances",
+        metavar="FILE",
+        help="tolerance table for --audit-rate, from `python -m corolla.verify.calibration --model DIR --out FILE` "
+        "(default: the shipped table, calibrated on tiny random models)",
+    )
     add_identity_options(p, role_hint="site")
     p.set_defaults(run=run)
 
 
-def _ledger_checker(args: argparse.Namespace, stack: contextlib.ExitStack, reporter: str) -> Any:
+def _ledger_checker(
+    args: argparse.Namespace, stack: contextlib.ExitStack, reporter: str, tolerances: ToleranceTable | None
+) -> Any:
     """A spot checker whose verdicts go straight to the ledger, routing around the nodes the
     ledger's history quarantines (inference clients report directly; sites in training
-    report through Flower)."""
+    report through Flower), comparing outputs with `tolerances` (None: the shipped table)."""
     from corolla.platform.commands.audit import reputation_book
     from corolla.platform.training.verification import LockedBook
     from corolla.verify.ledger import Ledger, LedgerKey
@@ -79,7 +90,9 @@ def _ledger_checker(args: argparse.Namespace, stack: contextlib.ExitStack, repor
     def sink(events: list[Any]) -> None:
         ledger.append(events)
 
-    checker = SpotChecker(book, sink=sink, reporter=reporter, settings=SpotCheckSettings(rate=args.audit_rate))
+    checker = SpotChecker(
+        book, sink=sink, reporter=reporter, settings=SpotCheckSettings(rate=args.audit_rate), tolerances=tolerances
+    )
     stack.callback(checker.close)
     stack.callback(checker.flush, 60.0)
     return checker
@@ -89,6 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.audit_rate <= 1:
         print(f"platform generate: --audit-rate {args.audit_rate} must be in [0, 1]", file=sys.stderr)
         return 2
+    tolerances: ToleranceTable | None = None
+    if args.tolerances:  # before any server starts: a bad file is a quick, clear error (exit 13)
+        from corolla.verify.tolerance import load_table
+
+        tolerances = load_table(args.tolerances)
+        if not args.audit_rate:
+            print("platform generate: note: --tolerances has no effect without --audit-rate", file=sys.stderr)
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
     if args.adapter:  # before any server starts: a bad directory is a quick, clear error
         LoraAdapter.load_peft(args.adapter, Checkpoint.open(model_dir))
@@ -127,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter:
             model.load_adapter(args.adapter)
         if args.audit_rate:
-            model.use_spot_checker(_ledger_checker(args, stack, reporter=getattr(args, "node", None) or "client"))
+            reporter = getattr(args, "node", None) or "client"
+            model.use_spot_checker(_ledger_checker(args, stack, reporter=reporter, tolerances=tolerances))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer)

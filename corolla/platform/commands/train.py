@@ -64,6 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     verify.add_argument(
         "--ledger", metavar="URL", help="reputation ledger: sqlite path or postgresql://... (default: the workspace's)"
     )
+    verify.add_argument(
+        "--tolerances",
+        type=Path,
+        metavar="FILE",
+        help="tolerance table from `python -m corolla.verify.calibration --model DIR --out FILE`, read on the "
+        "coordinator's machine and sent to every site (default: the shipped table, calibrated on tiny random models)",
+    )
     opt.add_argument(
         "--secure-agg-clip",
         type=float,
@@ -152,11 +159,25 @@ def config_from_args(args: argparse.Namespace, **where: Any) -> TrainConfig:
     kwargs = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
     if args.dp_epsilon is not None:
         kwargs["dp_epsilon"] = None if args.dp_epsilon == "off" else args.dp_epsilon
+    if args.tolerances is not None:  # absolute: the coordinator reads it from its own working directory
+        kwargs["tolerances"] = str(args.tolerances.expanduser().resolve())
     return TrainConfig(**kwargs, secure_agg=not args.no_secure_agg, **where)
 
 
+def _check_tolerances(args: argparse.Namespace, config: TrainConfig) -> None:
+    """A table that cannot be read or is not a table: a clear error (exit 13) before anything starts."""
+    if not config.tolerances:
+        return
+    from corolla.verify.tolerance import load_table
+
+    load_table(config.tolerances)
+    if config.audit_rate == 0 or args.local:
+        print("note: --tolerances has no effect without spot checks (--audit-rate 0 or --local)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
-    config_from_args(args, model="-", out_dir="-")  # bad flags fail here, before anything starts
+    checked = config_from_args(args, model="-", out_dir="-")  # bad flags fail here, before anything starts
+    _check_tolerances(args, checked)
     workspace = resolve_workspace(args.workspace)
     root = workspace / "train-local"
     out_dir = (args.out or root / "out").resolve()

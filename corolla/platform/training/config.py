@@ -47,6 +47,7 @@ class TrainConfig:
     audit_rate: float = 0.05  # fraction of span computations spot-checked on another replica (0 = none)
     ledger: str = ""  # the coordinator's reputation ledger URL; "" = <workspace>/ledger/ledger.db
     ledger_key: str = ""  # the key that signs the ledger's head; "" = <workspace>/ledger/ledger.key
+    tolerances: str = ""  # spot checks' tolerance table, a file on the coordinator's machine; "" = the shipped one
     round_timeout: float = 300.0  # seconds the coordinator waits for a round's replies
     sites: int = 0  # SuperNodes the first round waits for (up to round_timeout); 0 = start with whoever is online
     eval_records: int = 200  # held-out records scored after each round (0 = all)

@@ -2,10 +2,13 @@
 coordinator keeps the reputation ledger and tells every site whom to route around.
 
 - Each train message carries `{"verify": {"rate": r, "quarantine": [event JSON, ...]}}`:
-  the audit rate and the coordinator's quarantine events for the run's model. A site's
-  `SpotChecker` starts from a reputation book holding those quarantines (its router drops
-  those nodes at once) and audits a fraction r of its span computations (forwards and
-  backwards) on other replicas, with a referee on disagreement.
+  the audit rate and the coordinator's quarantine events for the run's model, and with
+  `--tolerances FILE` also `"tolerances": table JSON`, the coordinator's tolerance table
+  (sites are other machines: the table travels, not its path; a site checks it as
+  `load_table` does and refuses a malformed one). A site's `SpotChecker` starts from a
+  reputation book holding those quarantines (its router drops those nodes at once) and
+  audits a fraction r of its span computations (forwards and backwards) on other
+  replicas, with a referee on disagreement, against that table (or the shipped one).
 - The site's reply carries its audit events `{"verify": {"events": [event JSON, ...]}}`.
   Quarantines a site decides on its own stay local (it stops routing to the node for the
   rest of its round); only the coordinator's book quarantines for the consortium.
@@ -29,16 +32,19 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import ValidationError
 
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.flower_app.records import RecordError
-from corolla.verify.errors import LedgerError
+from corolla.verify.errors import LedgerError, VerifyError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, Subject, canonical_json, parse_event
 from corolla.verify.reputation import QuarantineDecision, ReputationBook
+
+if TYPE_CHECKING:  # the tolerance module imports torch: not at import time (the ClientApp stays light)
+    from corolla.verify.tolerance import ToleranceTable
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,7 @@ class SiteOrders:
 
     rate: float  # fraction of span computations to audit (0: none)
     quarantine: tuple[QuarantineEvent, ...]  # nodes to route around from the start
+    tolerances: ToleranceTable | None = None  # the coordinator's tolerance table; None: the shipped one
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SiteOrders | None:
@@ -107,7 +114,7 @@ class SiteOrders:
             if not isinstance(event, QuarantineEvent):
                 raise RecordError("the verify record's quarantine list holds a non-quarantine event")
             events.append(event)
-        return cls(rate=float(rate), quarantine=tuple(events))
+        return cls(rate=float(rate), quarantine=tuple(events), tolerances=_table(record.get("tolerances")))
 
 
 class SiteAudits:
@@ -122,7 +129,11 @@ class SiteAudits:
         self.events: list[AuditEvent | QuarantineEvent] = []
         self._lock = threading.Lock()
         self.checker = SpotChecker(
-            self.book, sink=self._collect, reporter=reporter, settings=SpotCheckSettings(rate=orders.rate)
+            self.book,
+            sink=self._collect,
+            reporter=reporter,
+            settings=SpotCheckSettings(rate=orders.rate),
+            tolerances=orders.tolerances,
         )
 
     def _collect(self, events: Sequence[AuditEvent | QuarantineEvent]) -> None:
@@ -153,6 +164,13 @@ class CoordinatorAudits:
         self.config = config
         self.ledger = ledger
         self.reporter = reporter
+        self.tolerances: ToleranceTable | None = None  # config.tolerances, read once: the table every checker uses
+        self._tolerances_json = ""  # as the sites receive it
+        if config.tolerances:
+            from corolla.verify.tolerance import load_table
+
+            self.tolerances = load_table(config.tolerances)
+            self._tolerances_json = self.tolerances.model_dump_json()
         self.book = LockedBook()
         self._quarantines: dict[Subject, QuarantineEvent] = {}  # the event that put each subject out
         for stored in ledger.events():  # earlier runs' verdicts still count: quarantines persist
@@ -165,7 +183,11 @@ class CoordinatorAudits:
             from corolla.verify.spot_check import SpotChecker, SpotCheckSettings
 
             self.checker = SpotChecker(
-                self.book, sink=self._own_events, reporter=reporter, settings=SpotCheckSettings(rate=config.audit_rate)
+                self.book,
+                sink=self._own_events,
+                reporter=reporter,
+                settings=SpotCheckSettings(rate=config.audit_rate),
+                tolerances=self.tolerances,
             )
 
     @classmethod
@@ -181,13 +203,21 @@ class CoordinatorAudits:
         key_path = Path(config.ledger_key) if config.ledger_key else default_ledger_key_path(workspace)
         reporter = _coordinator_id(config)
         ledger = Ledger.open(url, key=LedgerKey.load_or_create(key_path), writer=reporter)
-        return cls(config, ledger=ledger, reporter=reporter)
+        try:
+            return cls(config, ledger=ledger, reporter=reporter)
+        except BaseException:  # e.g. a tolerance table that no longer loads
+            ledger.close()
+            raise
 
     def train_record(self) -> ConfigRecord:
-        """The round's orders to every site: the audit rate and the quarantines of the model."""
+        """The round's orders to every site: the audit rate, the quarantines of the model and,
+        when the run has its own, the tolerance table."""
         with self._write_lock:  # every model's quarantines travel; a site's router looks at its own model's
             quarantines = [canonical_json(e).decode() for e in self._quarantines.values()]
-        return ConfigRecord({"rate": float(self.config.audit_rate), "quarantine": quarantines})
+        record = ConfigRecord({"rate": float(self.config.audit_rate), "quarantine": quarantines})
+        if self._tolerances_json:
+            record["tolerances"] = self._tolerances_json
+        return record
 
     def _remember(self, event: AuditEvent | QuarantineEvent | ReadmitEvent) -> None:
         if isinstance(event, QuarantineEvent):
@@ -288,6 +318,21 @@ def _strings(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RecordError("the verify record's event list must be a list of strings")
     return value
+
+
+def _table(value: Any) -> ToleranceTable | None:
+    """The train message's tolerance table, checked as `load_table` checks a file; None when
+    the message carries none (the run uses the shipped table)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"the verify record's tolerance table must be a JSON string, not {type(value).__name__}")
+    from corolla.verify.tolerance import parse_table
+
+    try:
+        return parse_table(value, where="the coordinator's tolerance table")
+    except VerifyError as exc:
+        raise RecordError(f"refusing the train message: {exc}") from None
 
 
 def _parse(text: str) -> AuditEvent | QuarantineEvent | ReadmitEvent:

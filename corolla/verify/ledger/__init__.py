@@ -7,12 +7,24 @@ on SQLite (a file; the default) or PostgreSQL (a consortium's shared database):
     with Ledger.open(workspace / "ledger.db", key=key, writer=node_id) as ledger:
         ledger.append([event])
         check = ledger.verify(key.public_key())
+        scan = ledger.scan(key.public_key())  # the events, the chain checked as they are read
+        events, outcome = list(scan), scan.chain  # outcome: verify's ChainCheck, or the error it raises
 
 `chain` documents the exact bytes hashed and signed; `schema` holds the tables.
 """
 
 from corolla.verify.ledger.chain import GENESIS_HASH
+from corolla.verify.ledger.scan import LedgerScan
 from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey
 from corolla.verify.ledger.store import AnyEvent, ChainCheck, Ledger, StoredEvent
 
-__all__ = ["GENESIS_HASH", "AnyEvent", "ChainCheck", "Ledger", "LedgerKey", "LedgerPublicKey", "StoredEvent"]
+__all__ = [
+    "GENESIS_HASH",
+    "AnyEvent",
+    "ChainCheck",
+    "Ledger",
+    "LedgerKey",
+    "LedgerPublicKey",
+    "LedgerScan",
+    "StoredEvent",
+]

@@ -21,26 +21,25 @@ Lock timeouts, deadlocks, serialization failures and dropped connections are ret
 bounded number of times with jittered backoff. An `event_id` already in the ledger is not
 written again: its existing seq is returned, so resending a batch is harmless. Reading
 (`events`, `verify`) pages through the table by seq (keyset pagination), so memory stays
-bounded however long the ledger is; `verify` does it inside one snapshot.
+bounded however long the ledger is; `verify` and `scan` (reading every event while checking
+the chain, for reports) do it inside one snapshot.
 """
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 
-import pydantic
-from sqlalchemy import Connection, Engine, Row, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from corolla.verify.errors import LedgerError, LedgerTamperedError
-from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, canonical_json, parse_event
+from corolla.verify.events import canonical_json
 from corolla.verify.ledger._database import (
     WRITE,
     create_ledger_engine,
@@ -49,59 +48,34 @@ from corolla.verify.ledger._database import (
     reason,
     retryable,
 )
+from corolla.verify.ledger._rows import (
+    EVENT_COLUMNS,
+    AnyEvent,
+    ChainCheck,
+    HeadState,
+    StoredEvent,
+    check_end,
+    check_head,
+    check_row,
+    parse_body,
+    read_head,
+    row_values,
+    same,
+    signature_ok,
+    stored_event,
+)
 from corolla.verify.ledger.chain import GENESIS_HASH, event_hash, head_message
+from corolla.verify.ledger.scan import LedgerScan
 from corolla.verify.ledger.schema import HEAD_ID, EventRow, HeadRow
 from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey
 
-__all__ = ["AnyEvent", "ChainCheck", "Ledger", "StoredEvent"]
-
-AnyEvent = AuditEvent | QuarantineEvent | ReadmitEvent
+__all__ = ["AnyEvent", "ChainCheck", "Ledger", "LedgerScan", "StoredEvent"]
 
 _T = TypeVar("_T")
-_HeadState: TypeAlias = Row[int, str, str | None, str | None]  # seq, head_hash, key_id, signature
-_EventState: TypeAlias = Row[*tuple[Any, ...]]  # the columns of _EVENT_COLUMNS
 
 _MAX_ATTEMPTS: Final = 12  # tries per write transaction on lock or serialization errors
 _IN_CHUNK: Final = 500  # event_ids per `IN (...)` lookup
 _WRITER_MAX: Final = 128  # the writer column's width
-
-_EVENT_COLUMNS: Final = (
-    EventRow.seq,
-    EventRow.event_id,
-    EventRow.kind,
-    EventRow.node_id,
-    EventRow.model_id,
-    EventRow.span_start,
-    EventRow.span_end,
-    EventRow.blamed_node_id,
-    EventRow.at,
-    EventRow.body,
-    EventRow.prev_hash,
-    EventRow.event_hash,
-    EventRow.written_at,
-    EventRow.writer,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """An event as the ledger holds it: its place in the chain and who wrote it when."""
-
-    seq: int
-    event: AnyEvent
-    event_hash: str
-    prev_hash: str
-    written_at: float
-    writer: str
-
-
-@dataclass(frozen=True, slots=True)
-class ChainCheck:
-    """What `verify()` vouches for: this many events, ending at a head signed by the given key."""
-
-    events: int
-    head_seq: int
-    head_hash: str
 
 
 class Ledger:
@@ -191,7 +165,7 @@ class Ledger:
                     continue
                 seq += 1
                 h = event_hash(prev, seq, written_at, self._writer, body.encode())
-                rows.append(_row(seq, ev, body, prev, h, written_at, self._writer))
+                rows.append(row_values(seq, ev, body, prev, h, written_at, self._writer))
                 prev = h
                 known[ev.event_id] = (seq, body)
             if rows:
@@ -234,7 +208,7 @@ class Ledger:
 
         self._write(work, what="sign the ledger's empty head")
 
-    def _locked_head(self, conn: Connection, key: LedgerKey) -> _HeadState:
+    def _locked_head(self, conn: Connection, key: LedgerKey) -> HeadState:
         """The head row, locked for this transaction, after checking it before building on it:
         a writer that extended a tampered head would sign over the tampering."""
         head = conn.execute(
@@ -248,7 +222,7 @@ class Ledger:
             select(EventRow.seq, EventRow.event_hash).order_by(EventRow.seq.desc()).limit(1)
         ).one_or_none()
         last_seq, last_hash = (last.seq, last.event_hash) if last is not None else (0, GENESIS_HASH)
-        if head.seq != last_seq or not _same(head.head_hash, last_hash):
+        if head.seq != last_seq or not same(head.head_hash, last_hash):
             raise LedgerTamperedError(
                 f"the ledger head (seq {head.seq}) does not match its last event (seq {last_seq}); "
                 "refusing to append: run verify",
@@ -258,7 +232,7 @@ class Ledger:
             if head.seq != 0:
                 raise LedgerTamperedError(f"the ledger head at seq {head.seq} is not signed", seq=None)
             return head
-        signed_by_us = _signature_ok(key.public_key(), head.signature, head.seq, head.head_hash)
+        signed_by_us = signature_ok(key.public_key(), head.signature, head.seq, head.head_hash)
         if head.key_id != key.key_id:
             if signed_by_us:
                 raise LedgerTamperedError(f"the ledger head's key_id was edited (to {head.key_id})", seq=None)
@@ -303,6 +277,15 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read transaction that sees one state of the ledger throughout: the head and every page."""
+        with self._read() as conn:
+            if self._postgres:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():  # SQLite: a deferred BEGIN; the snapshot starts at the first read
+                yield conn
+
     def events(self, *, after_seq: int = 0, batch: int = 1000, node_id: str | None = None) -> Iterator[StoredEvent]:
         """Events with seq > `after_seq`, in seq order, read `batch` rows at a time.
 
@@ -311,9 +294,8 @@ class Ledger:
         """
         if after_seq < 0:
             raise LedgerError(f"after_seq must be >= 0, got {after_seq}")
-        if batch < 1:
-            raise LedgerError(f"batch must be >= 1, got {batch}")
-        query = select(*_EVENT_COLUMNS).order_by(EventRow.seq).limit(batch)
+        _check_batch(batch)
+        query = select(*EVENT_COLUMNS).order_by(EventRow.seq).limit(batch)
         if node_id is not None:
             query = query.where(or_(EventRow.node_id == node_id, EventRow.blamed_node_id == node_id))
         last = after_seq
@@ -324,14 +306,7 @@ class Ledger:
             except SQLAlchemyError as exc:
                 raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
             for row in rows:
-                yield StoredEvent(
-                    seq=row.seq,
-                    event=_parse_body(row.seq, row.body),
-                    event_hash=row.event_hash,
-                    prev_hash=row.prev_hash,
-                    written_at=row.written_at,
-                    writer=row.writer,
-                )
+                yield stored_event(row, parse_body(row.seq, row.body))
             if len(rows) < batch:
                 return
             last = rows[-1].seq
@@ -350,126 +325,40 @@ class Ledger:
         event is named by its seq), or seq=None when the head itself is wrong: unsigned,
         signed by another key, or its signature does not verify.
         """
+        _check_batch(batch)
         try:
-            with self._read() as conn:
-                if self._postgres:  # one snapshot for the head and every page of events
-                    conn.execution_options(isolation_level="REPEATABLE READ")
-                with conn.begin():  # SQLite: a deferred BEGIN; the snapshot starts at the first read
-                    return self._verify(conn, public_key, batch)
+            with self._snapshot() as conn:
+                return self._verify(conn, public_key, batch)
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
 
     def _verify(self, conn: Connection, public_key: LedgerPublicKey, batch: int) -> ChainCheck:
-        head = conn.execute(
-            select(HeadRow.seq, HeadRow.head_hash, HeadRow.key_id, HeadRow.signature).where(HeadRow.id == HEAD_ID)
-        ).one_or_none()
+        head = read_head(conn)
         if head is None:
             raise LedgerTamperedError("the ledger has no head row", seq=None)
-        _check_head(head, public_key)
+        check_head(head, public_key)
         expected, prev = 1, GENESIS_HASH
-        query = select(*_EVENT_COLUMNS).order_by(EventRow.seq).limit(batch)
+        query = select(*EVENT_COLUMNS).order_by(EventRow.seq).limit(batch)
         while True:
             rows = conn.execute(query.where(EventRow.seq >= expected)).all()
             for row in rows:
-                _check_row(row, expected, prev, head.seq, head.head_hash)
+                check_row(row, expected, prev, head.seq, head.head_hash)
                 expected, prev = expected + 1, row.event_hash
             if len(rows) < batch:
                 break
-        if expected - 1 != head.seq:
-            raise LedgerTamperedError(
-                f"event {expected} is missing: the chain ends at seq {expected - 1} but the signed head is at "
-                f"seq {head.seq}",
-                seq=expected,
-            )
+        check_end(expected, head.seq)
         return ChainCheck(events=head.seq, head_seq=head.seq, head_hash=head.head_hash)
 
+    def scan(self, public_key: LedgerPublicKey | None, *, batch: int = 1000) -> LedgerScan:
+        """Every event, in seq order, with the chain checked as it is read: one pass instead of
+        `verify` and then `events` (each row is read and parsed once). See `LedgerScan`.
 
-# ---------------------------------------------------------------------- rows and checks
-
-
-def _row(seq: int, ev: AnyEvent, body: str, prev_hash: str, h: str, written_at: float, writer: str) -> dict[str, Any]:
-    """An events row: the indexed columns copied out of the event, and its place in the chain."""
-    return {
-        "seq": seq,
-        "event_id": ev.event_id,
-        "kind": ev.kind,
-        "node_id": ev.subject.node_id,
-        "model_id": ev.subject.model_id,
-        "span_start": ev.subject.start,
-        "span_end": ev.subject.end,
-        "blamed_node_id": ev.blamed.node_id if isinstance(ev, AuditEvent) and ev.blamed is not None else None,
-        "at": ev.at,
-        "body": body,
-        "prev_hash": prev_hash,
-        "event_hash": h,
-        "written_at": written_at,
-        "writer": writer,
-    }
+        `public_key` None reads without checking (`chain` is then None).
+        """
+        _check_batch(batch)
+        return LedgerScan(self._snapshot, public_key, batch)
 
 
-def _same(a: str, b: str) -> bool:
-    """Constant-time equality of two hex hashes (bytes: compare_digest refuses non-ASCII str)."""
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
-
-
-def _parse_body(seq: int, body: str) -> AnyEvent:
-    try:
-        return parse_event(body)
-    except pydantic.ValidationError:
-        raise LedgerTamperedError(f"event {seq}: its body is not a valid event", seq=seq) from None
-
-
-def _signature_ok(public_key: LedgerPublicKey, signature_hex: str, seq: int, head_hash: str) -> bool:
-    try:
-        signature = bytes.fromhex(signature_hex)
-        message = head_message(seq, head_hash)
-    except (ValueError, TypeError):  # not hex, or (SQLite) a value of another type
-        return False
-    return public_key.verify(signature, message)
-
-
-def _check_head(head: _HeadState, public_key: LedgerPublicKey) -> None:
-    if head.signature is None:
-        if head.seq == 0 and head.head_hash == GENESIS_HASH:
-            return  # never opened by a writer: nothing was ever signed, and there must be no events
-        raise LedgerTamperedError(f"the ledger head (seq {head.seq}) is not signed", seq=None)
-    if head.key_id != public_key.key_id:
-        raise LedgerTamperedError(
-            f"the ledger head names key {head.key_id}, not the key given ({public_key.key_id})", seq=None
-        )
-    if not _signature_ok(public_key, head.signature, head.seq, head.head_hash):
-        raise LedgerTamperedError(
-            f"the ledger head (seq {head.seq}) does not match its signature: the head was edited or "
-            "signed by another key",
-            seq=None,
-        )
-
-
-def _check_row(row: _EventState, expected: int, prev: str, head_seq: int, head_hash: str) -> None:
-    """One row against the chain so far; raise naming the first bad seq."""
-    seq = row.seq
-    if not all(isinstance(v, str) for v in (row.body, row.writer, row.prev_hash, row.event_hash)) or not isinstance(
-        row.written_at, float
-    ):  # SQLite stores any type in any column
-        raise LedgerTamperedError(f"event {seq}: a column holds a value of the wrong type", seq=seq)
-    if seq != expected:  # rows come in seq order, so a jump means `expected` was deleted (or renumbered)
-        raise LedgerTamperedError(f"event {expected} is missing (the next event is seq {seq})", seq=expected)
-    if seq > head_seq:
-        raise LedgerTamperedError(f"event {seq} is past the signed head (seq {head_seq})", seq=seq)
-    if not _same(row.prev_hash, prev):
-        raise LedgerTamperedError(f"event {seq}: prev_hash does not match event {seq - 1}'s hash", seq=seq)
-    try:
-        recomputed = event_hash(prev, seq, row.written_at, row.writer, row.body.encode())
-    except (ValueError, UnicodeEncodeError):  # a malformed hash, a lone surrogate in the writer or body
-        raise LedgerTamperedError(f"event {seq}: its columns cannot be hashed", seq=seq) from None
-    if not _same(recomputed, row.event_hash):
-        raise LedgerTamperedError(f"event {seq}: event_hash does not match its contents", seq=seq)
-    if seq == head_seq and not _same(row.event_hash, head_hash):
-        raise LedgerTamperedError(f"event {seq} does not match the signed head", seq=seq)
-    ev = _parse_body(seq, row.body)
-    if canonical_json(ev).decode() != row.body:
-        raise LedgerTamperedError(f"event {seq}: its body is not in canonical form", seq=seq)
-    expected_columns = _row(seq, ev, row.body, row.prev_hash, row.event_hash, row.written_at, row.writer)
-    for name, value in expected_columns.items():
-        if getattr(row, name) != value:
-            raise LedgerTamperedError(f"event {seq}: column {name} does not match the event's body", seq=seq)
+def _check_batch(batch: int) -> None:
+    if batch < 1:
+        raise LedgerError(f"batch must be >= 1, got {batch}")

@@ -1,11 +1,13 @@
 """Audit reports: what the ledger says about every server, rebuilt from its events.
 
-`build_report(ledger.events(), chain=ledger.verify(public_key))` replays the ledger once
-through the reputation policy; `render_html` (with SVG plots), `render_markdown` and
-`render_json` write it out. `platform audit report` is the command-line door.
+`ledger_report(ledger, public_key)` reads the ledger once, checking its chain as it goes,
+and replays the events through the reputation policy (`build_report(events, chain=...)`
+does the replay from events and a `verify` outcome at hand); `render_html` (with SVG
+plots), `render_markdown` and `render_json` write it out. `platform audit report` is the
+command-line door.
 """
 
-from corolla.verify.report.build import build_report, chain_status
+from corolla.verify.report.build import build_report, chain_status, ledger_report
 from corolla.verify.report.html import render_html
 from corolla.verify.report.markdown import render_markdown
 from corolla.verify.report.model import (
@@ -33,6 +35,7 @@ __all__ = [
     "Totals",
     "build_report",
     "chain_status",
+    "ledger_report",
     "render_html",
     "render_json",
     "render_markdown",

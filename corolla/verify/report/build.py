@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from corolla.verify.errors import LedgerTamperedError, VerifyError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, Subject, Verdict
-from corolla.verify.ledger import ChainCheck, StoredEvent
+from corolla.verify.ledger import ChainCheck, Ledger, LedgerPublicKey, StoredEvent
 from corolla.verify.report.model import (
     ChainStatus,
     EvidenceReport,
@@ -36,7 +36,7 @@ from corolla.verify.report.model import (
 )
 from corolla.verify.reputation import QuarantineDecision, ReputationBook, ReputationPolicy
 
-__all__ = ["build_report", "chain_status"]
+__all__ = ["build_report", "chain_status", "ledger_report"]
 
 _Key = tuple[str, str, int, int]  # (node_id, model_id, start, end): cheaper to hash than a Subject
 DEFAULT_MAX_POINTS = 256
@@ -150,7 +150,7 @@ class _Builder:
             self.trace(event.blamed).blamed += 1
             self.touch(event.blamed, event.at)
 
-    def finish(self, chain: ChainStatus, policy: ReputationPolicy, now: float) -> Report:
+    def finish(self, chain: ChainStatus, policy: ReputationPolicy, now: float, unreadable: list[int]) -> Report:
         subjects = []
         for t in sorted(
             self.traces.values(), key=lambda t: (t.subject.model_id, t.subject.start, t.subject.end, t.subject.node_id)
@@ -243,6 +243,7 @@ class _Builder:
                 )
                 for seq, d in sorted(self.pending.values(), key=lambda p: p[0])
             ],
+            unreadable_seqs=unreadable,
         )
 
 
@@ -330,13 +331,52 @@ def build_report(
 ) -> Report:
     """The report of a ledger: `events` in sequence order (e.g. `ledger.events()`), `chain`
     the outcome of `ledger.verify` (a `LedgerTamperedError` still gives a report, one that
-    says the chain does not verify), `progress(n)` called every `progress_every` events."""
+    says the chain does not verify), `progress(n)` called every `progress_every` events.
+    `ledger_report` does the same from a ledger in one pass."""
+    policy = policy if policy is not None else ReputationPolicy()
+    builder = _replay(events, policy, max_points, progress, progress_every)
+    return builder.finish(chain_status(chain), policy, time.time() if now is None else now, [])
+
+
+def ledger_report(
+    ledger: Ledger,
+    public_key: LedgerPublicKey | None,
+    *,
+    policy: ReputationPolicy | None = None,
+    max_points: int = DEFAULT_MAX_POINTS,
+    now: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    progress_every: int = 10_000,
+) -> Report:
+    """The report of `ledger`, its chain checked against `public_key` (None: not checked) while
+    its events are read and replayed: one read and one parse per row (`Ledger.scan`), where
+    `build_report(ledger.events(), chain=ledger.verify(key))` makes two.
+
+    The same report: a chain that does not verify names the first bad event (or the head)
+    as `verify` would, every event whose body still parses is replayed, and rows whose body
+    is not an event are left out and listed (`unreadable_seqs`).
+    """
+    policy = policy if policy is not None else ReputationPolicy()
+    scan = ledger.scan(public_key)
+    try:
+        builder = _replay(scan, policy, max_points, progress, progress_every)
+    finally:
+        scan.close()  # an error mid-way releases the snapshot at once; after the end, a no-op
+    return builder.finish(chain_status(scan.chain), policy, time.time() if now is None else now, scan.unreadable)
+
+
+def _replay(
+    events: Iterable[StoredEvent],
+    policy: ReputationPolicy,
+    max_points: int,
+    progress: Callable[[int], None] | None,
+    progress_every: int,
+) -> _Builder:
     if max_points < 4:
         raise VerifyError(f"max_points must be at least 4, got {max_points}")
-    policy = policy if policy is not None else ReputationPolicy()
     builder = _Builder(book=ReputationBook(policy), max_points=max_points)
     for stored in events:
         builder.feed(stored)
         if progress is not None and builder.events % progress_every == 0:
             progress(builder.events)
-    return builder.finish(chain_status(chain), policy, time.time() if now is None else now)
+    return builder

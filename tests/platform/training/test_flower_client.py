@@ -275,6 +275,36 @@ def test_an_update_that_does_not_fit_the_weights_is_a_failure(
     assert re.search(message, reply.error.reason or "")
 
 
+def test_the_coordinators_tolerance_table_reaches_the_site_or_is_refused_before_training(tmp_path: Path) -> None:
+    """The table crosses the wire in the train message's verify record; a malformed one is a
+    failure that says why, before any training (no privacy budget spent)."""
+    from corolla.platform.training.verification import VERIFY
+    from corolla.verify.tolerance import load_table
+
+    table = load_table()
+    update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
+    seen: list[Any] = []
+
+    def site_round(config: TrainConfig, env: Env, weights: Any, *, server_round: int, run_key: str, orders: Any):
+        seen.append(orders)
+        return Result(update)
+
+    for text in (table.model_dump_json(), '{"format": "corolla-tolerances/1"}'):
+        msg = _message()
+        msg.content[VERIFY] = ConfigRecord({"rate": 0.1, "quarantine": [], "tolerances": text})
+        msg = Message(_wire(msg.content), dst_node_id=9, message_type=MessageType.TRAIN, group_id="3")
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        reply = _handle(msg, _context(tmp_path), site_round)
+        if text == table.model_dump_json():
+            assert not reply.has_error() and len(seen) == 1
+            assert seen[0].rate == 0.1 and seen[0].tolerances == table
+        else:
+            assert reply.error.code == SITE_FAILED and len(seen) == 1
+            reason = read_error(reply.error).reason
+            assert reason.startswith("RecordError: refusing the train message: the coordinator's tolerance table is ")
+            assert "not a valid tolerance table (3 errors; first: settings: Field required)" in reason
+
+
 @pytest.mark.parametrize(
     ("node_config", "message"),
     [

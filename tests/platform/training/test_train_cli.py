@@ -165,3 +165,61 @@ def test_malformed_or_empty_site_data_is_a_clear_error_before_anything_starts(
     assert _train(tmp_path, *common, "--data", str(empty)) == 2
     assert "no records" in capsys.readouterr().err
     assert ran == []
+
+
+def _table_file(path: Path) -> Path:
+    from corolla.verify.tolerance import load_table
+
+    path.write_text(load_table().model_dump_json())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the tolerance table {path}: No such file or directory"),
+        ("", "{path} is not a valid tolerance table (1 error; first: Invalid JSON: EOF while parsing"),
+        ('{"format": "corolla-tolerances/1"}', "{path} is not a valid tolerance table (3 errors; first: settings:"),
+    ],
+    ids=["missing", "empty", "not a table"],
+)
+def test_a_bad_tolerance_table_is_a_clear_error_before_anything_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: Path,
+    ran: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | None,
+    message: str,
+) -> None:
+    path = tmp_path / "calibrated.json"
+    if content is not None:
+        path.write_text(content)
+    submitted: list[Any] = []
+    monkeypatch.setattr(launcher, "submit", lambda config, control: submitted.append(config) or {})
+    assert _train(tmp_path, "--model", str(model), "--tolerances", str(path)) == 13
+    assert f"platform train: {message.format(path=path)}" in capsys.readouterr().err
+    superlink = ["--superlink", "10.0.0.5:9093", "--model", "/m", "--peers", "/ip4/10.0.0.6/tcp/4001"]
+    assert _train(tmp_path, *superlink, "--tolerances", str(path)) == 13
+    assert ran == [] and submitted == []
+
+
+def test_the_tolerance_table_goes_into_the_run_config_as_an_absolute_path(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: Path,
+    ran: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = _table_file(tmp_path / "calibrated.json")
+    monkeypatch.chdir(tmp_path)
+    assert _train(tmp_path, "--model", str(model), "--tolerances", "calibrated.json") == 0
+    config: TrainConfig = ran[0]["config"]
+    assert config.tolerances == str(path.resolve())
+    assert TrainConfig.from_run_config(config.to_run_config()).tolerances == str(path.resolve())
+    assert "--tolerances" not in capsys.readouterr().err
+
+    assert _train(tmp_path, "--model", str(model), "--tolerances", "calibrated.json", "--audit-rate", "0") == 0
+    assert "note: --tolerances has no effect without spot checks" in capsys.readouterr().err
+    assert _train(tmp_path, "--model", str(model)) == 0
+    assert ran[-1]["config"].tolerances == ""  # the shipped table

@@ -4,6 +4,7 @@ the real ledger, replayed through the real reputation rule, and quarantines sent
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from corolla.platform.training.flower_app.records import RecordError
 from corolla.platform.training.verification import (
     VERIFY,
     CoordinatorAudits,
+    SiteAudits,
     SiteOrders,
     reply_record,
 )
+from corolla.verify.errors import VerifyError
 from corolla.verify.events import (
     AuditEvent,
     Comparison,
@@ -30,6 +33,7 @@ from corolla.verify.events import (
     canonical_json,
 )
 from corolla.verify.ledger import Ledger, LedgerKey
+from corolla.verify.tolerance import ToleranceTable, load_table, tolerance_for
 
 MODEL = "tiny-llama@abc"
 
@@ -184,3 +188,75 @@ def test_audit_rate_is_validated() -> None:
     with pytest.raises(TrainConfigError, match=r"audit_rate=1\.5"):
         TrainConfig(model="m", out_dir="o", audit_rate=1.5)
     assert CoordinatorAudits.for_config(TrainConfig(model="m", out_dir="o", audit_rate=0.0)) is None
+
+
+def _calibrated(path: Path, rel_l2: float = 0.0123) -> ToleranceTable:
+    """A table as `python -m corolla.verify.calibration --out` writes it, float32 pairs at `rel_l2`."""
+    data = load_table().model_dump(mode="json")
+    for entry in data["tolerances"]["float32/float32"].values():
+        entry["rel_l2"] = rel_l2
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    return load_table(path)
+
+
+def test_the_runs_tolerance_table_travels_to_every_site(tmp_path: Path) -> None:
+    table = _calibrated(tmp_path / "calibrated.json")
+    config = TrainConfig(
+        model="m",
+        out_dir=str(tmp_path / "out"),
+        ledger=str(tmp_path / "ledger.db"),
+        ledger_key=str(tmp_path / "ledger.key"),
+        tolerances=str(tmp_path / "calibrated.json"),
+    )
+    assert TrainConfig.from_run_config(config.to_run_config()) == config  # the path reaches the ServerApp
+    audits = CoordinatorAudits.for_config(config)
+    assert audits is not None
+    try:
+        assert audits.tolerances == table
+        assert audits.checker._tolerances == table  # the coordinator's own audits (of its held-out scoring)
+        record = audits.train_record()
+        # The table itself travels (sites are other machines), not the coordinator's path to it.
+        assert str(tmp_path) not in str(record["tolerances"])
+        orders = SiteOrders.from_content(RecordDict({VERIFY: record}))
+    finally:
+        audits.close()
+    assert orders is not None and orders.tolerances == table
+    assert tolerance_for("float32", "float32", Work.FORWARD, table=orders.tolerances).rel_l2 == 0.0123
+    site = SiteAudits(orders, reporter="site-a")
+    assert site.checker._tolerances == table
+    assert site.finish() == []
+
+
+def test_without_a_table_the_orders_carry_none(audits: CoordinatorAudits) -> None:
+    record = audits.train_record()
+    assert "tolerances" not in record and audits.tolerances is None
+    orders = SiteOrders.from_content(RecordDict({VERIFY: record}))
+    assert orders is not None and orders.tolerances is None  # the site uses the shipped table
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{}", r"the coordinator's tolerance table is not a valid tolerance table \(3 errors; first: settings: "),
+        ("not json", r"not a valid tolerance table \(1 error; first: Invalid JSON"),
+        (b"{}", "must be a JSON string, not bytes"),
+        (["{}"], "must be a JSON string, not list"),
+    ],
+)
+def test_a_site_refuses_a_malformed_table(value: object, message: str) -> None:
+    record = ConfigRecord({"rate": 0.1, "quarantine": [], "tolerances": value})  # type: ignore[dict-item]
+    with pytest.raises(RecordError, match=message):
+        SiteOrders.from_content(RecordDict({VERIFY: record}))
+
+
+def test_a_table_that_no_longer_loads_stops_the_coordinator(tmp_path: Path) -> None:
+    (tmp_path / "calibrated.json").write_text('{"format": "corolla-tolerances/1"}')
+    config = TrainConfig(
+        model="m",
+        out_dir=str(tmp_path / "out"),
+        ledger=str(tmp_path / "ledger.db"),
+        ledger_key=str(tmp_path / "ledger.key"),
+        tolerances=str(tmp_path / "calibrated.json"),
+    )
+    with pytest.raises(VerifyError, match=r"calibrated\.json is not a valid tolerance table"):
+        CoordinatorAudits.for_config(config)

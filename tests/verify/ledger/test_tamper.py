@@ -1,5 +1,7 @@
 """Tampering with the database directly: every edit, deletion and insertion is caught, naming
-the first bad seq (or seq=None when the head itself is wrong)."""
+the first bad seq (or seq=None when the head itself is wrong). Every case also checks that
+`Ledger.scan` (one pass, for reports) reaches the same verdict, and reads the same events,
+as `verify` followed by `events` did."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from corolla.verify.ledger.chain import event_hash
 
 from .conftest import raw_sql
 from .factories import mixed, readmit
+from .two_pass import assert_scan_matches_two_pass
 
 N = 10  # events in the ledger under attack, appended in three batches
 
@@ -32,8 +35,11 @@ def _build(url: str, key: LedgerKey) -> list[StoredEvent]:
 
 
 def _verify(url: str, key: LedgerKey) -> LedgerTamperedError:
-    with Ledger.open(url) as ledger, pytest.raises(LedgerTamperedError) as info:
-        ledger.verify(key.public_key())
+    """`verify`'s error, after checking that a scan names the same one and reads the same events."""
+    with Ledger.open(url) as ledger:
+        with pytest.raises(LedgerTamperedError) as info:
+            ledger.verify(key.public_key())
+        assert_scan_matches_two_pass(ledger, key.public_key())
     return info.value
 
 
