@@ -13,7 +13,8 @@
     and verify the whole ledger) on SQLite (a temporary file) and PostgreSQL (a database
     created for the run and dropped after), on synthetic audit events.
 (d) Report: `benchmark_report(100_000)`: a real SQLite ledger of 100,000 synthetic events,
-    read, checked, replayed into a report and rendered.
+    read, checked, replayed into a report and rendered (one pass, as `platform audit report`
+    does, and the former two passes for comparison).
 
 Fairness on a shared machine: in (a) and (b) the two variants run in rounds, one block of
 work each (a generation of N tokens; K training steps), the order alternating each round,
@@ -561,8 +562,10 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "build_report_s": report["build_report_s"],
             "report_total_s": report["report_total_s"],
             "report_total_cpu_s": report["report_total_cpu_s"],
-            "note": "report_total = verify the chain + build_report (read, parse, replay) + render HTML: what "
-            "`platform audit report` spends",
+            "report_two_pass_s": report["report_two_pass_s"],
+            "note": "report_total = ledger_report (one read: check the chain, parse, replay) + render HTML: what "
+            "`platform audit report` spends; report_two_pass = verify, then build_report reading the ledger "
+            "again, + HTML (the command before Ledger.scan)",
         },
     }
 
@@ -587,8 +590,8 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"ledger {name}: {figures}")
     r = h["report"]
     print(
-        f"report of {r['events']} events: build_report {r['build_report_s']} s, verify + build + render "
-        f"{r['report_total_s']} s ({r['report_total_cpu_s']} CPU s)"
+        f"report of {r['events']} events: build_report {r['build_report_s']} s, one pass + render "
+        f"{r['report_total_s']} s ({r['report_total_cpu_s']} CPU s; two passes {r['report_two_pass_s']} s)"
     )
     warn_if_loaded(m, "; the milliseconds carry their load.")
 
