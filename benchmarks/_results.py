@@ -155,15 +155,16 @@ def _own_seconds() -> float:
 # -- statistics and set-up ----------------------------------------------------------------------
 
 
-def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
-    """p50 / p90 / mean / min / max in milliseconds of a list of durations in seconds."""
+def summary_ms(seconds: Sequence[float], *, tail: float = 0.9, digits: int = 4) -> dict[str, float | int]:
+    """p50 / p<tail> / mean / min / max in milliseconds of a list of durations in seconds,
+    rounded to `digits` decimals (the tail key is named after it: p90 by default, p95)."""
     ms = sorted(s * 1000 for s in seconds)
     return {
-        "p50": round(quantile(ms, 0.5), 4),
-        "p90": round(quantile(ms, 0.9), 4),
-        "mean": round(statistics.fmean(ms), 4),
-        "min": round(ms[0], 4),
-        "max": round(ms[-1], 4),
+        "p50": round(quantile(ms, 0.5), digits),
+        f"p{round(tail * 100)}": round(quantile(ms, tail), digits),
+        "mean": round(statistics.fmean(ms), digits),
+        "min": round(ms[0], digits),
+        "max": round(ms[-1], digits),
         "n": len(ms),
     }
 

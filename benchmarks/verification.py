@@ -61,7 +61,7 @@ import psycopg  # noqa: E402
 import sqlalchemy  # noqa: E402
 import torch  # noqa: E402
 import training as training_bench  # noqa: E402  (benchmarks/training.py)
-from _results import Run, machine_info, quantile, torch_stack, warn_if_loaded  # noqa: E402
+from _results import Run, machine_info, summary_ms, torch_stack, warn_if_loaded  # noqa: E402
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.discovery import ServerRecord  # noqa: E402
@@ -137,15 +137,7 @@ TINY = TinySpec(arch="llama")  # hidden 64, 4 blocks, 4 heads / 2 KV heads, MLP 
 
 def percentiles_ms(seconds: Sequence[float]) -> dict[str, float | int]:
     """p50 / p95 / mean / min / max in milliseconds of durations in seconds."""
-    ms = sorted(s * 1000 for s in seconds)
-    return {
-        "p50": round(quantile(ms, 0.5), 3),
-        "p95": round(quantile(ms, 0.95), 3),
-        "mean": round(statistics.fmean(ms), 3),
-        "min": round(ms[0], 3),
-        "max": round(ms[-1], 3),
-        "n": len(ms),
-    }
+    return summary_ms(seconds, tail=0.95, digits=3)
 
 
 def compared(baseline: list[float], checked: list[float], rounds: list[tuple[float, float]]) -> dict[str, Any]:

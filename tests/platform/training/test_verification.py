@@ -199,15 +199,20 @@ def _calibrated(path: Path, rel_l2: float = 0.0123) -> ToleranceTable:
     return load_table(path)
 
 
-def test_the_runs_tolerance_table_travels_to_every_site(tmp_path: Path) -> None:
-    table = _calibrated(tmp_path / "calibrated.json")
-    config = TrainConfig(
+def _config_with_table(tmp_path: Path) -> TrainConfig:
+    """A run whose ledger lives in `tmp_path` and whose tolerance table is `calibrated.json` there."""
+    return TrainConfig(
         model="m",
         out_dir=str(tmp_path / "out"),
         ledger=str(tmp_path / "ledger.db"),
         ledger_key=str(tmp_path / "ledger.key"),
         tolerances=str(tmp_path / "calibrated.json"),
     )
+
+
+def test_the_runs_tolerance_table_travels_to_every_site(tmp_path: Path) -> None:
+    table = _calibrated(tmp_path / "calibrated.json")
+    config = _config_with_table(tmp_path)
     assert TrainConfig.from_run_config(config.to_run_config()) == config  # the path reaches the ServerApp
     audits = CoordinatorAudits.for_config(config)
     assert audits is not None
@@ -251,12 +256,6 @@ def test_a_site_refuses_a_malformed_table(value: object, message: str) -> None:
 
 def test_a_table_that_no_longer_loads_stops_the_coordinator(tmp_path: Path) -> None:
     (tmp_path / "calibrated.json").write_text('{"format": "corolla-tolerances/1"}')
-    config = TrainConfig(
-        model="m",
-        out_dir=str(tmp_path / "out"),
-        ledger=str(tmp_path / "ledger.db"),
-        ledger_key=str(tmp_path / "ledger.key"),
-        tolerances=str(tmp_path / "calibrated.json"),
-    )
+    config = _config_with_table(tmp_path)
     with pytest.raises(VerifyError, match=r"calibrated\.json is not a valid tolerance table"):
         CoordinatorAudits.for_config(config)
