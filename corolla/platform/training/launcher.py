@@ -215,6 +215,16 @@ class LocalConsortiumRun:
         self.echo = echo  # progress lines
         self.status = status  # what is being started
 
+    def audit_note(self) -> str | None:
+        """What to tell the user when spot checks are asked for but no span has a second server
+        to re-run an audit on: every drawn audit stays unchecked and the rounds say `audits 0`."""
+        if self.config.audit_rate > 0 and self.replicas < 2:
+            return (
+                f"spot checks: rate {self.config.audit_rate:g}, but each span has one server, so there is no replica "
+                "to re-run an audit on: audits stay unchecked (for checks: --servers 3 --replicas 3)"
+            )
+        return None
+
     def run(self) -> dict[str, Any]:
         from corolla.inference.models.checkpoint import Checkpoint
 
@@ -237,6 +247,8 @@ class LocalConsortiumRun:
                 faults=self.faults,
             )
             stack.enter_context(swarm)
+            if (note := self.audit_note()) is not None:
+                self.status(note)
             node_configs: dict[str, dict[str, bool | int | float | str]] = {
                 name: {
                     "data": str(data),

@@ -16,7 +16,13 @@ from corolla.platform.pki import NodeIdentity, Role
 from corolla.platform.training.config import TrainConfig
 from corolla.platform.training.data import load_jsonl
 from corolla.platform.training.flower_app.progress import LOG_PREFIX, PROGRESS_FILE
-from corolla.platform.training.launcher import TrainLaunchError, follow_run, prepare_data, run_summary
+from corolla.platform.training.launcher import (
+    LocalConsortiumRun,
+    TrainLaunchError,
+    follow_run,
+    prepare_data,
+    run_summary,
+)
 from corolla.platform.training.local_federation import COORDINATOR, local_consortium
 
 START = {"event": "start", "rounds": 1, "dp": False, "secure_agg": False}
@@ -182,3 +188,20 @@ def test_sites_known_only_by_node_id_are_printed_by_name(tmp_path: Path) -> None
         aliases={"node-77": "site-1"},
     )
     assert lines == ["round 1/1  held-out loss 1.000  eps: DP OFF  2.0 s  offline: site-1"]
+
+
+@pytest.mark.parametrize(
+    ("servers", "replicas", "rate", "noted"),
+    [(2, 1, 0.05, True), (3, 3, 0.05, False), (2, 1, 0.0, False), (6, 3, 0.5, False)],
+)
+def test_spot_checks_without_replicas_are_called_out(
+    tmp_path: Path, servers: int, replicas: int, rate: float, noted: bool
+) -> None:
+    config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), audit_rate=rate)
+    run = LocalConsortiumRun(
+        config, root=tmp_path, servers=servers, replicas=replicas, site_data=[tmp_path / "a"], test_data=tmp_path / "t"
+    )
+    note = run.audit_note()
+    assert (note is not None) == noted
+    if noted:
+        assert note is not None and "no replica" in note and "--replicas 3" in note
