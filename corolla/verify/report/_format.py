@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from corolla.verify.events import Subject
-from corolla.verify.report.model import ChainStatus, EvidenceReport, SubjectReport
+from corolla.verify.report.model import ChainStatus, EvidenceReport, QuarantineReport, SubjectReport
 
 
 def utc(at: float | None) -> str:
@@ -28,6 +28,13 @@ def status(s: SubjectReport) -> str:
     if s.probation_left:
         return f"probation ({s.probation_left} audits left)"
     return "ok"
+
+
+def quarantine_end(q: QuarantineReport) -> str:
+    """Whether a quarantine still holds, or which re-admission ended it."""
+    if q.readmitted_seq is None:
+        return "in force"
+    return f"re-admitted at seq {q.readmitted_seq} ({utc(q.readmitted_at)})"
 
 
 def chain_headline(chain: ChainStatus) -> str:

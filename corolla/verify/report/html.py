@@ -256,11 +256,7 @@ def _model(model: str, subjects: list[SubjectReport], marks: list[Mark]) -> list
 
 def _quarantine(q: QuarantineReport) -> list[str]:
     s = q.subject
-    ended = (
-        f"re-admitted at seq {q.readmitted_seq} ({f.utc(q.readmitted_at)})"
-        if q.readmitted_seq is not None
-        else "in force"
-    )
+    ended = f.quarantine_end(q)
     lines = [
         '<div class="quarantine">',
         f"<h3>seq {q.seq}: <code>{_e(s.node_id)}</code> on {_e(s.model_id)} blocks {_e(f.span(s))}</h3>",

@@ -126,11 +126,7 @@ def render_markdown(report: Report) -> str:
 
 def _quarantine(q: QuarantineReport) -> list[str]:
     s = q.subject
-    ended = (
-        f"re-admitted at seq {q.readmitted_seq} ({f.utc(q.readmitted_at)})"
-        if q.readmitted_seq is not None
-        else "in force"
-    )
+    ended = f.quarantine_end(q)
     lines = [
         f"### seq {q.seq}: {_md(s.node_id)} on {_md(s.model_id)} blocks {f.span(s)}",
         "",
