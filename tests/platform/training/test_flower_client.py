@@ -39,6 +39,7 @@ from corolla.platform.training.flower_app.records import (
     to_array_record,
     to_metrics_record,
 )
+from corolla.platform.training.site import SiteEnv
 
 WEIGHTS_SENT = {
     "base.q_proj.lora_A.weight": np.ones((2, 4), np.float32),
@@ -128,14 +129,6 @@ def test_site_errors_name_the_site_and_flower_errors_keep_their_text() -> None:
 # --- handle_train ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class Env:
-    data: Path
-    store: Path
-    workspace: Path | None
-    node: str
-
-
 class Refused(CorollaError):
     pass
 
@@ -149,7 +142,7 @@ class Result:
 @dataclass
 class Call:
     config: TrainConfig
-    env: Env
+    env: SiteEnv
     weights: dict[str, np.ndarray]
     server_round: int
     run_key: str
@@ -180,7 +173,13 @@ def _context(tmp_path: Path, *, secure_agg: bool = False, **node_config: Any) ->
 
 def _site(calls: list[Call], result: Result | Exception) -> Any:
     def site_round(
-        config: TrainConfig, env: Env, weights: dict[str, np.ndarray], *, server_round: int, run_key: str, orders: Any
+        config: TrainConfig,
+        env: SiteEnv,
+        weights: dict[str, np.ndarray],
+        *,
+        server_round: int,
+        run_key: str,
+        orders: Any,
     ):
         calls.append(Call(config, env, weights, server_round, run_key))
         if isinstance(result, Exception):
@@ -191,7 +190,7 @@ def _site(calls: list[Call], result: Result | Exception) -> Any:
 
 
 def _handle(msg: Message, context: Context, site_round: Any) -> Message:
-    return handle_train(msg, context, site_round, env_type=Env, refusals=(Refused,))
+    return handle_train(msg, context, site_round, env_type=SiteEnv, refusals=(Refused,))
 
 
 def test_a_round_replies_with_the_update_and_metrics(tmp_path: Path) -> None:
@@ -208,7 +207,7 @@ def test_a_round_replies_with_the_update_and_metrics(tmp_path: Path) -> None:
     [call] = calls
     assert call.server_round == 3 and call.run_key == "flower-run-42"
     assert call.config.rounds == 3 and call.config.dp_epsilon is None
-    assert call.env == Env(data=tmp_path / "site.jsonl", store=tmp_path / "store", workspace=None, node="site-4")
+    assert call.env == SiteEnv(data=tmp_path / "site.jsonl", store=tmp_path / "store", workspace=None, node="site-4")
     assert (tmp_path / "store").is_dir()
     assert list(call.weights) == list(WEIGHTS_SENT)
     assert all(np.array_equal(call.weights[k], WEIGHTS_SENT[k]) for k in WEIGHTS_SENT)
@@ -285,7 +284,7 @@ def test_the_coordinators_tolerance_table_reaches_the_site_or_is_refused_before_
     update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
     seen: list[Any] = []
 
-    def site_round(config: TrainConfig, env: Env, weights: Any, *, server_round: int, run_key: str, orders: Any):
+    def site_round(config: TrainConfig, env: SiteEnv, weights: Any, *, server_round: int, run_key: str, orders: Any):
         seen.append(orders)
         return Result(update)
 

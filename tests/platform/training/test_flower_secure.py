@@ -30,6 +30,7 @@ from corolla.platform.training.flower_app.secure import (
     unflatten,
 )
 from corolla.platform.training.local_federation import COORDINATOR, local_consortium
+from corolla.platform.training.site import SiteEnv
 from corolla.secure_agg import FixedPoint, sign_enrolment
 
 SHAPES = {"m.q_proj.lora_A.weight": (4, 16), "m.q_proj.lora_B.weight": (16, 4), "m.v_proj.lora_B.weight": (8,)}
@@ -49,14 +50,6 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("secure-consortium")
     local_consortium(root, servers=0, sites=4)
     return root
-
-
-@dataclass(frozen=True, kw_only=True)
-class Env:
-    data: Path
-    store: Path
-    workspace: Path | None
-    node: str
 
 
 @dataclass
@@ -117,13 +110,15 @@ class Sites:
         if stage == "unmask":
             return handle_unmask(message, context)
 
-        def site_round(config: Any, env: Env, weights: Any, *, server_round: int, run_key: str, orders: Any) -> Result:
+        def site_round(
+            config: Any, env: SiteEnv, weights: Any, *, server_round: int, run_key: str, orders: Any
+        ) -> Result:
             self.calls.append((node, server_round))
             update = site_update(env.node, server_round)
             self.trained.setdefault(server_round, {})[node] = update
             return Result(update, self.metrics(server_round))
 
-        return handle_train(message, context, site_round, env_type=Env, refusals=())
+        return handle_train(message, context, site_round, env_type=SiteEnv, refusals=())
 
 
 class FakeGrid:
