@@ -2,7 +2,8 @@
 
 A report needs all the events and whether the chain verifies. `verify` and then `events`
 would read and parse every row twice; a scan does both in one pass, in one snapshot, with
-`verify`'s own checks (`_rows.check_head`, `check_row`, `check_end`) in the same order.
+the chain checks (`_rows.check_head`, `check_row`, `check_end`). `Ledger.verify` is a scan
+read to the end that raises its outcome: the checks exist once.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ class LedgerScan(Iterator[StoredEvent]):
     """The ledger's events read once, in seq order and in one snapshot, while the hash chain
     and the signed head are checked: what an audit report needs.
 
-    The checks are `verify`'s, in the same order, so `chain` is what `verify` would have
-    returned, or the LedgerTamperedError it would have raised (naming the same first bad
-    event, or the head). A scan does not stop there: it reads on, so that a report of a
-    tampered ledger still shows what is left, and steps over rows whose body is not an event
-    (where `events` would raise), listing their seqs in `unreadable`. Iterate it once to the
+    `chain` is what `verify` returns, or the LedgerTamperedError it raises (naming the first
+    bad event, or the head): `verify` is this scan read to the end. A scan does not stop
+    there: it reads on, so that a report of a tampered ledger still shows what is left, and
+    steps over rows whose body is not an event (where `events` would raise), listing their
+    seqs in `unreadable`. Iterate it once to the
     end, then read `chain`; the snapshot is released at the end, or by `close()`.
     """
 

@@ -54,11 +54,7 @@ from corolla.verify.ledger._rows import (
     ChainCheck,
     HeadState,
     StoredEvent,
-    check_end,
-    check_head,
-    check_row,
     parse_body,
-    read_head,
     row_values,
     same,
     signature_ok,
@@ -325,29 +321,15 @@ class Ledger:
         event is named by its seq), or seq=None when the head itself is wrong: unsigned,
         signed by another key, or its signature does not verify.
         """
-        _check_batch(batch)
-        try:
-            with self._snapshot() as conn:
-                return self._verify(conn, public_key, batch)
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
-
-    def _verify(self, conn: Connection, public_key: LedgerPublicKey, batch: int) -> ChainCheck:
-        head = read_head(conn)
-        if head is None:
-            raise LedgerTamperedError("the ledger has no head row", seq=None)
-        check_head(head, public_key)
-        expected, prev = 1, GENESIS_HASH
-        query = select(*EVENT_COLUMNS).order_by(EventRow.seq).limit(batch)
-        while True:
-            rows = conn.execute(query.where(EventRow.seq >= expected)).all()
-            for row in rows:
-                check_row(row, expected, prev, head.seq, head.head_hash)
-                expected, prev = expected + 1, row.event_hash
-            if len(rows) < batch:
-                break
-        check_end(expected, head.seq)
-        return ChainCheck(events=head.seq, head_seq=head.seq, head_hash=head.head_hash)
+        scan = self.scan(public_key, batch=batch)
+        for _ in scan:  # the same walk as a report's: one implementation of the checks
+            pass
+        outcome = scan.chain
+        if isinstance(outcome, LedgerTamperedError):
+            raise outcome
+        if outcome is None:  # cannot happen: a scan with a public key always has an outcome
+            raise LedgerError("the chain check gave no outcome")
+        return outcome
 
     def scan(self, public_key: LedgerPublicKey | None, *, batch: int = 1000) -> LedgerScan:
         """Every event, in seq order, with the chain checked as it is read: one pass instead of
