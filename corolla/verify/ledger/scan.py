@@ -44,8 +44,8 @@ class LedgerScan(Iterator[StoredEvent]):
     bad event, or the head): `verify` is this scan read to the end. A scan does not stop
     there: it reads on, so that a report of a tampered ledger still shows what is left, and
     steps over rows whose body is not an event (where `events` would raise), listing their
-    seqs in `unreadable`. Iterate it once to the
-    end, then read `chain`; the snapshot is released at the end, or by `close()`.
+    seqs in `unreadable`. Iterate it once to the end, then read `chain`; the snapshot is
+    released at the end, or by `close()`.
     """
 
     def __init__(
