@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 
-from corolla.errors import CorollaError
 from corolla.secure_agg import _crypto
 from corolla.secure_agg.errors import (
     BadSignature,
@@ -26,10 +25,9 @@ from corolla.secure_agg.errors import (
     MalformedMessage,
     ParameterError,
     ReplayedMessage,
-    UntrustedMember,
 )
 from corolla.secure_agg.messages import Enrolment, Kind, pack, parse, signing_input, unpack
-from corolla.secure_agg.roster import SITE_ROLE, CertificateVerifier, Member, VerifiedMember
+from corolla.secure_agg.roster import CertificateVerifier, Member, VerifiedMember, verify_member
 
 NONCE_BYTES = 32  # the coordinator's nonce per keys query
 
@@ -79,13 +77,9 @@ def check_enrolment(
     the query went to (`ReplayedMessage`)."""
     frame = unpack(proof, expect=Kind.ENROL)
     header = parse(Enrolment, frame.header)
+    verified = verify_member(member, verifier, named="site")
     try:
-        signing = verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role=SITE_ROLE)
-        agreement = verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
-    except CorollaError as exc:
-        raise UntrustedMember(f"site {member.node_id}: {exc}") from None
-    try:
-        _crypto.verify(signing, frame.signed_bytes, frame.signature)
+        _crypto.verify(verified.signing_key, frame.signed_bytes, frame.signature)
     except CryptoError:
         raise BadSignature(
             f"the keys reply is not signed by the identity key of {member.node_id}: its sender does not hold the "
@@ -108,4 +102,4 @@ def check_enrolment(
             f"the keys reply of {member.node_id} is signed for Flower node {header.flower_node}, "
             f"but came from node {flower_node}"
         )
-    return VerifiedMember(node_id=member.node_id, signing_key=signing, agreement_key=agreement)
+    return verified

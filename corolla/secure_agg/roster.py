@@ -74,15 +74,20 @@ def verify_members(
         raise ParameterError(f"a roster has 2..{MAX_SITES} members, got {len(ids)}")
     if ids != sorted(set(ids)):
         raise ParameterError("roster node ids must be distinct and sorted")
-    verified = []
-    for m in members:
-        try:
-            signing = verifier.check_signing_key_der(m.identity_cert, node_id=m.node_id, role=SITE_ROLE)
-            agreement = verifier.check_agreement_der(m.agreement_cert, node_id=m.node_id)
-        except CorollaError as exc:
-            raise UntrustedMember(f"roster member {m.node_id}: {exc}") from None
-        verified.append(VerifiedMember(node_id=m.node_id, signing_key=signing, agreement_key=agreement))
-    return tuple(verified)
+    return tuple(verify_member(m, verifier) for m in members)
+
+
+def verify_member(
+    member: Member | MemberCerts, verifier: CertificateVerifier, *, named: str = "roster member"
+) -> VerifiedMember:
+    """One member's keys, from its certificates checked against the CA now: chain, role site,
+    node id, validity, revocation. Raises UntrustedMember naming it as `named` and its node id."""
+    try:
+        signing = verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role=SITE_ROLE)
+        agreement = verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
+    except CorollaError as exc:
+        raise UntrustedMember(f"{named} {member.node_id}: {exc}") from None
+    return VerifiedMember(node_id=member.node_id, signing_key=signing, agreement_key=agreement)
 
 
 def secure_threshold(sites: int, *, colluding_sites: int = 0) -> int:

@@ -173,22 +173,18 @@ class SecureRounds:
                 outcomes[node] = {"status": "missing", "reason": f"no keys reply within {timeout:.0f} s"}
         return outcomes
 
-    def _check(self, member: Any) -> None:
-        """A member's certificates against the CA now: chain, role site, node id, validity,
-        revocation (what every site checks again when it reads the roster)."""
-        self.verifier.check_signing_key_der(member.identity_cert, node_id=member.node_id, role="site")
-        self.verifier.check_agreement_der(member.agreement_cert, node_id=member.node_id)
-
     def prune(self, nodes: list[int]) -> dict[int, dict[str, Any]]:
         """Check the enrolled certificates again (the CRL is re-read as it changes): a site
         revoked or expired since it enrolled leaves the run instead of failing every round."""
+        from corolla.secure_agg.roster import verify_member
+
         dropped: dict[int, dict[str, Any]] = {}
         for node in nodes:
             member = self.members.get(node)
             if member is None:
                 continue
             try:
-                self._check(member)
+                verify_member(member, self.verifier, named="site")  # what every site checks when it reads the roster
             except CorollaError as exc:
                 del self.members[node]
                 dropped[node] = {"status": "failed", "reason": f"left the run: its certificate no longer holds: {exc}"}
