@@ -240,16 +240,23 @@ def test_generation_steps_are_audited_by_a_parallel_forward(make_lab: Callable[.
     assert len({a.input_sha256 for a in audits}) == 6
 
 
-def test_a_corrupted_step_fails_and_the_node_leaves(make_lab: Callable[..., Lab]) -> None:
+def _session_on_the_bad_server(make_lab: Callable[..., Lab]) -> tuple[Lab, BlockServer, InferenceSession]:
+    """A lab whose first server adds noise to every output, and an audited inference session
+    opened on that server (the router then goes back to excluding quarantined nodes only)."""
     lab = make_lab({"inject_fault": FaultSpec.parse(NOISE)}, {}, {})
     bad = lab.servers[0]
     checker = lab.checker()
     router = lab.swarm.router
-    router.exclude = lambda r: r.endpoint != bad.endpoint  # the session opens on the bad server
+    router.exclude = lambda r: r.endpoint != bad.endpoint
     router.invalidate()
     session = InferenceSession(lab.swarm, start=0, end=4, max_length=16, batch_size=1, spot_checker=checker)
-    checker.attach(router)  # back to excluding quarantined nodes only
+    checker.attach(router)
     assert [h.endpoint for h in session.route] == [bad.endpoint]
+    return lab, bad, session
+
+
+def test_a_corrupted_step_fails_and_the_node_leaves(make_lab: Callable[..., Lab]) -> None:
+    lab, bad, session = _session_on_the_bad_server(make_lab)
     x = lab.hidden(batch=1, tokens=8)
     session.step(x[:, :5])
     session.close()
@@ -261,14 +268,7 @@ def test_a_corrupted_step_fails_and_the_node_leaves(make_lab: Callable[..., Lab]
 
 
 def test_an_open_session_moves_off_a_node_once_it_is_quarantined(make_lab: Callable[..., Lab]) -> None:
-    lab = make_lab({"inject_fault": FaultSpec.parse(NOISE)}, {}, {})
-    bad = lab.servers[0]
-    checker = lab.checker()
-    router = lab.swarm.router
-    router.exclude = lambda r: r.endpoint != bad.endpoint  # the session opens on the bad server
-    router.invalidate()
-    session = InferenceSession(lab.swarm, start=0, end=4, max_length=16, batch_size=1, spot_checker=checker)
-    checker.attach(router)
+    lab, bad, session = _session_on_the_bad_server(make_lab)
     x = lab.hidden(batch=1, tokens=8)
     session.step(x[:, :5])  # audited at rate 1: FAIL, quarantined
     assert lab.book.is_quarantined(lab.subject(bad))
