@@ -21,6 +21,8 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check corolla tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy corolla
 	$(BIN)/python -m pytest
 
 test-all: setup
@@ -29,6 +31,7 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check corolla tests benchmarks
 	$(BIN)/ruff format --check corolla tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/mypy corolla
 
 proto: setup

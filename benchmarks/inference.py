@@ -43,8 +43,8 @@ from corolla.inference.client import RemoteModelForCausalLM
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.tiny import TinySpec, init_tiny
 from corolla.inference.security import TlsConfig
-from corolla.platform.local_swarm import LocalSwarm
-from corolla.platform.pki import ConsortiumCA
+from corolla.pki import ConsortiumCA
+from corolla.platform.launch.swarm import LocalSwarm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 

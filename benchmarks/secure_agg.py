@@ -65,7 +65,7 @@ from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from corolla.platform.pki import ConsortiumCA  # noqa: E402
+from corolla.pki import ConsortiumCA  # noqa: E402
 from corolla.secure_agg import (  # noqa: E402
     Aggregator,
     CoordinatorKeys,

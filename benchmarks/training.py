@@ -52,10 +52,10 @@ from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.checkpoint import Checkpoint  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
-from corolla.platform.local_swarm import LocalSwarm  # noqa: E402
-from corolla.platform.training.data import EncodedBatch  # noqa: E402
-from corolla.platform.training.local_trainer import LocalTrainer  # noqa: E402
-from corolla.platform.training.swarm_trainer import SwarmTrainer  # noqa: E402
+from corolla.platform.launch.swarm import LocalSwarm  # noqa: E402
+from corolla.training.data import EncodedBatch  # noqa: E402
+from corolla.training.local_trainer import LocalTrainer  # noqa: E402
+from corolla.training.swarm_trainer import SwarmTrainer  # noqa: E402
 
 RESULTS = HERE / "results" / "training.json"
 

@@ -67,7 +67,7 @@ from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCa
 from corolla.inference.discovery import ServerRecord  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
 from corolla.inference.server import BlockServer, ServerConfig  # noqa: E402
-from corolla.platform.training.swarm_trainer import SwarmTrainer  # noqa: E402
+from corolla.training.swarm_trainer import SwarmTrainer  # noqa: E402
 from corolla.verify.events import AuditEvent, QuarantineEvent  # noqa: E402
 from corolla.verify.ledger import Ledger, LedgerKey  # noqa: E402
 from corolla.verify.ledger.throughput import measure_throughput  # noqa: E402

@@ -66,8 +66,8 @@ from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCa
 from corolla.inference.client.routing import Hop, shortest_chain  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
 from corolla.inference.server import BlockServer, ServerConfig  # noqa: E402
-from corolla.inference.server.backend import AdapterGrads  # noqa: E402
 from corolla.inference.server.faults import FaultSpec  # noqa: E402
+from corolla.inference.wire.backward import AdapterGrads  # noqa: E402
 from corolla.verify.events import AuditEvent, QuarantineEvent  # noqa: E402
 from corolla.verify.reputation import ReputationBook  # noqa: E402
 from corolla.verify.spot_check import SpotChecker, SpotCheckSettings  # noqa: E402

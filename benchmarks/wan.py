@@ -46,8 +46,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from corolla.inference.client import RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
 from corolla.inference.security import TlsConfig  # noqa: E402
-from corolla.platform.local_swarm import LocalSwarm  # noqa: E402
-from corolla.platform.pki import NodeIdentity  # noqa: E402
+from corolla.pki import NodeIdentity  # noqa: E402
+from corolla.platform.launch.swarm import LocalSwarm  # noqa: E402
 from corolla.platform.workspace import throwaway_consortium  # noqa: E402
 from tests.e2e.netns import DelayProxy, NetnsLab, namespaces_available, wait_for_line  # noqa: E402
 from tests.e2e.swarm_lab import NamespaceSwarm  # noqa: E402

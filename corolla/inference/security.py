@@ -25,7 +25,7 @@ import grpc
 
 from corolla.inference.discovery import ServerRecord
 from corolla.inference.errors import AccessDeniedError
-from corolla.platform.pki import CertificateError, NodeIdentity, PeerCertificate, Role, Verifier, tls_server_name
+from corolla.pki import CertificateError, NodeIdentity, PeerCertificate, Role, Verifier, tls_server_name
 
 CLIENT_ROLES = frozenset({Role.SITE, Role.VERIFIER, Role.COORDINATOR, Role.SERVER})
 """Roles a block server serves by default: sites, verifiers, the coordinator, and other

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from corolla.inference.security import TlsConfig
-from corolla.platform.pki import NodeIdentity
-from corolla.platform.pki.errors import WorkspaceError
+from corolla.pki import NodeIdentity
+from corolla.pki.errors import WorkspaceError
 from corolla.platform.workspace import resolve_workspace
 
 

@@ -33,7 +33,7 @@ class LocalConsortium:
 
 def throwaway_consortium(workspace: Path, *, servers: int, sites: int = 1) -> LocalConsortium:
     """A fresh CA in `workspace` with `servers` server nodes and `sites` site nodes."""
-    from corolla.platform.pki import ConsortiumCA  # the PKI imports libp2p; only pay for it here
+    from corolla.pki import ConsortiumCA  # the PKI imports libp2p; only pay for it here
 
     ca = ConsortiumCA.init(workspace, consortium="local")
     server_names = tuple(f"server-{i}" for i in range(servers))

@@ -35,7 +35,7 @@ SITE_ROLE = "site"
 
 
 class CertificateVerifier(Protocol):
-    """What secure aggregation needs from the consortium PKI (`corolla.platform.pki.Verifier`
+    """What secure aggregation needs from the consortium PKI (`corolla.pki.Verifier`
     provides it). Both raise a `CorollaError` for anything wrong: not issued by the CA,
     expired, revoked, wrong role, another node's certificate."""
 

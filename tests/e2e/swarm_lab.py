@@ -292,7 +292,7 @@ def _open_model(args: argparse.Namespace) -> Any:
     """`RemoteModelForCausalLM` joined through `--peer`, once all `--expect-servers` records show."""
     from corolla.inference.client import RemoteModelForCausalLM
     from corolla.inference.security import TlsConfig
-    from corolla.platform.pki import NodeIdentity
+    from corolla.pki import NodeIdentity
 
     tls = None
     if not args.insecure:

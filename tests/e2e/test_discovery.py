@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from corolla.inference.client import RemoteModelForCausalLM
 from corolla.inference.models import Checkpoint
 from corolla.inference.security import TlsConfig
-from corolla.platform.local_swarm import LocalSwarm
-from corolla.platform.pki import NodeIdentity
+from corolla.pki import NodeIdentity
+from corolla.platform.launch.swarm import LocalSwarm
 from corolla.platform.workspace import LocalConsortium, throwaway_consortium
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
-from corolla.platform.local_swarm import LocalSwarm
+from corolla.platform.launch.swarm import LocalSwarm
 
 pytestmark = pytest.mark.e2e
 

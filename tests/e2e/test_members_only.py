@@ -36,9 +36,9 @@ from corolla.inference.security import TlsConfig
 from corolla.inference.server import BlockServer, ServerConfig
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
-from corolla.platform.local_swarm import LocalSwarm
-from corolla.platform.pki import ConsortiumCA, NodeIdentity, Verifier
-from corolla.platform.pki.identity import node_id_from_public
+from corolla.pki import ConsortiumCA, NodeIdentity, Verifier
+from corolla.pki.identity import node_id_from_public
+from corolla.platform.launch.swarm import LocalSwarm
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from corolla.platform.pki import NodeIdentity
+from corolla.pki import NodeIdentity
 from corolla.platform.workspace import throwaway_consortium
 from tests.e2e.netns import NetnsLab, namespaces_available
 from tests.e2e.swarm_lab import GRPC_PORT, PROXY_PORT, NamespaceSwarm

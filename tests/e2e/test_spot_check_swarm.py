@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
-from corolla.platform.local_swarm import LocalSwarm
+from corolla.platform.launch.swarm import LocalSwarm
 from corolla.verify import SpotChecker, SpotCheckSettings
 from corolla.verify.events import AuditEvent, QuarantineEvent, Verdict
 from corolla.verify.reputation import ReputationBook

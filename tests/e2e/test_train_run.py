@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
-from corolla.platform.training.config import TrainConfig
-from corolla.platform.training.privacy import recompute_epsilon
-from corolla.platform.training.site import lora_settings
 from corolla.secure_agg import FixedPoint
+from corolla.training.config import TrainConfig
+from corolla.training.plan import lora_settings
+from corolla.training.privacy import recompute_epsilon
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla.platform.pki import NodeIdentity
+from corolla.pki import NodeIdentity
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -17,10 +17,10 @@ import torch
 from transformers import AutoTokenizer
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM
-from corolla.platform.local_swarm import LocalSwarm
-from corolla.platform.training.clinical import synthetic_clinical
-from corolla.platform.training.data import encode
-from corolla.platform.training.swarm_trainer import SwarmTrainer
+from corolla.platform.launch.swarm import LocalSwarm
+from corolla.training.clinical import synthetic_clinical
+from corolla.training.data import encode
+from corolla.training.swarm_trainer import SwarmTrainer
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corolla.platform.pki import ConsortiumCA, NodeIdentity, Verifier
+from corolla.pki import ConsortiumCA, NodeIdentity, Verifier
 from corolla.secure_agg import (
     AggregateResult,
     Aggregator,

@@ -23,8 +23,8 @@ from corolla.inference.client.swarm import Swarm
 from corolla.inference.discovery import ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.server import BlockServer
-from corolla.inference.server.backend import AdapterGrads
 from corolla.inference.server.faults import FaultSpec
+from corolla.inference.wire.backward import AdapterGrads
 from corolla.verify import SpotChecker, SpotCheckSettings
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import AuditEvent, QuarantineEvent, Subject, Verdict, Work, canonical_json, parse_event

@@ -2,6 +2,7 @@
 
 from corolla.inference.client.adapter import LoraAdapter, LoraSettings
 from corolla.inference.client.adapter_sync import AdapterSync
+from corolla.inference.client.auditor import WorkAuditor
 from corolla.inference.client.model import RemoteModelForCausalLM
 from corolla.inference.client.routing import BanList, Hop, Router
 from corolla.inference.client.sequential import HopGrads, RemoteSequential
@@ -22,4 +23,5 @@ __all__ = [
     "Router",
     "ServerStub",
     "Swarm",
+    "WorkAuditor",
 ]

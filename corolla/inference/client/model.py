@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from corolla.inference.client.adapter import LoraAdapter
 from corolla.inference.client.adapter_sync import AdapterSync
+from corolla.inference.client.auditor import WorkAuditor
 from corolla.inference.client.routing import BanList
 from corolla.inference.client.sequential import RemoteSequential
 from corolla.inference.client.session import InferenceSession
@@ -33,9 +34,6 @@ from corolla.inference.client.swarm import Swarm
 from corolla.inference.errors import BadRequestError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
-
-if TYPE_CHECKING:
-    from corolla.verify.spot_check import SpotChecker
 
 _UNSET: Any = object()
 
@@ -47,7 +45,7 @@ class RemoteModelForCausalLM(nn.Module):
         swarm: Swarm,
         *,
         wire_dtype: torch.dtype | None = None,
-        spot_checker: SpotChecker | None = None,
+        spot_checker: WorkAuditor | None = None,
     ) -> None:
         super().__init__()
         self.checkpoint = checkpoint
@@ -58,7 +56,7 @@ class RemoteModelForCausalLM(nn.Module):
         self.num_blocks = checkpoint.num_blocks
         self.blocks = RemoteSequential(swarm, num_blocks=self.num_blocks, wire_dtype=wire_dtype)
         self.adapter: LoraAdapter | None = None
-        self.spot_checker: SpotChecker | None = None
+        self.spot_checker: WorkAuditor | None = None
         if spot_checker is not None:
             self.use_spot_checker(spot_checker)
         try:
@@ -78,7 +76,7 @@ class RemoteModelForCausalLM(nn.Module):
         bans: BanList | None = None,
         timeout: float = 60.0,
         tls: TlsConfig | None = None,
-        spot_checker: SpotChecker | None = None,
+        spot_checker: WorkAuditor | None = None,
     ) -> RemoteModelForCausalLM:
         """Load the client parts of the checkpoint at `path` and join the swarm through
         `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints). With `tls`
@@ -101,7 +99,7 @@ class RemoteModelForCausalLM(nn.Module):
         self.adapter = adapter
         self.blocks.adapter = None if adapter is None else AdapterSync(adapter, model_id=self.swarm.model_id)
 
-    def use_spot_checker(self, checker: SpotChecker | None) -> None:
+    def use_spot_checker(self, checker: WorkAuditor | None) -> None:
         """Audit a sample of every forward, backward and generation step from now on with
         `checker`, and route around the nodes its reputation book quarantines; None stops both."""
         self.spot_checker = checker

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from corolla.inference.client.adapter_sync import AdapterSync
+from corolla.inference.client.auditor import WorkAuditor
 from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.errors import RemoteError, RoutingError, StepNotFoundError
-from corolla.inference.server.backend import AdapterGrads, BackwardResult
-
-if TYPE_CHECKING:
-    from corolla.verify.spot_check import SpotChecker
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ class RemoteSequential:
         self.wire_dtype = wire_dtype
         self.max_retries = max_retries
         self.adapter: AdapterSync | None = None  # LoRA weights every hop applies; None = the base model
-        self.spot_checker: SpotChecker | None = None  # audits a sample of every hop's work; None = no checks
+        self.spot_checker: WorkAuditor | None = None  # audits a sample of every hop's work; None = no checks
 
     def __call__(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.num_blocks if end is None else end

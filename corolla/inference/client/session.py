@@ -13,18 +13,15 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from corolla.inference.client.adapter_sync import AdapterSync
+from corolla.inference.client.auditor import WorkAuditor
 from corolla.inference.client.routing import Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.client.transport import SessionStream
 from corolla.inference.errors import MaxLengthExceededError, RemoteError, RoutingError
-
-if TYPE_CHECKING:
-    from corolla.verify.spot_check import SpotChecker
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,7 @@ class InferenceSession:
         wire_dtype: torch.dtype | None = None,
         max_retries: int = 4,
         adapter: AdapterSync | None = None,
-        spot_checker: SpotChecker | None = None,
+        spot_checker: WorkAuditor | None = None,
     ) -> None:
         self.swarm = swarm
         self.spot_checker = spot_checker  # audits a sample of the steps (by a parallel forward of the history)

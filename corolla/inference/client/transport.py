@@ -19,11 +19,11 @@ import torch
 from corolla.inference import errors
 from corolla.inference.errors import AccessDeniedError, InferenceError, RemoteError, ServerUnavailableError
 from corolla.inference.security import TlsConfig
-from corolla.inference.server.app import grpc_options
-from corolla.inference.server.backend import AdapterGrads, BackwardResult
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.adapters import adapter_message
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
+from corolla.inference.wire.channel import grpc_options
 from corolla.inference.wire.tensors import deserialize, serialize
 
 _BY_NAME: dict[str, type[InferenceError]] = {

@@ -25,6 +25,7 @@ from corolla.inference.server.service import BlockServicer, NodeStats, ServiceLi
 from corolla.inference.server.span_choice import choose_span
 from corolla.inference.server.throughput import measure
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
+from corolla.inference.wire.channel import grpc_options
 from corolla.inference.wire.tensors import DTYPES
 
 log = logging.getLogger(__name__)
@@ -250,18 +251,3 @@ class BlockServer:
         length = self.config.num_blocks or math.ceil(total / 2)
         records = self.dht.find_servers(model_id) if self.dht is not None else []
         return choose_span(records, num_blocks=total, length=length)
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # the server must accept the clients' 10 s keepalive pings on idle channels (its default
-        # minimum is 5 min, beyond which it answers GOAWAY "too_many_pings")
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ]

@@ -7,9 +7,6 @@ dtype they came in, so a client never has to know how a server computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
-
 import torch
 
 from corolla.inference.errors import BadRequestError, MaxLengthExceededError, SpanNotServedError
@@ -17,21 +14,7 @@ from corolla.inference.models.kv_cache import SpanCache
 from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.models.span import Span
 from corolla.inference.wire.adapters import tensor_name
-
-
-class AdapterGrads(IntEnum):
-    """What backward returns for the adapter's weights (values as in blocks.proto)."""
-
-    NONE = 0  # input gradient only
-    PER_SAMPLE = 1  # (B, *shape) per weight
-    NORMS = 2  # per-sample squared norms (B,); the per-sample gradients are kept for clip_sum
-
-
-@dataclass(frozen=True, slots=True)
-class BackwardResult:
-    grad_input: torch.Tensor | None  # (B, T, H), None when not asked for
-    per_sample: dict[str, torch.Tensor]  # adapter tensor name -> (B, *shape) float32; empty for NONE
-    squared_norms: torch.Tensor | None  # (B,) float32 for NORMS
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 
 
 def clip_sum(per_sample: dict[str, torch.Tensor], clip_factors: torch.Tensor) -> dict[str, torch.Tensor]:

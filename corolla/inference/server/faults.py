@@ -44,7 +44,8 @@ from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.kv_cache import LayerCache, SpanCache
 from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.models.span import Span
-from corolla.inference.server.backend import AdapterGrads, BackwardResult, SpanBackend
+from corolla.inference.server.backend import SpanBackend
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 
 if TYPE_CHECKING:
     from corolla.inference.server.quantization import QuantMode

@@ -26,11 +26,12 @@ from corolla.inference.errors import (
 from corolla.inference.models.kv_cache import SpanCache
 from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.server.adapters import AdapterStore, GradStore, check_adapter
-from corolla.inference.server.backend import AdapterGrads, SpanBackend, clip_sum
+from corolla.inference.server.backend import SpanBackend, clip_sum
 from corolla.inference.server.sessions import SessionRegistry
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.adapters import named_tensors, parse_adapter
+from corolla.inference.wire.backward import AdapterGrads
 from corolla.inference.wire.tensors import DTYPE_NAMES, deserialize, serialize
 
 MiB = 1 << 20

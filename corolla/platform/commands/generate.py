@@ -19,9 +19,9 @@ from transformers import AutoTokenizer, TextStreamer
 from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
+from corolla.pki import NodeIdentity
 from corolla.platform.identity_args import add_identity_options, tls_from_args
-from corolla.platform.local_swarm import LocalSwarm, even_spans
-from corolla.platform.pki import NodeIdentity
+from corolla.platform.launch.swarm import LocalSwarm, even_spans
 from corolla.platform.workspace import default_model, resolve_workspace, throwaway_consortium
 
 if TYPE_CHECKING:
@@ -76,8 +76,8 @@ def _ledger_checker(
     """A spot checker whose verdicts go straight to the ledger, routing around the nodes the
     ledger's history quarantines (inference clients report directly; sites in training
     report through Flower), comparing outputs with `tolerances` (None: the shipped table)."""
+    from corolla.federation.audits import LockedBook
     from corolla.platform.commands.audit import reputation_book
-    from corolla.platform.training.verification import LockedBook
     from corolla.verify.ledger import Ledger, LedgerKey
     from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
     from corolla.verify.spot_check import SpotChecker, SpotCheckSettings

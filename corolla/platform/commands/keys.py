@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from corolla.platform.pki import ConsortiumCA, Role
+from corolla.pki import ConsortiumCA, Role
 from corolla.platform.workspace import resolve_workspace
 
 

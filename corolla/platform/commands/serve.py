@@ -11,8 +11,8 @@ from pathlib import Path
 from corolla.inference.errors import BadRequestError
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
 from corolla.inference.server.faults import FaultSpec
+from corolla.pki import Role, WorkspaceError
 from corolla.platform.identity_args import add_identity_options, tls_from_args
-from corolla.platform.pki import Role, WorkspaceError
 
 
 def parse_span(text: str) -> tuple[int, int]:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from corolla.platform.training.config import TrainConfig, TrainConfigError
 from corolla.platform.workspace import resolve_workspace
+from corolla.training.config import TrainConfig, TrainConfigError
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
 
 _DP_OFF_WARNING = """\
@@ -199,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
     from corolla.inference.models.checkpoint import Checkpoint
-    from corolla.platform.training.base_model import default_training_model
-    from corolla.platform.training.launcher import LocalConsortiumRun, prepare_data
+    from corolla.platform.launch.train_run import LocalConsortiumRun, prepare_data
+    from corolla.training.base_model import default_training_model
 
     model = Path(args.model).expanduser() if args.model else default_training_model(workspace)
     Checkpoint.open(model)  # a missing or unreadable model is a clear error before anything starts
@@ -216,7 +216,7 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         args, model=str(model.resolve()), out_dir=str(out_dir), test_data=str(test_data), sites=len(site_data)
     )
     if args.local:
-        from corolla.platform.training.local import run_local
+        from corolla.federation.local import run_local
 
         return run_local(config, site_data, test_data)
     if args.servers < 1:
@@ -238,8 +238,8 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
 
 
 def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
-    from corolla.platform.federation import ControlClient, SuperLinkConnection
-    from corolla.platform.training.launcher import submit
+    from corolla.platform.flower import ControlClient, SuperLinkConnection
+    from corolla.platform.launch.train_run import submit
 
     if args.data:
         raise TrainConfigError("--data is for local runs: with --superlink each site reads its own data")

@@ -23,7 +23,7 @@ from corolla.inference.client.routing import Hop, Router
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.discovery import ServerRecord
 from corolla.inference.errors import InferenceError
-from corolla.inference.server.backend import AdapterGrads, BackwardResult
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import AuditEvent, QuarantineEvent, Subject, Verdict, Work
 from corolla.verify.reputation import QuarantineDecision

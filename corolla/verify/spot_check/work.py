@@ -45,8 +45,8 @@ from corolla.inference.client.swarm import Swarm
 from corolla.inference.client.transport import ServerStub
 from corolla.inference.discovery import ServerRecord
 from corolla.inference.errors import AdapterNotFoundError, InferenceError
-from corolla.inference.server.backend import AdapterGrads, BackwardResult
 from corolla.inference.wire.adapters import adapter_hash
+from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import Comparison, Run, Subject, Work
 from corolla.verify.tolerance import Tolerance, compare

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM
 from corolla.inference.errors import AdapterNotFoundError, BadRequestError, SpanNotServedError, StepNotFoundError
 from corolla.inference.server import BlockServer
-from corolla.inference.server.backend import AdapterGrads
+from corolla.inference.wire.backward import AdapterGrads
 
 ATOL = 1e-5
 GRAD_ATOL = 1e-6

@@ -14,8 +14,9 @@ from corolla.inference.errors import BadRequestError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.lora import SpanAdapter
 from corolla.inference.server import BlockServer
-from corolla.inference.server.backend import AdapterGrads, SpanBackend
+from corolla.inference.server.backend import SpanBackend
 from corolla.inference.server.faults import FaultInjectingBackend, FaultKind, FaultSpec, other_weights_span
+from corolla.inference.wire.backward import AdapterGrads
 from corolla.platform.commands import serve
 
 KINDS = list(FaultKind)

@@ -13,8 +13,8 @@ from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCa
 from corolla.inference.errors import BadRequestError, MessageTooLargeError, SessionLimitError, StepNotFoundError
 from corolla.inference.server import BlockServer
 from corolla.inference.server.adapters import AdapterStore, GradStore
-from corolla.inference.server.backend import AdapterGrads
 from corolla.inference.wire.adapters import adapter_hash
+from corolla.inference.wire.backward import AdapterGrads
 
 
 class _Clock:

@@ -1,0 +1,111 @@
+"""The coordinator's side of a run: the starting adapter, held-out scoring, the result.
+
+The ServerApp (`flower_app/server_app.py`) owns the rounds; this owns the model: it
+makes the adapter every site starts from, scores each round's aggregate on the
+held-out records through the swarm (the coordinator is a client of the swarm too),
+and writes the final adapter in PEFT's format with the run summary beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
+from corolla.inference.models import Checkpoint
+from corolla.inference.security import TlsConfig
+from corolla.training.config import TrainConfig
+from corolla.training.data import Record, evaluate, load_jsonl
+from corolla.training.plan import lora_settings
+
+log = logging.getLogger(__name__)
+
+MAX_LABELS = 32  # a held-out set with more distinct completions is scored by loss only
+
+
+class Coordinator:
+    def __init__(self, config: TrainConfig, *, spot_checker: Any = None) -> None:
+        """`spot_checker` (a `corolla.verify.SpotChecker`) audits the held-out scoring through
+        the swarm and keeps quarantined servers out of its routes."""
+        self.config = config
+        self.spot_checker = spot_checker
+        self.checkpoint = Checkpoint.open(config.model)
+        self.settings = lora_settings(config)
+        self.test: list[Record] = load_jsonl(config.test_data) if config.test_data else []
+        if config.eval_records:
+            self.test = self.test[: config.eval_records]
+        labels = sorted({r.completion.strip() for r in self.test})
+        self.labels = labels if 1 < len(labels) <= MAX_LABELS else []
+        self._model: RemoteModelForCausalLM | None = None
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        adapter = LoraAdapter.init(self.checkpoint, self.settings, seed=self.config.seed)
+        return {name: t.numpy() for name, t in adapter.state().items()}
+
+    def adapter(self, weights: dict[str, np.ndarray]) -> LoraAdapter:
+        tensors = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+        return LoraAdapter.from_state(self.checkpoint, self.settings, tensors)
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        """Held-out loss (and label accuracy, chance) of the adapter, through the swarm."""
+        if not self.test:
+            return {}
+        model = self._remote()
+        model.use_adapter(self.adapter(weights))
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids).logits
+
+        labels = self.labels or [self.test[0].completion.strip()]
+        scores = evaluate(logits, tokenizer, self.test, labels, batch_size=64, max_length=self.config.max_length)
+        return scores if self.labels else {"loss": scores["loss"]}
+
+    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
+        out = Path(self.config.out_dir)
+        adapter_dir = self.adapter(weights).save_peft(out / "adapter")
+        write_summary(out, {**summary, "adapter": str(adapter_dir)})
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+        return adapter_dir
+
+    def _remote(self) -> RemoteModelForCausalLM:
+        if self._model is None:
+            tls = None
+            if self.config.workspace:
+                from corolla.pki import NodeIdentity
+
+                node_dir = Path(self.config.workspace) / "nodes" / self.config.node
+                tls = TlsConfig.for_node(NodeIdentity.load(node_dir))
+            self._model = RemoteModelForCausalLM.from_pretrained(
+                self.config.model,
+                initial_peers=self.config.peers,
+                servers=self.config.servers,
+                tls=tls,
+                spot_checker=self.spot_checker,
+            )
+        return self._model
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """`<out_dir>/summary.json`, written atomically (numpy scalars and paths as JSON)."""
+    path, tmp = out_dir / "summary.json", out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,51 @@
+"""ServerApp: `run_rounds` with a coordinator that has two small arrays and no model.
+
+`evaluate` reports the mean of the weights as the "accuracy", so the test can read the
+aggregate of every round from the progress events.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from corolla.federation.coordinator.rounds import run_rounds
+from corolla.federation.progress import ProgressLog
+from corolla.federation.secure import rounds_for
+from corolla.training.config import TrainConfig
+
+SHAPES = {
+    "model.layers.0.self_attn.q_proj.lora_A.weight": (2, 3),
+    "model.layers.0.self_attn.q_proj.lora_B.weight": (3,),
+}
+
+
+class FakeCoordinator:
+    def __init__(self, config: TrainConfig) -> None:
+        self.out_dir = Path(config.out_dir)
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        mean = float(np.mean(np.concatenate([w.ravel() for w in weights.values()])))
+        return {"loss": 10.0 - mean, "accuracy": mean, "chance": 0.25}
+
+    def save(self, weights: dict[str, np.ndarray], summary: dict) -> Path:
+        adapter = self.out_dir / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        np.savez(adapter / "weights.npz", **weights)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        return adapter
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = TrainConfig.from_run_config(context.run_config)
+    with ProgressLog.in_dir(config.out_dir) as progress:
+        run_rounds(grid, config, FakeCoordinator(config), progress=progress, secure=rounds_for(config, context))
