@@ -44,7 +44,7 @@ from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.tiny import TinySpec, init_tiny
 from corolla.inference.security import TlsConfig
 from corolla.pki import ConsortiumCA
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 
@@ -356,7 +356,7 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
         parts, span = checkpoint.load_client(), checkpoint.load_span(0, checkpoint.num_blocks)
         rows: dict[str, Any] = {}
         started = time.perf_counter()
-        with LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.threads) as swarm:
+        with LocalServers(model_dir, cfg.spans, torch_threads=cfg.threads) as swarm:
             swarm_start_s = time.perf_counter() - started
             with RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model:
                 announced = [
@@ -390,7 +390,7 @@ def bench_generation(cfg: GenerationBench, workdir: Path) -> dict[str, Any]:
             else:
                 spans = ((0, cfg.spec.num_layers),)
             with (
-                LocalSwarm(
+                LocalServers(
                     model_dir,
                     spans,
                     torch_threads=threads,
@@ -519,7 +519,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
         hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         with contextlib.ExitStack() as stack:
             started = time.perf_counter()
-            swarm = stack.enter_context(LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.server_threads))
+            swarm = stack.enter_context(LocalServers(model_dir, cfg.spans, torch_threads=cfg.server_threads))
             swarm_start_s = time.perf_counter() - started
             # Clients by endpoint: no libp2p thread in this process, where the local baselines run.
             fp32 = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints))
@@ -541,7 +541,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             if cfg.mtls:  # a second swarm, idle while the others run: the production data plane
                 consortium = Consortium.create(workdir / "fwd-ca", len(cfg.spans))
                 secure_swarm = stack.enter_context(
-                    LocalSwarm(
+                    LocalServers(
                         model_dir,
                         cfg.spans,
                         torch_threads=cfg.server_threads,
@@ -635,7 +635,7 @@ def bench_forward(cfg: ForwardBench, workdir: Path) -> dict[str, Any]:
             "also transformers LlamaModel(inputs_embeds=...) for reference",
             "remote": "RemoteModelForCausalLM.blocks(hidden): RemoteSequential, one unary Forward per server; "
             "clients name the servers by endpoint (no DHT node in the benchmark process)",
-            "security": "remote_fp32 / remote_bf16_wire: plaintext gRPC (LocalSwarm without a workspace runs "
+            "security": "remote_fp32 / remote_bf16_wire: plaintext gRPC (LocalServers without a workspace runs "
             "the servers --insecure); remote_fp32_mtls: mutual TLS with consortium identities",
             "statistic": "median of the timed repeats (min and per-round paired ratios too); variants "
             "interleaved, order rotated each round",

@@ -6,7 +6,7 @@ checkpoint, the same starting adapter and the same batches:
 
 (a) `local_peft`: Hugging Face + PEFT in this process, no DP (`LocalTrainer`, noise None);
 (b) `local_opacus_dp`: the same with Opacus's `PrivacyEngine` (noise 1.0, clip 1.0);
-(c) `swarm_dp_per_sample`: `SwarmTrainer` through a 2-server loopback swarm, every server
+(c) `swarm_dp_per_sample`: `RemoteTrainer` through a 2-server loopback swarm, every server
     returning each record's adapter gradient (`exchange="per-sample"`);
 (d) `swarm_dp_flat`: the same with flat clipping: servers return per-record squared norms,
     then the clipped sum (`exchange="flat"`).
@@ -14,7 +14,7 @@ checkpoint, the same starting adapter and the same batches:
 For a tiny Llama (hidden 64, 4 blocks) and a mid-size one (hidden 1024, 8 blocks), with
 LoRA on q_proj and v_proj (PEFT's default for Llama), and the mid-size one again with all
 7 linear modules. Per variant: p50 / p90 / mean ms per step; ratios (c)/(b) and (d)/(b);
-payload bytes per step by kind for (c) and (d) (`SwarmTrainer.bytes`), next to the
+payload bytes per step by kind for (c) and (d) (`RemoteTrainer.bytes`), next to the
 adapter size each server holds, and the TCP bytes `ss` saw on the client's connections.
 
 Results go to `benchmarks/results/training.json`; a summary is printed.
@@ -52,10 +52,10 @@ from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.checkpoint import Checkpoint  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
-from corolla.platform.launch.swarm import LocalSwarm  # noqa: E402
+from corolla.platform.launch.servers import LocalServers  # noqa: E402
 from corolla.training.data import EncodedBatch  # noqa: E402
 from corolla.training.local_trainer import LocalTrainer  # noqa: E402
-from corolla.training.swarm_trainer import SwarmTrainer  # noqa: E402
+from corolla.training.remote_trainer import RemoteTrainer  # noqa: E402
 
 RESULTS = HERE / "results" / "training.json"
 
@@ -68,9 +68,9 @@ VARIANTS: dict[Variant, str] = {
     "local_peft": "LocalTrainer, noise None: HF + PEFT LoRA in this process, plain (non-private) training",
     "local_opacus_dp": "LocalTrainer, noise 1.0: HF + PEFT + Opacus PrivacyEngine (GradSampleModule + "
     "DPOptimizer) in this process",
-    "swarm_dp_per_sample": "SwarmTrainer(exchange='per-sample'), noise 1.0: servers return (B, *shape) "
+    "swarm_dp_per_sample": "RemoteTrainer(exchange='per-sample'), noise 1.0: servers return (B, *shape) "
     "per-sample adapter gradients; Opacus DPOptimizer clips, noises and steps",
-    "swarm_dp_flat": "SwarmTrainer(exchange='flat'), noise 1.0: servers return B squared norms, the client "
+    "swarm_dp_flat": "RemoteTrainer(exchange='flat'), noise 1.0: servers return B squared norms, the client "
     "sends B clip factors, servers return the clipped sum (adapter-sized)",
 }
 
@@ -186,7 +186,7 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
     trainers: dict[Variant, Any] = {}
     with torch_threads(cfg.local_threads), contextlib.ExitStack() as stack:
         started = time.perf_counter()
-        swarm = stack.enter_context(LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.server_threads))
+        swarm = stack.enter_context(LocalServers(model_dir, cfg.spans, torch_threads=cfg.server_threads))
         swarm_start_s = time.perf_counter() - started
         server_threads_seen = [inference_bench.env_threads(s.process.pid) for s in swarm.servers]
         server_pids = [s.process.pid for s in swarm.servers]
@@ -203,7 +203,7 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
             # One client each: `use_adapter` binds one adapter per client. By endpoint, so this
             # process (where the local baselines run) has no libp2p thread.
             model = stack.enter_context(RemoteModelForCausalLM.from_pretrained(model_dir, servers=swarm.endpoints))
-            trainers[name] = SwarmTrainer(
+            trainers[name] = RemoteTrainer(
                 model,
                 clone(),
                 exchange=exchange,

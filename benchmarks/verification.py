@@ -8,7 +8,7 @@
     the loop `benchmarks/inference.py` times), p50 / p95, and the checker's counters.
 (b) Training step: one DP-LoRA step (r = 8 on q,v, Adam, flat clipping, noise 1.0, clip 1.0,
     batch 8 x 128, loss on the last 16 positions) through the same servers with
-    `SwarmTrainer`, one client with a checker at r = 5% and one without; p50 / p95 ms/step.
+    `RemoteTrainer`, one client with a checker at r = 5% and one without; p50 / p95 ms/step.
 (c) Ledger throughput: `measure_throughput` (append in transactions of 100 events, then read
     and verify the whole ledger) on SQLite (a temporary file) and PostgreSQL (a database
     created for the run and dropped after), on synthetic audit events.
@@ -67,11 +67,11 @@ from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCa
 from corolla.inference.discovery import ServerRecord  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
 from corolla.inference.server import BlockServer, ServerConfig  # noqa: E402
-from corolla.training.swarm_trainer import SwarmTrainer  # noqa: E402
+from corolla.training.remote_trainer import RemoteTrainer  # noqa: E402
 from corolla.verify.events import AuditEvent, QuarantineEvent  # noqa: E402
 from corolla.verify.ledger import Ledger, LedgerKey  # noqa: E402
 from corolla.verify.ledger.throughput import measure_throughput  # noqa: E402
-from corolla.verify.report._synthetic import benchmark_report, synthetic_events  # noqa: E402
+from corolla.verify.report.synthetic import benchmark_report, synthetic_events  # noqa: E402
 from corolla.verify.reputation import ReputationBook  # noqa: E402
 from corolla.verify.spot_check import SpotChecker, SpotCheckSettings  # noqa: E402
 
@@ -382,7 +382,7 @@ def bench_training(lab: Lab, servers: list[BlockServer], plan: Plan) -> dict[str
     settings = LoraSettings(r=cfg.rank, alpha=2.0 * cfg.rank, targets=cfg.targets)
     start = LoraAdapter.init(plain.checkpoint, settings, seed=0)
     trainers = {
-        name: SwarmTrainer(
+        name: RemoteTrainer(
             model,
             LoraAdapter(plain.checkpoint, settings, start.state()),
             lr=dp.lr,
@@ -436,7 +436,7 @@ def bench_training(lab: Lab, servers: list[BlockServer], plan: Plan) -> dict[str
             "rounds": plan.train_rounds,
             "steps_per_round_per_variant": plan.train_block,
             "rate": plan.rate,
-            "statistic": "wall time of SwarmTrainer.step(batch); both variants take step k on batch k from the same "
+            "statistic": "wall time of RemoteTrainer.step(batch); both variants take step k on batch k from the same "
             "adapter; blocks of consecutive steps per variant, the order alternating each round",
         },
         "step_ms": compared(durations(times["r0"]), durations(times["r5pct"]), rounds),

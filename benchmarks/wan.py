@@ -47,7 +47,7 @@ from corolla.inference.client import RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.tiny import TinySpec, init_tiny  # noqa: E402
 from corolla.inference.security import TlsConfig  # noqa: E402
 from corolla.pki import NodeIdentity  # noqa: E402
-from corolla.platform.launch.swarm import LocalSwarm  # noqa: E402
+from corolla.platform.launch.servers import LocalServers  # noqa: E402
 from corolla.platform.workspace import throwaway_consortium  # noqa: E402
 from tests.e2e.netns import DelayProxy, NetnsLab, namespaces_available, wait_for_line  # noqa: E402
 from tests.e2e.swarm_lab import NamespaceSwarm  # noqa: E402
@@ -306,14 +306,14 @@ def bench_tls(cfg: TlsBench, workdir: Path) -> dict[str, Any]:
         )
         started = time.perf_counter()
         with (
-            LocalSwarm(
+            LocalServers(
                 model_dir,
                 cfg.spans,
                 torch_threads=cfg.threads,
                 workspace=consortium.workspace,
                 nodes=consortium.servers,
             ) as secure_swarm,
-            LocalSwarm(model_dir, cfg.spans, torch_threads=cfg.threads) as plain_swarm,
+            LocalServers(model_dir, cfg.spans, torch_threads=cfg.threads) as plain_swarm,
         ):
             swarm_start_s = time.perf_counter() - started
             joined: dict[str, float] = {}
@@ -361,9 +361,9 @@ def bench_tls(cfg: TlsBench, workdir: Path) -> dict[str, Any]:
             "repeats": cfg.repeats,
             "torch_threads": {"each_server": cfg.threads, "client": cfg.threads},
             "variants": {
-                "mutual_tls": "LocalSwarm(workspace=, nodes=): certificates, TLS gRPC, signed records, private DHT; "
+                "mutual_tls": "LocalServers(workspace=, nodes=): certificates, TLS gRPC, signed records, private DHT; "
                 "the client with a site identity",
-                "plaintext": "LocalSwarm() with --insecure: plaintext gRPC, open DHT",
+                "plaintext": "LocalServers() with --insecure: plaintext gRPC, open DHT",
             },
             "order": "both swarms up at once; generations alternate, the order rotated each round",
             "per_step_definition": "as in inference.py: embed + session.step (both hops) + head + argmax",

@@ -1,186 +1,155 @@
-"""`platform train --local`: the same federated run in one process, without swarm or Flower.
+"""`platform train --in-process`: the reference run, in one process, without the swarm.
 
-Each site trains in turn on the whole model (Hugging Face + PEFT) with Opacus's own
-`PrivacyEngine` (`LocalTrainer`), from the same starting adapter, with the same budget
-rule, Poisson sampling and round structure as the federated run; the coordinator's
-uniform mean of the updates makes the next round's adapter. This is the reference the
-README puts beside the federated numbers, and it writes the same outputs
-(`progress.jsonl`, `adapter/`, `summary.json`).
+The same round loop as the federated run (`coordinator.rounds.run_rounds`) drives sites
+that train in this process (`InProcessGrid`): each site's train message goes through the
+same checks (`site.handlers.handle_train`), the same budget rule and privacy ledger
+(`site.round.prepare_round`), and replies with the same records; the coordinator takes the
+same uniform mean and writes the same `progress.jsonl`, `adapter/` and `summary.json`. What
+differs is the computation: each site trains on the whole model (Hugging Face + PEFT) with
+Opacus's own `PrivacyEngine` (`LocalTrainer`), and the held-out scoring runs locally. The
+updates travel in the clear (there is no one to hide them from).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Context, Message, RecordDict
 from transformers import AutoTokenizer
 
 from corolla.federation.coordinator.model import write_summary
+from corolla.federation.coordinator.rounds import run_rounds
+from corolla.federation.grid import InProcessGrid, InProcessSite
+from corolla.federation.messages import SITE_FAILED, AuditOrders, RecordError, Weights, site_error
+from corolla.federation.outcomes import RunSummary
 from corolla.federation.progress import ProgressLog
+from corolla.federation.site.env import SiteEnv, SiteResult
+from corolla.federation.site.handlers import handle_train, site_name
+from corolla.federation.site.round import prepare_round, run_steps
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
 from corolla.training.config import TrainConfig
-from corolla.training.data import encode, evaluate, load_jsonl
+from corolla.training.data import Record, evaluate, load_jsonl
 from corolla.training.local_trainer import LocalTrainer
-from corolla.training.plan import dp_plan, lora_settings, poisson_batches, secret_generator
-from corolla.training.privacy import BudgetExhaustedError, warn_dp_off
-from corolla.training.privacy_ledger import PrivacyLedger
+from corolla.training.plan import lora_settings, secret_generator
 
-_LOG_NAME = "corolla.federation.local"
+__all__ = ["run_local"]
 
 
-def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, echo: bool = True) -> dict[str, Any]:
-    import logging
-
-    log = logging.getLogger(_LOG_NAME)
+def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, echo: bool = True) -> RunSummary:
+    """The run with `sites_data[i]` as site i's records, scored on `test_data`."""
     # one thread: with two, every op waits for the slower of them, and a busy second core
     # (measured here) made a round 20x slower
     torch.set_num_threads(1)
+    config = dataclasses.replace(config, secure_agg=False, audit_rate=0.0, test_data=str(test_data))
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run_id = int(time.time())  # a fresh run key per run, as Flower gives each run its own
+    sites = {
+        index + 1: InProcessSite(
+            context=Context(
+                run_id=run_id,
+                node_id=index + 1,
+                node_config={
+                    "data": str(path),
+                    "store": str(out / "local-store" / f"site-{index}"),
+                    "workspace": "",
+                    "node": f"site-{index}",
+                    "allow-plain-updates": True,
+                },
+                state=RecordDict(),
+                run_config=config.to_run_config(),
+            ),
+            handle=_handle,
+        )
+        for index, path in enumerate(sites_data)
+    }
+    grid = InProcessGrid(sites, run_id=run_id)
+    config = dataclasses.replace(config, sites=len(sites))
+    with ProgressLog.in_dir(out, echo=echo, run_log=False) as progress:  # the user reads this process's output
+        return run_rounds(grid, config, LocalCoordinator(config), progress=progress, mode="local")
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    if msg.metadata.message_type != "train":
+        error = RecordError(f"a local site answers train messages only, not {msg.metadata.message_type!r}")
+        return Message(site_error(SITE_FAILED, site=site_name(context), exc=error), reply_to=msg)
+    return handle_train(msg, context, local_site_round)
+
+
+def local_site_round(
+    config: TrainConfig,
+    env: SiteEnv,
+    weights: Weights,
+    *,
+    server_round: int,
+    run_key: str,
+    orders: AuditOrders | None,
+) -> SiteResult:
+    """A site's round on the whole model in this process, with Opacus's `PrivacyEngine`."""
+    started = time.monotonic()
+    prepared = prepare_round(config, env, weights, run_key=run_key)
+    plan = prepared.plan
     checkpoint = Checkpoint.open(config.model)
-    settings = lora_settings(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    adapter = LoraAdapter.init(checkpoint, settings, seed=config.seed)
-    weights = adapter.state()
-    test = load_jsonl(test_data)[: config.eval_records or None]
-    labels = sorted({r.completion.strip() for r in test})
-    names = [f"site-{i}" for i in range(len(sites_data))]
-    site_sets = [load_jsonl(path) for path in sites_data]
-    encoded = [encode(records, tokenizer, max_length=config.max_length) for records in site_sets]
-    plans = [dp_plan(config, len(records)) for records in site_sets]
-    if not config.dp:
-        warn_dp_off(log)
-    run_key = f"local-{int(time.time())}"
-    ledgers = [
-        PrivacyLedger.open(out / "local-store" / name, run_key, plan) if plan is not None else None
-        for name, plan in zip(names, plans, strict=True)
-    ]
-    history: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    rounds: list[dict[str, Any]] = []
-    refusals: list[dict[str, Any]] = []
-    evaluation: dict[str, Any] = {}
-    with ProgressLog.in_dir(out, echo=echo) as progress:
-        progress.emit(
-            {
-                "event": "start",
-                "rounds": config.rounds,
-                "dp": config.dp,
-                "dp_epsilon": config.dp_epsilon,
-                "secure_agg": False,
-                "aggregation": "mean_update (local)",
-                "sites_expected": len(names),
-            }
-        )
-        initial = _evaluate(config, checkpoint, weights, tokenizer, test, labels)
-        progress.emit(
-            {
-                "event": "baseline",
-                "round": 0,
-                "rounds": config.rounds,
-                "seconds": 0.0,
-                "eval": initial,
-                "dp": config.dp,
-                "sites": {},
-            }
-        )
-        for server_round in range(1, config.rounds + 1):
-            started = time.monotonic()
-            updates, outcomes = [], {}
-            for name, data, plan, ledger in zip(names, encoded, plans, ledgers, strict=True):
-                info: dict[str, Any] = {"status": "ok"}
-                if ledger is not None:
-                    try:
-                        info["epsilon"] = ledger.charge(config.steps_per_round)
-                    except BudgetExhaustedError as exc:
-                        outcomes[name] = {"status": "refused", "reason": str(exc)}
-                        refusals.append({"round": server_round, "site": name, "reason": str(exc)})
-                        continue
-                n = data.input_ids.shape[0]
-                sample_rate = plan.sample_rate if plan is not None else min(1.0, config.batch_size / n)
-                trainer = LocalTrainer(
-                    config.model,
-                    LoraAdapter.from_state(checkpoint, settings, weights),
-                    lr=config.lr,
-                    noise_multiplier=plan.noise_multiplier if plan is not None else None,
-                    max_grad_norm=config.max_grad_norm,
-                    expected_batch_size=config.batch_size,
-                    generator=secret_generator(),
-                )
-                batches = poisson_batches(
-                    data, sample_rate=sample_rate, steps=config.steps_per_round, generator=secret_generator()
-                )
-                losses = [x for x in (trainer.step(b) for b in batches) if not math.isnan(x)]
-                new = trainer.adapter.state()
-                updates.append({k: new[k] - weights[k] for k in weights})
-                info |= {"loss": float(np.mean(losses)) if losses else math.nan, "sample_rate": sample_rate}
-                if plan is not None:
-                    info |= {
-                        "noise_multiplier": plan.noise_multiplier,
-                        "delta": plan.delta,
-                        "steps": config.steps_per_round,
-                    }
-                outcomes[name] = info
-                history[name].append({"round": server_round, **info})
-            if updates:
-                weights = {k: weights[k] + torch.stack([u[k] for u in updates]).mean(0) for k in weights}
-            evaluation = _evaluate(config, checkpoint, weights, tokenizer, test, labels)
-            record = {
-                "round": server_round,
-                "rounds": config.rounds,
-                "seconds": round(time.monotonic() - started, 3),
-                "nodes": len(names),
-                "aggregated": len(updates),
-                "kept": not updates,
-                "eval": evaluation,
-                "dp": config.dp,
-                "sites": outcomes,
-            }
-            progress.emit({"event": "round", **record})
-            rounds.append(record)
-        adapter_dir = LoraAdapter.from_state(checkpoint, settings, weights).save_peft(out / "adapter")
-        sites = {
-            name: {
-                "epsilon": ledger.spent() if ledger is not None else None,
-                "rounds_trained": len(history[name]),
-                "history": history[name],
-            }
-            for name, ledger in zip(names, ledgers, strict=True)
-        }
-        summary = {
-            "mode": "local",
-            "config": dataclasses.asdict(config),
-            "dp": config.dp,
-            "aggregation": "mean_update (local)",
-            "secure_agg": False,
-            "rounds": rounds,
-            "sites": sites,
-            "refusals": refusals,
-            "failures": [],
-            "missing": [],
-            "final": evaluation,
-            "adapter": str(adapter_dir),
-        }
-        path = write_summary(out, summary)
-        progress.emit({"event": "done", "adapter": str(adapter_dir), "summary": str(path)})
-    return summary
-
-
-def _evaluate(config, checkpoint, weights, tokenizer, test, labels) -> dict[str, Any]:
-    if not test:
-        return {}
-    model = LocalTrainer(
+    trainer = LocalTrainer(
         config.model,
-        LoraAdapter.from_state(checkpoint, lora_settings(config), weights),
-        lr=1.0,
-        noise_multiplier=None,
-        max_grad_norm=1.0,
-        expected_batch_size=1,
+        LoraAdapter.from_state(checkpoint, lora_settings(config), prepared.start),
+        lr=config.lr,
+        noise_multiplier=plan.noise_multiplier if plan is not None else None,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=config.batch_size,
+        generator=secret_generator(),
     )
-    model.model.eval()
-    return evaluate(model.logits, tokenizer, test, labels, batch_size=64, max_length=config.max_length)
+    update, metrics = run_steps(
+        trainer.step, trainer.adapter, config, prepared, server_round=server_round, started=started
+    )
+    return SiteResult(update=update, metrics=metrics, audit_events=() if orders is not None else None)
+
+
+class LocalCoordinator:
+    """The model side of the local run: the starting adapter, held-out scoring on the whole
+    model in this process, the result."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.checkpoint = Checkpoint.open(config.model)
+        self.settings = lora_settings(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        test: list[Record] = load_jsonl(Path(config.test_data)) if config.test_data else []
+        self.test = test[: config.eval_records or None]
+        self.labels = sorted({r.completion.strip() for r in self.test})
+
+    def _adapter(self, weights: Weights) -> LoraAdapter:
+        tensors = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
+        return LoraAdapter.from_state(self.checkpoint, self.settings, tensors)
+
+    def initial_weights(self) -> Weights:
+        adapter = LoraAdapter.init(self.checkpoint, self.settings, seed=self.config.seed)
+        return {name: t.numpy() for name, t in adapter.state().items()}
+
+    def evaluate(self, weights: Weights) -> Mapping[str, float]:
+        if not self.test:
+            return {}
+        model = LocalTrainer(
+            self.config.model,
+            self._adapter(weights),
+            lr=1.0,
+            noise_multiplier=None,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+        )
+        model.model.eval()
+        return evaluate(
+            model.logits, self.tokenizer, self.test, self.labels, batch_size=64, max_length=self.config.max_length
+        )
+
+    def save(self, weights: Weights, summary: RunSummary) -> Path:
+        out = Path(self.config.out_dir)
+        adapter_dir = self._adapter(weights).save_peft(out / "adapter")
+        write_summary(out, summary.model_copy(update={"adapter": str(adapter_dir)}))
+        return adapter_dir

@@ -1,38 +1,81 @@
-"""What the ServerApp and the ClientApps put in their messages, and how it is checked.
+"""What the coordinator and the sites put in their Flower messages, typed, and the one place
+where it is converted to and from Flower's `RecordDict`.
 
-A train message (ServerApp -> SuperNode, Flower message type `train`, group id = round):
+Each message content is a frozen dataclass with `to_content()` (what is sent) and
+`from_content()` (what is received, every field checked: names, shapes, dtype float32,
+finite values, types and ranges). Neither side reads a `RecordDict` anywhere else.
 
-    RecordDict({"weights": ArrayRecord(name -> float32 array),
-                "round": ConfigRecord({"server-round": int})})
+A train message (coordinator -> site, Flower message type `train`, group id = round):
 
-Its reply is either content:
+    {"weights": ArrayRecord(name -> float32), "round": {"server-round": int},
+     "secagg": {"announcement": bytes}?,                      # secure aggregation's signed roster
+     "verify": {"rate": float, "quarantine": [event JSON], "tolerances": table JSON?}?}
 
-    RecordDict({"update": ArrayRecord(name -> float32 array, the same names and shapes),
-                "metrics": ConfigRecord({"site": str, "loss": float, "epsilon": float, ...})})
+Its reply is either content,
+
+    {"update": ArrayRecord}  or  {"secagg": {"upload": bytes}},   # in the clear, or masked
+    {"metrics": {"site": str, "epsilon": float, ...}, "verify": {"events": [event JSON]}?}
 
 or an error, `Message(Error(code, reason), reply_to=msg)`, whose reason is a JSON object
-{"site": ..., "error": exception class name, "reason": message} for the codes below.
+{"site": ..., "error": exception class name, "reason": message} for our codes below.
 Flower's own error codes (0-8, e.g. 5 = the destination node stopped sending heartbeats)
-carry Flower's plain-text reasons.
-
-Anything read from a message is checked: names, shapes, dtype float32, finite values.
+carry Flower's plain-text reasons. Secure aggregation adds a `query` for a site's keys and
+a `train.secagg_unmask` stage (`KeysQuery`, `KeysReply`, `UnmaskOrder`, `UnmaskReply`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+from pydantic import ValidationError
 
 from corolla.errors import CorollaError
+from corolla.federation.outcomes import SiteMetrics, Status
+from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, canonical_json, parse_event
 
-Weights = dict[str, np.ndarray]
+if TYPE_CHECKING:  # the tolerance module imports torch: not at import time (the ClientApp stays light)
+    from corolla.verify.tolerance import ToleranceTable
+
+__all__ = [
+    "MAX_EVENTS",
+    "SITE_CRASHED",
+    "SITE_FAILED",
+    "SITE_REFUSED",
+    "UNMASK_ACTION",
+    "UNMASK_MESSAGE_TYPE",
+    "AuditOrders",
+    "KeysQuery",
+    "KeysReply",
+    "RecordError",
+    "ReplyError",
+    "TrainOrder",
+    "TrainReply",
+    "UnmaskOrder",
+    "UnmaskReply",
+    "Weights",
+    "check_like",
+    "flatten",
+    "from_array_record",
+    "from_metrics_record",
+    "read_error",
+    "run_key",
+    "site_error",
+    "to_array_record",
+    "to_metrics_record",
+    "unflatten",
+]
+
+Weights = dict[str, npt.NDArray[np.float32]]
 Metric = float | int | str | bool
+Event = AuditEvent | QuarantineEvent | ReadmitEvent
+_ConfigValue = int | float | str | bytes | bool | list[int] | list[float] | list[str] | list[bytes] | list[bool]
 
 WEIGHTS = "weights"
 ROUND = "round"
@@ -40,6 +83,11 @@ SERVER_ROUND = "server-round"
 UPDATE = "update"
 METRICS = "metrics"
 SITE = "site"  # metrics key naming the site that replied
+SECAGG = "secagg"  # the ConfigRecord every secure-aggregation message carries
+VERIFY = "verify"  # the ConfigRecord of spot-check orders (train) and verdicts (reply)
+UNMASK_ACTION = "secagg_unmask"  # ClientApp action: message type "train.secagg_unmask"
+UNMASK_MESSAGE_TYPE = f"{MessageType.TRAIN}.{UNMASK_ACTION}"
+MAX_EVENTS = 10_000  # audit events one reply may carry
 
 # Error codes of our ClientApp; Flower's own use 0-8 (flwr.common.constant.ErrorCode).
 SITE_REFUSED = 100  # the site declined the round (e.g. its privacy budget is spent)
@@ -50,8 +98,6 @@ SITE_CRASHED = 102  # anything else raised on the site (a bug); its traceback is
 _FLOWER_NODE_UNAVAILABLE = 5
 _FLOWER_EXPIRED = (3, 4)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE
 
-Outcome = Literal["refused", "failed", "offline", "missing"]
-
 
 class RecordError(CorollaError):
     """A message's records are missing, of the wrong kind, or do not match what was sent."""
@@ -59,11 +105,261 @@ class RecordError(CorollaError):
     exit_code = 2
 
 
-def run_key(context: Any) -> str:
+class _RunContext(Protocol):
+    @property
+    def run_id(self) -> int: ...
+
+
+def run_key(context: _RunContext) -> str:
     """What a site files this run's privacy ledger and secure-aggregation state under, and the
     run id the coordinator's announcements must name: from the Flower context, not from a
     message, so the coordinator cannot start a fresh budget (or round store) in every round."""
     return f"flower-run-{context.run_id}"
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditOrders:
+    """What the coordinator asks of a site's spot checks this round."""
+
+    rate: float  # fraction of span computations to audit (0: none)
+    quarantine: tuple[QuarantineEvent, ...] = ()  # nodes to route around from the start
+    tolerances: ToleranceTable | None = None  # the coordinator's tolerance table; None: the shipped one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not 0 <= self.rate <= 1:
+            raise RecordError(f"verify rate {self.rate!r} must be a number in [0, 1]")
+
+    def to_record(self) -> ConfigRecord:
+        record = ConfigRecord(
+            {"rate": float(self.rate), "quarantine": [canonical_json(e).decode() for e in self.quarantine]}
+        )
+        if self.tolerances is not None:
+            record["tolerances"] = self.tolerances.model_dump_json()
+        return record
+
+    @classmethod
+    def from_record(cls, record: object) -> AuditOrders:
+        if not isinstance(record, ConfigRecord):
+            raise RecordError(f"the {VERIFY!r} record is not a ConfigRecord")
+        rate = record.get("rate")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
+            raise RecordError(f"verify rate {rate!r} must be a number in [0, 1]")
+        events = []
+        for event in _events(record.get("quarantine", [])):
+            if not isinstance(event, QuarantineEvent):
+                raise RecordError("the verify record's quarantine list holds a non-quarantine event")
+            events.append(event)
+        return cls(rate=float(rate), quarantine=tuple(events), tolerances=_table(record.get("tolerances")))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainOrder:
+    """A train message: the round's weights, and what else the coordinator asks."""
+
+    weights: Weights
+    server_round: int
+    announcement: bytes | None = None  # secure aggregation's signed announcement; None: a plain round
+    audits: AuditOrders | None = None  # spot-check orders; None: no spot checks
+
+    def to_content(self) -> RecordDict:
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            WEIGHTS: to_array_record(self.weights),
+            ROUND: ConfigRecord({SERVER_ROUND: self.server_round}),
+        }
+        if self.announcement is not None:
+            records[SECAGG] = ConfigRecord({"announcement": self.announcement})
+        if self.audits is not None:
+            records[VERIFY] = self.audits.to_record()
+        return RecordDict(records)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainOrder:
+        """Every part checked: weights float32 and finite, the round an int >= 1, the
+        announcement bytes, the spot-check orders well-formed."""
+        try:
+            weights = from_array_record(content[WEIGHTS])
+        except KeyError:
+            raise RecordError("malformed train message: no weights") from None
+        server_round = _server_round(content)
+        announcement = _bytes(content[SECAGG], "announcement") if SECAGG in content else None
+        audits = AuditOrders.from_record(content[VERIFY]) if VERIFY in content else None
+        return cls(weights=weights, server_round=server_round, announcement=announcement, audits=audits)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainReply:
+    """A site's answer to a train message: its update in the clear or masked, its metrics,
+    and its spot-check verdicts when it was given orders."""
+
+    site: str  # the site's own name
+    metrics: SiteMetrics
+    update: Weights | None = None  # a plain round
+    upload: bytes | None = None  # a secure round: the masked update
+    events: tuple[Event, ...] | None = None  # its audit verdicts; None: it had no orders
+
+    def __post_init__(self) -> None:
+        if (self.update is None) == (self.upload is None):
+            raise RecordError("a train reply carries either an update or a masked upload")
+
+    def to_content(self) -> RecordDict:
+        metrics = {**self.metrics.model_dump(exclude_none=True), SITE: self.site}
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {METRICS: to_metrics_record(metrics)}
+        if self.update is not None:
+            records[UPDATE] = to_array_record(self.update)
+        if self.upload is not None:
+            records[SECAGG] = ConfigRecord({"upload": self.upload})
+        if self.events is not None:
+            records[VERIFY] = ConfigRecord({"events": [canonical_json(e).decode() for e in self.events]})
+        return RecordDict(records)
+
+    @classmethod
+    def from_content(cls, content: RecordDict, *, like: Mapping[str, np.ndarray] | None) -> TrainReply:
+        """`like`: the weights sent, for a plain round (the update must match them); None for a
+        secure round (the aggregator checks the upload)."""
+        try:
+            raw = from_metrics_record(content[METRICS])
+        except KeyError:
+            raise RecordError("the reply carries no metrics") from None
+        site = raw.pop(SITE, None)
+        try:
+            metrics = SiteMetrics.model_validate(raw)
+        except ValidationError as exc:
+            raise RecordError(f"the reply's metrics do not check: {_first_error(exc)}") from None
+        update = upload = None
+        if like is not None:
+            if UPDATE not in content:
+                raise RecordError("the reply carries no update")
+            update = from_array_record(content[UPDATE], like=like)
+        else:
+            if SECAGG not in content:
+                raise RecordError("the reply carries no secure-aggregation upload")
+            upload = _bytes(content[SECAGG], "upload")
+        events = None
+        if VERIFY in content:
+            record = content[VERIFY]
+            if not isinstance(record, ConfigRecord):
+                raise RecordError(f"the {VERIFY!r} record is not a ConfigRecord")
+            events = tuple(_events(record.get("events", [])))
+        name = site if isinstance(site, str) and site else ""
+        return cls(site=name, metrics=metrics, update=update, upload=upload, events=events)
+
+
+# --- secure aggregation's own stages --------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysQuery:
+    """Once per run and node: the site's certificates, with a fresh nonce it must sign."""
+
+    run_id: str
+    nonce: bytes
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({SECAGG: ConfigRecord({"ask": "keys", "run-id": self.run_id, "nonce": self.nonce})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> KeysQuery:
+        record = _record(content, SECAGG)
+        if record.get("ask") != "keys":
+            raise RecordError(f"unknown secure-aggregation query {record.get('ask')!r}")
+        run_id, nonce = record.get("run-id"), record.get("nonce")
+        if not isinstance(run_id, str):
+            raise RecordError("the keys query lacks its run id")
+        if not isinstance(nonce, bytes):
+            raise RecordError("the keys query carries no nonce: this site signs its keys only over a fresh one")
+        return cls(run_id=run_id, nonce=nonce)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeysReply:
+    """A site's certificates (DER) and its proof that it holds the identity key."""
+
+    node_id: str
+    identity_cert: bytes
+    agreement_cert: bytes
+    proof: bytes
+
+    def to_content(self) -> RecordDict:
+        record = ConfigRecord(
+            {
+                "node-id": self.node_id,
+                "identity-cert": self.identity_cert,
+                "agreement-cert": self.agreement_cert,
+                "proof": self.proof,
+            }
+        )
+        return RecordDict({SECAGG: record})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> KeysReply:
+        record = _record(content, SECAGG)
+        node_id = record.get("node-id")
+        if not isinstance(node_id, str):
+            raise RecordError("the keys reply lacks its node id")
+        return cls(
+            node_id=node_id,
+            identity_cert=_bytes(record, "identity-cert"),
+            agreement_cert=_bytes(record, "agreement-cert"),
+            proof=_bytes(record, "proof"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskOrder:
+    """Stage 2 of a secure round: what the site must reveal for the survivors and the dropped."""
+
+    request: bytes
+    server_round: int
+
+    def to_content(self) -> RecordDict:
+        return RecordDict(
+            {
+                SECAGG: ConfigRecord({"request": self.request}),
+                ROUND: ConfigRecord({SERVER_ROUND: self.server_round}),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnmaskOrder:
+        try:
+            request = _bytes(content[SECAGG], "request")
+        except KeyError:
+            raise RecordError("malformed unmask message: no request") from None
+        return cls(request=request, server_round=_server_round(content))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskReply:
+    reply: bytes
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({SECAGG: ConfigRecord({"reply": self.reply})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnmaskReply:
+        return cls(reply=_bytes(_record(content, SECAGG), "reply"))
+
+
+def flatten(weights: Mapping[str, np.ndarray]) -> npt.NDArray[np.float32]:
+    """The arrays in sorted name order as one float32 vector (what secure aggregation masks)."""
+    return np.concatenate([np.asarray(weights[name], dtype=np.float32).ravel() for name in sorted(weights)])
+
+
+def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> Weights:
+    """`flatten`'s inverse, shaped like `like`."""
+    size = sum(int(np.size(like[n])) for n in like)
+    if vector.shape != (size,):
+        raise RecordError(f"the aggregate has shape {vector.shape}; the weights have {size} values")
+    out: Weights = {}
+    at = 0
+    for name in sorted(like):
+        size = int(np.size(like[name]))
+        out[name] = vector[at : at + size].reshape(np.shape(like[name])).astype(np.float32)
+        at += size
+    return out
 
 
 # --- arrays ------------------------------------------------------------------------------
@@ -88,18 +384,19 @@ def check_names(names: Iterable[str], like: Mapping[str, np.ndarray]) -> None:
     names = set(names)
     if names != set(like):
         missing, extra = sorted(set(like) - names), sorted(names - set(like))
-        raise RecordError(f"array names differ from those sent: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise RecordError(f"array names differ from those expected: missing {missing[:5]}, unexpected {extra[:5]}")
 
 
-def check_like(arrays: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> None:
-    """Raise unless `arrays` has the names and shapes of `like` (before sending them)."""
-    check_names(arrays, like)
+def check_like(arrays: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray | tuple[int, ...]]) -> None:
+    """Raise unless `arrays` has the names and shapes of `like` (arrays, or shapes)."""
+    check_names(arrays, like)  # type: ignore[arg-type]
     for name, value in arrays.items():
-        if np.shape(value) != np.shape(like[name]):
-            raise RecordError(f"array {name!r} has shape {np.shape(value)}; expected {np.shape(like[name])}")
+        want = like[name] if isinstance(like[name], tuple) else np.shape(like[name])
+        if np.shape(value) != want:
+            raise RecordError(f"array {name!r} has shape {np.shape(value)}; expected {want}")
 
 
-def from_array_record(record: Any, *, like: Mapping[str, np.ndarray] | None = None) -> Weights:
+def from_array_record(record: object, *, like: Mapping[str, np.ndarray] | None = None) -> Weights:
     """The arrays of `record`, each float32 and finite; with `like`, the names and shapes must match it."""
     if not isinstance(record, ArrayRecord):
         raise RecordError(f"expected an ArrayRecord, got {type(record).__name__}")
@@ -124,9 +421,9 @@ def from_array_record(record: Any, *, like: Mapping[str, np.ndarray] | None = No
 # --- metrics -----------------------------------------------------------------------------
 
 
-def to_metrics_record(metrics: Mapping[str, Any]) -> ConfigRecord:
+def to_metrics_record(metrics: Mapping[str, Metric | np.generic]) -> ConfigRecord:
     """Scalars only (numpy scalars become Python ones); a ConfigRecord because it admits strings."""
-    clean: dict[str, Any] = {}
+    clean: dict[str, _ConfigValue] = {}
     for key, value in metrics.items():
         if isinstance(value, np.generic):
             value = value.item()
@@ -138,7 +435,7 @@ def to_metrics_record(metrics: Mapping[str, Any]) -> ConfigRecord:
     return ConfigRecord(clean)
 
 
-def from_metrics_record(record: Any) -> dict[str, Metric]:
+def from_metrics_record(record: object) -> dict[str, Metric]:
     if not isinstance(record, ConfigRecord):
         raise RecordError(f"expected a ConfigRecord of metrics, got {type(record).__name__}")
     out: dict[str, Metric] = {}
@@ -160,9 +457,9 @@ def site_error(code: int, *, site: str, exc: BaseException) -> Error:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReplyError:
-    """An error reply as the ServerApp reads it."""
+    """An error reply as the coordinator reads it."""
 
-    outcome: Outcome
+    outcome: Status
     code: int
     reason: str
     site: str | None  # the site's own name, when our ClientApp wrote the error
@@ -178,13 +475,84 @@ def read_error(error: Error) -> ReplyError:
             text = f"{payload['error']}: {payload['reason']}"
         except (ValueError, TypeError, KeyError):
             pass  # not ours after all: keep Flower's text
-    outcome: Outcome
     if code == SITE_REFUSED:
-        outcome = "refused"
+        outcome = Status.REFUSED
     elif code == _FLOWER_NODE_UNAVAILABLE:
-        outcome = "offline"
+        outcome = Status.OFFLINE
     elif code in _FLOWER_EXPIRED:
-        outcome = "missing"
+        outcome = Status.MISSING
     else:
-        outcome = "failed"
+        outcome = Status.FAILED
     return ReplyError(outcome=outcome, code=code, reason=text, site=site)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _record(content: RecordDict, key: str) -> ConfigRecord:
+    try:
+        record = content[key]
+    except KeyError:
+        raise RecordError(f"the message carries no {key!r} record") from None
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"expected a ConfigRecord {key!r}, got {type(record).__name__}")
+    return record
+
+
+def _bytes(record: object, key: str) -> bytes:
+    """`record[key]` when `record` is a ConfigRecord holding bytes there."""
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"expected a ConfigRecord {SECAGG!r}, got {type(record).__name__}")
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise RecordError(f"the {SECAGG!r} record lacks bytes {key!r}")
+    return value
+
+
+def _server_round(content: RecordDict) -> int:
+    try:
+        value = content[ROUND][SERVER_ROUND]
+    except (KeyError, TypeError) as exc:
+        raise RecordError(f"malformed message: no server round ({type(exc).__name__}: {exc})") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecordError(f"malformed message: server round {value!r} is not a round number")
+    return value
+
+
+def _events(value: object) -> list[Event]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError("the verify record's event list must be a list of strings")
+    texts: Sequence[str] = value
+    if len(texts) > MAX_EVENTS:
+        raise RecordError(f"{len(texts)} audit events in one message; at most {MAX_EVENTS}")
+    events: list[Event] = []
+    for text in texts:
+        try:
+            events.append(parse_event(text))
+        except ValidationError as exc:
+            raise RecordError(
+                f"an audit event does not parse: {exc.error_count()} errors, first: {_first_error(exc)}"
+            ) from None
+    return events
+
+
+def _table(value: object) -> ToleranceTable | None:
+    """The train message's tolerance table, checked as `load_table` checks a file; None when
+    the message carries none (the run uses the shipped table)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"the verify record's tolerance table must be a JSON string, not {type(value).__name__}")
+    from corolla.verify.errors import VerifyError
+    from corolla.verify.tolerance import parse_table
+
+    try:
+        return parse_table(value, where="the coordinator's tolerance table")
+    except VerifyError as exc:
+        raise RecordError(f"refusing the train message: {exc}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{where}: {first['msg']}" if where else str(first["msg"])

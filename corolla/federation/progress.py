@@ -1,17 +1,14 @@
 """The coordinator's progress: JSON lines in `<out_dir>/progress.jsonl`, one line per round.
 
-The ServerApp writes (`ProgressLog`), the launcher reads as lines arrive (`follow`) and
+The round loop writes (`ProgressLog`), the launcher reads as lines arrive (`follow`) and
 prints one line per round (`format_event`). Each event is also printed to the ServerApp's
 stdout, so it appears in the run's log (`flwr log`) for a coordinator that cannot read the
-file (`events_from_log`). Events:
+file (`events_from_log`). The events are the typed models of `outcomes.py` (start,
+baseline, round, done), each with "time" (Unix seconds), e.g.
 
-    {"event": "start", "rounds": 5, "dp": true, "dp_epsilon": 3.0, "secure_agg": true, "sites_expected": 3}
     {"event": "round", "round": 2, "rounds": 5, "seconds": 12.3, "nodes": 3, "aggregated": 2,
      "kept": false, "eval": {"loss": 1.23, "accuracy": 0.41, "chance": 0.17},
      "sites": {"site-0": {"status": "ok", "epsilon": 1.2, ...}, "site-2": {"status": "refused", "reason": ...}}}
-    {"event": "done", "adapter": "...", "summary": "..."}
-
-Every event also has "time" (Unix seconds).
 """
 
 from __future__ import annotations
@@ -19,9 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+from pydantic import TypeAdapter, ValidationError
+
+from corolla.federation.outcomes import (
+    BaselineEvent,
+    DoneEvent,
+    ProgressEvent,
+    RoundEvent,
+    SiteOutcome,
+    StartEvent,
+    Status,
+)
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_PREFIX = "corolla-progress "  # marks an event's JSON line in the run log
@@ -32,19 +41,20 @@ _log = logging.getLogger(__name__)
 class ProgressLog:
     """Appends events to `path`, flushing each line; starts the file afresh."""
 
-    def __init__(self, path: Path, *, echo: bool = True) -> None:
+    def __init__(self, path: Path, *, echo: bool = True, run_log: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.echo = echo  # also print each event (and its human line) to stdout
+        self.echo = echo  # also print each event's human line to stdout
+        self.run_log = run_log  # and its JSON line, for a launcher that reads the run log (a ServerApp)
         self._file: TextIO | None = self.path.open("w", encoding="utf-8")
 
     @classmethod
-    def in_dir(cls, out_dir: Path | str, *, echo: bool = True) -> ProgressLog:
-        return cls(Path(out_dir) / PROGRESS_FILE, echo=echo)
+    def in_dir(cls, out_dir: Path | str, *, echo: bool = True, run_log: bool = True) -> ProgressLog:
+        return cls(Path(out_dir) / PROGRESS_FILE, echo=echo, run_log=run_log)
 
-    def emit(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        record = {**event, "time": time.time()}
-        line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    def emit(self, event: ProgressEvent) -> ProgressEvent:
+        record: ProgressEvent = event.model_copy(update={"time": time.time()})
+        line = json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False)
         if self._file is None:
             raise ValueError(f"progress log {self.path} is closed")
         self._file.write(line + "\n")
@@ -53,7 +63,8 @@ class ProgressLog:
             human = format_event(record)
             if human:
                 print(human, flush=True)
-            print(LOG_PREFIX + line, flush=True)
+            if self.run_log:
+                print(LOG_PREFIX + line, flush=True)
         return record
 
     def close(self) -> None:
@@ -68,11 +79,11 @@ class ProgressLog:
         self.close()
 
 
-def follow(path: Path, *, done: Callable[[], bool], poll: float = 0.5) -> Iterator[dict[str, Any]]:
+def follow(path: Path, *, done: Callable[[], bool], poll: float = 0.5) -> Iterator[ProgressEvent]:
     """Events appended to `path` as they come, until `done()` and nothing is left to read.
 
     Waits for the file to appear; starts over if it is truncated (a new run); a line is
-    read only once its newline is written; lines that are not JSON objects are skipped.
+    read only once its newline is written; lines that are not progress events are skipped.
     """
     offset, pending = 0, b""
     while True:
@@ -98,9 +109,9 @@ def follow(path: Path, *, done: Callable[[], bool], poll: float = 0.5) -> Iterat
         time.sleep(poll)
 
 
-def events_from_log(text: str) -> list[dict[str, Any]]:
+def events_from_log(text: str) -> list[ProgressEvent]:
     """The events a ServerApp printed into a run log."""
-    events = []
+    events: list[ProgressEvent] = []
     for line in text.splitlines():
         start = line.find(LOG_PREFIX)
         if start >= 0:
@@ -110,83 +121,86 @@ def events_from_log(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
+_EVENT: TypeAdapter[ProgressEvent] = TypeAdapter(ProgressEvent)
+
+
+def parse_event(line: bytes | str) -> ProgressEvent:
+    """One progress line as its typed event; `ValueError` (pydantic's `ValidationError`) if it is not one."""
+    return _EVENT.validate_json(line)
+
+
+def _parse(line: bytes) -> ProgressEvent | None:
     if not line.strip():
         return None
     try:
-        event = json.loads(line)
-    except ValueError:
-        _log.warning("skipping a progress line that is not JSON: %r", line[:80])
+        return parse_event(line)
+    except ValidationError as exc:
+        _log.warning("skipping a progress line that is not an event (%s): %r", exc.errors()[0]["msg"], line[:80])
         return None
-    return event if isinstance(event, dict) and "event" in event else None
 
 
 # --- one line per event --------------------------------------------------------------------
 
 
-def format_event(event: Mapping[str, Any]) -> str | None:
-    """The line the launcher prints for `event` (None for events it does not show)."""
-    kind = event.get("event")
-    if kind == "start":
-        dp = f"DP-SGD, epsilon {event.get('dp_epsilon')} per site" if event.get("dp") else "DP OFF (no privacy)"
-        agg = "secure aggregation" if event.get("secure_agg") else "aggregated in the clear"
-        return f"training: {event.get('rounds')} rounds, {dp}, {agg}"
-    if kind == "baseline":
-        evaluation = event.get("eval") or {}
-        parts = [f"before training: held-out loss {_num(evaluation.get('loss'), '.3f')}"]
-        if "accuracy" in evaluation:
-            parts.append(f"acc {_num(evaluation['accuracy'], '.2f')} (chance {_num(evaluation.get('chance'), '.2f')})")
+def format_event(event: ProgressEvent) -> str | None:
+    """The line the launcher prints for `event`."""
+    if isinstance(event, StartEvent):
+        dp = f"DP-SGD, epsilon {event.dp_epsilon} per site" if event.dp else "DP OFF (no privacy)"
+        agg = "secure aggregation" if event.secure_agg else "aggregated in the clear"
+        return f"training: {event.rounds} rounds, {dp}, {agg}"
+    if isinstance(event, BaselineEvent):
+        parts = [f"before training: held-out loss {_num(event.eval.get('loss'), '.3f')}"]
+        if "accuracy" in event.eval:
+            parts.append(f"acc {_num(event.eval['accuracy'], '.2f')} (chance {_num(event.eval.get('chance'), '.2f')})")
         return "  ".join(parts)
-    if kind == "round":
+    if isinstance(event, RoundEvent):
         return format_round(event)
-    if kind == "done":
-        return f"done: adapter {event.get('adapter')}  summary {event.get('summary')}"
+    if isinstance(event, DoneEvent):
+        return f"done: adapter {event.adapter}  summary {event.summary}"
     return None
 
 
-def format_round(event: Mapping[str, Any]) -> str:
+def format_round(event: RoundEvent) -> str:
     """`round 2/5  held-out loss 1.234  acc 0.41 (chance 0.17)  eps site-0 1.2 site-1 1.2 site-2 -  12.3 s`"""
-    parts = [f"round {event.get('round')}/{event.get('rounds')}"]
-    evaluation = event.get("eval") or {}
-    if "loss" in evaluation:
-        parts.append(f"held-out loss {_num(evaluation['loss'], '.3f')}")
-    if "accuracy" in evaluation:
-        chance = f" (chance {_num(evaluation['chance'], '.2f')})" if "chance" in evaluation else ""
-        parts.append(f"acc {_num(evaluation['accuracy'], '.2f')}{chance}")
-    sites: Mapping[str, Mapping[str, Any]] = event.get("sites") or {}
-    if event.get("dp", True):
-        eps = " ".join(f"{name} {_num(info.get('epsilon'), '.3g')}" for name, info in sorted(sites.items()))
+    parts = [f"round {event.round}/{event.rounds}"]
+    scores = event.eval
+    if "loss" in scores:
+        parts.append(f"held-out loss {_num(scores['loss'], '.3f')}")
+    if "accuracy" in scores:
+        chance = f" (chance {_num(scores['chance'], '.2f')})" if "chance" in scores else ""
+        parts.append(f"acc {_num(scores['accuracy'], '.2f')}{chance}")
+    sites: dict[str, SiteOutcome] = event.sites
+    if event.dp:
+        eps = " ".join(f"{name} {_num(info.epsilon, '.3g')}" for name, info in sorted(sites.items()))
         parts.append(f"eps {eps}" if eps else "eps -")
     else:
         parts.append("eps: DP OFF")
-    parts.append(f"{_num(event.get('seconds'), '.1f')} s")
+    parts.append(f"{_num(event.seconds, '.1f')} s")
     # Why a site refused or failed is its own message; offline (no heartbeat) and missing
     # (no reply in time) say it all.
-    for status in ("refused", "failed", "offline", "missing"):
+    for status in (Status.REFUSED, Status.FAILED, Status.OFFLINE, Status.MISSING):
         names = [
-            f"{name} ({_short(info['reason'])})" if info.get("reason") and status in ("refused", "failed") else name
+            f"{name} ({_short(info.reason)})" if info.reason and status in (Status.REFUSED, Status.FAILED) else name
             for name, info in sorted(sites.items())
-            if info.get("status") == status
+            if info.status == status
         ]
         if names:
-            parts.append(f"{status}: {', '.join(names)}")
-    verify = event.get("verify")
-    if isinstance(verify, Mapping):
-        parts.append(f"audits {_num(verify.get('audits'), 'd')}")
-        quarantined = verify.get("quarantined") or []
-        if quarantined:
-            parts.append(f"QUARANTINED: {', '.join(str(n)[:16] for n in quarantined)}")
-    secure = event.get("secure_agg")
-    if isinstance(secure, Mapping) and secure.get("error"):
-        parts.append(f"secure aggregation failed ({_short(secure['error'])})")
-    elif isinstance(secure, Mapping) and secure.get("dropped"):
-        parts.append(f"secure aggregation: {secure['dropped']} dropped, their masks removed")
-    if event.get("kept"):
+            parts.append(f"{status.value}: {', '.join(names)}")
+    if event.verify is not None:
+        parts.append(f"audits {event.verify.audits:d}")
+        if event.verify.quarantined:
+            parts.append(f"QUARANTINED: {', '.join(str(n)[:16] for n in event.verify.quarantined)}")
+    secure = event.secure_agg
+    if secure is not None and secure.error:
+        parts.append(f"secure aggregation failed ({_short(secure.error)})")
+    elif secure is not None and secure.dropped:
+        parts.append(f"secure aggregation: {secure.dropped} dropped, their masks removed")
+    if event.kept:
         parts.append("no updates: weights unchanged")
     return "  ".join(parts)
 
 
-def _num(value: Any, spec: str) -> str:
+def _num(value: float | int | None, spec: str) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "-"
     return format(value, spec)

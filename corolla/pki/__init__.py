@@ -1,11 +1,12 @@
 """The consortium PKI: a CA in the workspace, node identities, certificate checks.
 
-Only this package (in `_x509`) and `corolla.secure_agg._crypto` import
-`cryptography.hazmat`.
+Only this package (in `_x509`), `corolla.secure_agg._crypto` and
+`corolla.verify.ledger.signing` import `cryptography.hazmat`. A signature check raises
+`SignatureError` (one opaque error; `Verifier` says which certificate it concerned).
 """
 
 from corolla.pki.ca import ConsortiumCA, IssuedNode
-from corolla.pki.errors import CertificateError, PkiError, WorkspaceError
+from corolla.pki.errors import CertificateError, PkiError, SignatureError, WorkspaceError
 from corolla.pki.identity import NodeIdentity, PeerCertificate, Role, Verifier, tls_server_name
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PeerCertificate",
     "PkiError",
     "Role",
+    "SignatureError",
     "Verifier",
     "WorkspaceError",
     "tls_server_name",

@@ -19,13 +19,20 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from corolla.pki.errors import CertificateError
+from corolla.pki.errors import CertificateError, SignatureError
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey
+_ISSUER_KEY_TYPES = (  # what can sign a certificate or a CRL (an X25519 or X448 key cannot)
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    dsa.DSAPublicKey,
+)
 
 URI_NODE = "urn:corolla:node:"  # SAN URI prefix carrying the node id
 URI_ROLE = "urn:corolla:role:"  # SAN URI prefix carrying the role
@@ -56,6 +63,17 @@ def key_from_pem(data: bytes) -> ed25519.Ed25519PrivateKey | ec.EllipticCurvePri
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
         raise CertificateError("unsupported private key type")
+    return key
+
+
+IdentityKey = ed25519.Ed25519PrivateKey  # what node identities and the CA sign with
+
+
+def identity_key_from_pem(data: bytes) -> IdentityKey:
+    """An Ed25519 private key: a node's identity key or the CA's."""
+    key = key_from_pem(data)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise CertificateError("not an Ed25519 private key")
     return key
 
 
@@ -254,13 +272,13 @@ def common_name(cert: x509.Certificate) -> str:
     return str(attrs[0].value) if attrs else ""
 
 
-def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """True if `ca_cert` signed `cert` (signature and issuer name)."""
+def verify_certificate(ca_cert: x509.Certificate, cert: x509.Certificate) -> None:
+    """Return if `ca_cert`'s key signed `cert` and `cert` names `ca_cert` as its issuer;
+    else `SignatureError` (opaque)."""
     try:
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    except (ValueError, TypeError, InvalidSignature):  # another issuer name, an unusable key, a bad signature
+        raise SignatureError() from None
 
 
 def identity_public_raw(cert: x509.Certificate) -> bytes | None:
@@ -306,6 +324,13 @@ def build_crl(
     return builder.sign(ca_key, None)
 
 
+def verify_crl(ca_cert: x509.Certificate, crl: x509.CertificateRevocationList) -> None:
+    """Return if `ca_cert`'s key signed `crl`; else `SignatureError` (opaque)."""
+    key = ca_cert.public_key()
+    if not isinstance(key, _ISSUER_KEY_TYPES) or not crl.is_signature_valid(key):
+        raise SignatureError()
+
+
 def crl_to_pem(crl: x509.CertificateRevocationList) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
@@ -316,8 +341,10 @@ def crl_from_pem(data: bytes, ca_cert: x509.Certificate) -> tuple[frozenset[int]
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise CertificateError(f"not a PEM revocation list: {exc}") from None
-    if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
-        raise CertificateError("the revocation list is not signed by the consortium CA")
+    try:
+        verify_crl(ca_cert, crl)
+    except SignatureError:
+        raise CertificateError("the revocation list is not signed by the consortium CA") from None
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     return frozenset(r.serial_number for r in crl), int(number)
 

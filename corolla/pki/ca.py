@@ -13,13 +13,15 @@ A node directory is everything a node needs; copy it to the node's machine (and 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from cryptography import x509
+from pydantic import TypeAdapter, ValidationError
 
 from corolla.pki import _x509
 from corolla.pki.errors import WorkspaceError
@@ -28,16 +30,20 @@ from corolla.pki.identity import NodeIdentity, Role, node_id_from_public
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IssuedNode:
     name: str
-    role: str
+    role: Role
     node_id: str
     serials: tuple[int, ...]  # every certificate's serial: identity, TLS and (sites) agreement
     issued_at: str
     expires_at: str
     revoked_at: str | None = None
     agreement_serial: int | None = None  # the X25519 key-agreement certificate (sites only)
+
+
+# `ca/registry.json`: node name -> IssuedNode (tuples as lists, the role as its value)
+_REGISTRY = TypeAdapter(dict[str, IssuedNode])
 
 
 class ConsortiumCA:
@@ -136,7 +142,7 @@ class ConsortiumCA:
         _write_private(node_dir / "swarm.key", _x509.derive_swarm_key(secret).hex().encode())
         registry[name] = IssuedNode(
             name=name,
-            role=role.value,
+            role=role,
             node_id=node_id,
             serials=(_x509.serial(identity), _x509.serial(tls))
             + (() if agreement_serial is None else (agreement_serial,)),
@@ -155,7 +161,7 @@ class ConsortiumCA:
         node = registry.get(name)
         if node is None:
             raise WorkspaceError(f"no node named {name!r} was issued here; known: {', '.join(sorted(registry))}")
-        if node.role != Role.SITE.value:
+        if node.role is not Role.SITE:
             raise WorkspaceError(f"{name!r} has role {node.role}; only sites hold a key-agreement key")
         if node.revoked_at is not None:
             raise WorkspaceError(f"{name!r} is revoked; issue a new site instead")
@@ -166,7 +172,7 @@ class ConsortiumCA:
         node_dir = self.workspace / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
         serial = self._write_agreement(node_dir, name=name, node_id=node.node_id, now=now or _now(), days=days)
-        registry[name] = IssuedNode(**{**asdict(node), "serials": (*node.serials, serial), "agreement_serial": serial})
+        registry[name] = replace(node, serials=(*node.serials, serial), agreement_serial=serial)
         self._save_registry(registry)
         return NodeIdentity.load(node_dir)
 
@@ -178,7 +184,7 @@ class ConsortiumCA:
             raise WorkspaceError(f"no node named {name!r} was issued here; known: {', '.join(sorted(registry))}")
         node = registry[name]
         if node.revoked_at is None:
-            registry[name] = node = IssuedNode(**{**asdict(node), "revoked_at": _now().isoformat()})
+            registry[name] = node = replace(node, revoked_at=_now().isoformat())
             self._save_registry(registry)
         number = self._crl_number() + 1
         self._write_crl(number=number)
@@ -220,21 +226,23 @@ class ConsortiumCA:
         (node_dir / "agreement.pem").write_bytes(_x509.cert_to_pem(cert))
         return _x509.serial(cert)
 
-    def _ca(self) -> tuple[_x509.ed25519.Ed25519PrivateKey, _x509.x509.Certificate]:
-        key = _x509.key_from_pem((self.dir / "ca.key").read_bytes())
-        return key, _x509.cert_from_pem(self.ca_pem)  # type: ignore[return-value]
+    def _ca(self) -> tuple[_x509.IdentityKey, x509.Certificate]:
+        key = _x509.identity_key_from_pem((self.dir / "ca.key").read_bytes())
+        return key, _x509.cert_from_pem(self.ca_pem)
 
     def _registry(self) -> dict[str, IssuedNode]:
         path = self.dir / "registry.json"
         if not path.is_file():
             return {}
-        raw = json.loads(path.read_text())
-        return {name: IssuedNode(**{**entry, "serials": tuple(entry["serials"])}) for name, entry in raw.items()}
+        try:
+            return _REGISTRY.validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise WorkspaceError(f"{str(path)!r} is not a valid node registry: {exc}") from None
 
     def _save_registry(self, registry: dict[str, IssuedNode]) -> None:
         path = self.dir / "registry.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: asdict(e) for n, e in registry.items()}, indent=2))
+        tmp.write_bytes(_REGISTRY.dump_json(registry, indent=2))
         tmp.replace(path)
 
     def _crl_number(self) -> int:

@@ -11,6 +11,7 @@ revocation, node id, role.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,7 +24,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from corolla.pki import _x509
-from corolla.pki.errors import CertificateError, WorkspaceError
+from corolla.pki.errors import CertificateError, SignatureError, WorkspaceError
 
 
 class Role(StrEnum):
@@ -103,8 +104,10 @@ class Verifier:
     ) -> PeerCertificate:
         """The holder of `cert`, or `CertificateError` naming the check that failed
         (`validity=False` skips the validity period: reading one's own files)."""
-        if not _x509.issued_by(cert, self._ca):
-            raise CertificateError("certificate is not issued by the consortium CA")
+        try:
+            _x509.verify_certificate(self._ca, cert)
+        except SignatureError:
+            raise CertificateError("certificate is not issued by the consortium CA") from None
         now = self._clock.now(dt.UTC)
         if validity and not _x509.not_valid_before(cert) <= now <= _x509.not_valid_after(cert):
             raise CertificateError(f"certificate of {_x509.common_name(cert)!r} is expired or not yet valid")
@@ -136,8 +139,9 @@ class Verifier:
         what the coordinator checks before enrolling a SuperNode."""
         cert = _x509.cert_from_pem(identity_pem)
         holder = self.check(cert, roles=frozenset({Role.SITE}))
-        wanted = _x509.URI_FLOWER_KEY + _x509.public_line_digest(public_line)
-        if wanted not in _x509.san_uris(cert):
+        wanted = (_x509.URI_FLOWER_KEY + _x509.public_line_digest(public_line)).encode()
+        named = [uri.encode() for uri in _x509.san_uris(cert)]
+        if not any(hmac.compare_digest(wanted, uri) for uri in named):  # a digest: compared in constant time
             raise CertificateError(f"the Flower key offered for {holder.name!r} is not the one its certificate names")
         return holder
 

@@ -35,8 +35,15 @@ from corolla.secure_agg.errors import (
     SumOutOfRange,
     UntrustedMember,
 )
-from corolla.secure_agg.roster import CertificateVerifier, Member, SitePolicy, secure_threshold
-from corolla.secure_agg.site import SiteKeys, SiteUpload, check_announcement, site_unmask, site_upload
+from corolla.secure_agg.roster import CertificateVerifier, Member, SitePolicy, VerifiedRound, secure_threshold
+from corolla.secure_agg.site import (
+    SiteKeys,
+    SiteUpload,
+    check_announcement,
+    site_unmask,
+    site_upload,
+    upload_round,
+)
 from corolla.secure_agg.store import RoundStateStore
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "SiteUpload",
     "SumOutOfRange",
     "UntrustedMember",
+    "VerifiedRound",
     "check_announcement",
     "check_enrolment",
     "new_nonce",
@@ -72,4 +80,5 @@ __all__ = [
     "sign_enrolment",
     "site_unmask",
     "site_upload",
+    "upload_round",
 ]

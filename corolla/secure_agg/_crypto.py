@@ -4,7 +4,9 @@ This is the only module of `corolla.secure_agg` that imports `cryptography.hazma
 failure inside it raises one opaque `CryptoError`; callers add which message or member it
 concerned. Keys cross this boundary as raw bytes:
 
-- identity (signing) keys: Ed25519, 32-byte seed / 32-byte public key (RFC 8032);
+- identity (signing) keys: Ed25519, 32-byte seed / 32-byte public key (RFC 8032):
+  `sign(seed, message)`, and `verify(public, message, signature)` that returns None or
+  raises `CryptoError`, never a bool (the convention of the ledger and the PKI too);
 - agreement keys: X25519, 32-byte private / 32-byte public key (RFC 7748);
 - derived keys and seeds: HKDF-SHA256 (RFC 5869), no salt, `info` = `kdf_info(...)`:
   every field length-prefixed (4-byte big-endian), protocol label first, then run id,
@@ -76,6 +78,7 @@ def ed25519_public(seed: bytes) -> bytes:
 
 
 def sign(seed: bytes, message: bytes) -> bytes:
+    """The Ed25519 signature (64 bytes; deterministic, RFC 8032) of a raw 32-byte seed on `message`."""
     try:
         return ed25519.Ed25519PrivateKey.from_private_bytes(seed).sign(message)
     except ValueError:

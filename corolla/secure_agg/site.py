@@ -131,6 +131,14 @@ def site_upload(
     the message): an announcement for another run is refused, so that the round store's
     one-upload-per-round rule cannot be sidestepped with fresh run ids."""
     rnd = check_announcement(announcement, keys, verifier, policy=policy, run_id=run_id)
+    return upload_round(rnd, update, keys, random=random)
+
+
+def upload_round(
+    rnd: VerifiedRound, update: ArrayLike, keys: SiteKeys, *, random: RandomSource = os.urandom
+) -> SiteUpload:
+    """`site_upload` for an announcement this site has already checked (`check_announcement`
+    before training): the round it returned is used as it is, not read and checked again."""
     ann = rnd.announcement
     encoding = rnd.encoding
     ids = rnd.ids

@@ -53,9 +53,9 @@ def pretrain_on_notes(model_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int
             width = int(data.lengths[index].max())
             ids = data.input_ids[index, :width]
             labels = ids.masked_fill(torch.arange(width) >= data.lengths[index, None], -100)
-            loss = model(input_ids=ids, labels=labels).loss
+            loss: torch.Tensor = model(input_ids=ids, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             if step % 100 == 0:
                 log.info("pretraining the tiny base model: step %d/%d, loss %.3f", step, steps, loss.item())

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from corolla.errors import CorollaError
 
 Exchange = Literal["per-sample", "flat"]
+RunConfigValue = bool | int | float | str  # a value of Flower's run config (its `UserConfigValue`)
 _EXCHANGES = ("per-sample", "flat")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -88,9 +89,9 @@ class TrainConfig:
 
     # -- Flower run config -------------------------------------------------------------------
 
-    def to_run_config(self) -> dict[str, bool | int | float | str]:
+    def to_run_config(self) -> dict[str, RunConfigValue]:
         """Flat hyphenated keys; None is written as "" (strings) or -1 (numbers), tuples comma-joined."""
-        out: dict[str, bool | int | float | str] = {}
+        out: dict[str, RunConfigValue] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             key = f.name.replace("_", "-")
@@ -102,19 +103,20 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> TrainConfig:
-        kwargs: dict[str, Any] = {}
+    def from_run_config(cls, config: Mapping[str, RunConfigValue]) -> TrainConfig:
+        kwargs: dict[str, Any] = {}  # the Flower boundary: field values of mixed types; __post_init__ checks them
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if key not in config:
                 continue
-            value = config[key]
+            raw = config[key]
+            value: RunConfigValue | tuple[str, ...] | None = raw
             if f.name in ("targets", "peers", "servers"):
-                value = tuple(t for t in str(value).split(",") if t)
+                value = tuple(t for t in str(raw).split(",") if t)
             elif f.name in ("dp_epsilon", "dp_delta"):
-                value = None if float(value) < 0 else float(value)
+                value = None if float(raw) < 0 else float(raw)
             elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip", "audit_rate"):
-                value = float(value)
+                value = float(raw)
             kwargs[f.name] = value
         missing = [k for k in ("model", "out_dir") if k not in kwargs]
         if missing:

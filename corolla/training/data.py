@@ -18,7 +18,7 @@ final EOS, i.e. when the logits at position `t` are scored (the usual next-token
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,16 +161,16 @@ def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, *, max
         raise DataError("no records to encode")
     if max_length is not None and max_length < 2:
         raise DataError(f"max_length={max_length} must be at least 2")
-    eos = tokenizer.eos_token_id
+    eos: int | None = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to end a completion with")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pad: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    start: int = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     rows: list[tuple[list[int], int]] = []  # (token ids, number of prompt tokens)
     for index, record in enumerate(records):
-        prompt = list(tokenizer(record.prompt).input_ids) if record.prompt else []
+        prompt: list[int] = list(tokenizer(record.prompt).input_ids) if record.prompt else []
         prompt = prompt or [start]
-        completion = list(tokenizer(record.completion, add_special_tokens=False).input_ids)
+        completion: list[int] = list(tokenizer(record.completion, add_special_tokens=False).input_ids)
         ids = prompt + completion + [eos]
         if max_length is not None and len(ids) > max_length:
             raise DataError(
@@ -208,6 +208,32 @@ def per_record_loss(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids (B, T) long -> logits (B, T, V)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Evaluation(Mapping[str, float]):
+    """Held-out scores of a model (what `evaluate` returns).
+
+    Read the fields; `as_dict()` is the JSON form, `{"loss", "accuracy", "chance"}` in that
+    order. It is also a read-only mapping of those same three keys, so `scores["loss"]` and
+    `dict(scores)` give what the plain dict this replaced gave.
+    """
+
+    loss: float  # mean over records of `per_record_loss` (each a mean over its completion tokens, nats)
+    accuracy: float  # fraction of records whose true label has the highest log-probability, in [0, 1]
+    chance: float  # 1 / number of labels: the accuracy of a guess
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "accuracy": self.accuracy, "chance": self.chance}
+
+    def __getitem__(self, key: str) -> float:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+
 def evaluate(
     logits_fn: LogitsFn,
     tokenizer: PreTrainedTokenizerBase,
@@ -216,7 +242,7 @@ def evaluate(
     *,
     batch_size: int,
     max_length: int | None = None,
-) -> dict[str, float]:
+) -> Evaluation:
     """Held-out loss and label accuracy of any causal LM given as `logits_fn`.
 
     `loss` is the mean over records of `per_record_loss`. `accuracy` is the fraction of
@@ -240,7 +266,8 @@ def evaluate(
     candidates = [Record(prompt=r.prompt, completion=f" {label}") for r in records for label in labels]
 
     def scores(batch_records: Sequence[Record]) -> tuple[torch.Tensor, torch.Tensor]:
-        out_sum, out_loss = [], []
+        out_sum: list[torch.Tensor] = []  # (n,) each: summed completion log-probability
+        out_loss: list[torch.Tensor] = []  # (n,) each: per-record loss
         for lo in range(0, len(batch_records), batch_size):
             batch = encode(batch_records[lo : lo + batch_size], tokenizer, max_length=max_length)
             with torch.no_grad():
@@ -253,4 +280,4 @@ def evaluate(
     totals, _ = scores(candidates)
     predicted = totals.view(len(records), len(labels)).argmax(dim=1)
     correct = (predicted == torch.tensor(truth, dtype=torch.long)).float()
-    return {"loss": losses.mean().item(), "accuracy": correct.mean().item(), "chance": 1.0 / len(labels)}
+    return Evaluation(loss=float(losses.mean()), accuracy=float(correct.mean()), chance=1.0 / len(labels))

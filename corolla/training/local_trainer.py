@@ -1,6 +1,6 @@
 """The reference: the same LoRA adapter trained on the whole model in one process.
 
-`--local` mode and the tests' yardstick. The model is the Hugging Face checkpoint with
+`--in-process` mode and the tests' yardstick. The model is the Hugging Face checkpoint with
 PEFT's LoRA, and DP-SGD is Opacus's own: `PrivacyEngine.make_private` wraps it in a
 `GradSampleModule` and the optimizer in a `DPOptimizer`. Batches come from the same
 Poisson sampler as the swarm path (q = B / N, expected batch B), so one step here and
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import LoraAdapter
 from corolla.training.data import EncodedBatch, per_record_loss
-from corolla.training.swarm_trainer import OptimizerName, make_optimizer
+from corolla.training.remote_trainer import OptimizerName, make_optimizer
 
 
 class LocalTrainer:
@@ -82,16 +82,18 @@ class LocalTrainer:
             self.optimizer.step()
             self._sync()
             return math.nan
-        logits = self.model(input_ids=batch.input_ids).logits
+        logits: torch.Tensor = self.model(input_ids=batch.input_ids).logits  # (B, T, V)
         losses = per_record_loss(logits, batch)
-        losses.mean().backward()
+        torch.autograd.backward(losses.mean())
         self.optimizer.step()
         self._sync()
         return float(losses.detach().mean())
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of the whole model with the current adapter, without gradients."""
         with torch.no_grad():
-            return self.model(input_ids=input_ids).logits
+            logits: torch.Tensor = self.model(input_ids=input_ids).logits
+        return logits
 
     def _sync(self) -> None:
         with torch.no_grad():

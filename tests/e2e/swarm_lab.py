@@ -147,7 +147,7 @@ class NamespaceSwarm:
         boot_node = self.consortium.servers[len(self.spans)] if self.consortium is not None else None
         self.bootstrap_process = self._spawn(
             boot,
-            ["swarm", "bootstrap", "--host", boot.ip, "--port", str(DHT_PORT), *self._identity(boot_node)],
+            ["swarm", "bootstrap", "--host", boot.ip, "--dht-port", str(DHT_PORT), *self._identity(boot_node)],
             log=self.log_dir / "bootstrap.log",
         )
         # The other hosts and the proxies are made while the bootstrap peer imports.
@@ -253,7 +253,7 @@ class NamespaceSwarm:
             "serve", "--model", str(self.model), "--blocks", f"{server.span[0]}:{server.span[1]}",
             "--host", ip, "--port", str(GRPC_PORT), "--dht-port", str(DHT_PORT),
             "--announce-host", ip, "--announce-port", str(PROXY_PORT),
-            "--bootstrap", self.bootstrap_addr, *self._identity(server.node),
+            "--peers", self.bootstrap_addr, *self._identity(server.node),
         ]  # fmt: skip
 
     def _spawn(self, host: Host, args: list[str], *, log: Path) -> subprocess.Popen[str]:

@@ -21,7 +21,7 @@ from corolla.inference.client import RemoteModelForCausalLM
 from corolla.inference.models import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.pki import NodeIdentity
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 from corolla.platform.workspace import LocalConsortium, throwaway_consortium
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ def test_servers_and_client_meet_through_one_bootstrap(
     spans = [(0, 2), (2, 4), (2, 4)]
     site = TlsConfig.for_node(NodeIdentity.load(consortium.workspace / "nodes" / consortium.sites[0]))
     with (
-        LocalSwarm(
+        LocalServers(
             tiny_llama,
             spans,
             torch_threads=1,

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 class _KillAfter:
     """A streamer that kills the server holding `blocks` once `tokens` new tokens came."""
 
-    def __init__(self, swarm: LocalSwarm, session_route: list, blocks: tuple[int, int], tokens: int) -> None:
+    def __init__(self, swarm: LocalServers, session_route: list, blocks: tuple[int, int], tokens: int) -> None:
         self.swarm, self.route, self.blocks, self.tokens = swarm, session_route, blocks, tokens
         self.seen = -1  # the first put is the prompt
         self.killed: str | None = None
@@ -49,7 +49,7 @@ def test_sigkill_mid_generation_keeps_output(arch: str, tiny_llama: Path, tiny_g
     want = local.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=None)
 
     with (
-        LocalSwarm(model_dir, [(0, 2), (2, 4), (2, 4)], torch_threads=1) as swarm,
+        LocalServers(model_dir, [(0, 2), (2, 4), (2, 4)], torch_threads=1) as swarm,
         RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model,
     ):
         session = model.inference_session(max_length=6 + 32, batch_size=2)
@@ -68,7 +68,7 @@ def test_parallel_forward_retries_on_replica(tiny_llama: Path) -> None:
     local = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(8))
     with (
-        LocalSwarm(tiny_llama, [(0, 4), (0, 4)], torch_threads=1) as swarm,
+        LocalServers(tiny_llama, [(0, 4), (0, 4)], torch_threads=1) as swarm,
         RemoteModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers) as model,
     ):
         model.swarm.router.jitter = 0.0  # the same server is preferred every time

@@ -38,7 +38,7 @@ from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.pki import ConsortiumCA, NodeIdentity, Verifier
 from corolla.pki.identity import node_id_from_public
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 
 pytestmark = pytest.mark.e2e
 
@@ -145,7 +145,7 @@ class _Rogue:
 def swarm(consortium: dict[str, object], tiny_llama: Path) -> Iterator[dict[str, object]]:
     ca: ConsortiumCA = consortium["ca"]  # type: ignore[assignment]
     nodes: dict[str, NodeIdentity] = consortium["nodes"]  # type: ignore[assignment]
-    with LocalSwarm(
+    with LocalServers(
         tiny_llama, [(0, 2), (2, 4)], torch_threads=1, workspace=ca.workspace, nodes=["server-0", "server-1"]
     ) as local:
         bootstrap = local.initial_peers[0]
@@ -159,7 +159,7 @@ def swarm(consortium: dict[str, object], tiny_llama: Path) -> Iterator[dict[str,
 
 def test_rogue_records_reach_the_dht_but_members_ignore_them(swarm: dict[str, object], tiny_llama: Path) -> None:
     rogues: dict[str, _Rogue] = swarm["rogues"]  # type: ignore[assignment]
-    local: LocalSwarm = swarm["local"]  # type: ignore[assignment]
+    local: LocalServers = swarm["local"]  # type: ignore[assignment]
     site: TlsConfig = swarm["site"]  # type: ignore[assignment]
     model_id = next(iter(rogues.values())).server.backend.model_id
     deadline = time.time() + 20
@@ -183,7 +183,7 @@ def test_member_refuses_rogue_connections(swarm: dict[str, object], rogue: str) 
 
 def test_generation_routes_nothing_to_rogues(swarm: dict[str, object], tiny_llama: Path) -> None:
     rogues: dict[str, _Rogue] = swarm["rogues"]  # type: ignore[assignment]
-    local: LocalSwarm = swarm["local"]  # type: ignore[assignment]
+    local: LocalServers = swarm["local"]  # type: ignore[assignment]
     prompt = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(12))
     want = (
         AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -208,7 +208,7 @@ def test_forged_record_with_a_stolen_certificate_is_ignored(swarm: dict[str, obj
     """A rogue announces under its own key a record carrying a member's certificate and
     TLS fingerprint: the certificate's key is not the signer's, so it is ignored."""
     site: TlsConfig = swarm["site"]  # type: ignore[assignment]
-    local: LocalSwarm = swarm["local"]  # type: ignore[assignment]
+    local: LocalServers = swarm["local"]  # type: ignore[assignment]
     rogue = swarm["rogues"]["wrong-role"]  # type: ignore[index]
     model_id = rogue.server.backend.model_id
     genuine = next(r for r in _view(swarm, model_id, None) if r.endpoint == local.endpoints[0])
@@ -243,7 +243,7 @@ def test_a_revoked_members_fresh_records_are_ignored(consortium: dict[str, objec
 
 
 def test_revoked_and_uncertified_clients_are_refused(consortium: dict[str, object], swarm: dict[str, object]) -> None:
-    local: LocalSwarm = swarm["local"]  # type: ignore[assignment]
+    local: LocalServers = swarm["local"]  # type: ignore[assignment]
     site: TlsConfig = swarm["site"]  # type: ignore[assignment]
     endpoint = local.endpoints[0]
     member = site.verify_server(endpoint)

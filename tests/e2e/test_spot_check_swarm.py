@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.inference.client import RemoteModelForCausalLM
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 from corolla.verify import SpotChecker, SpotCheckSettings
 from corolla.verify.events import AuditEvent, QuarantineEvent, Verdict
 from corolla.verify.reputation import ReputationBook
@@ -36,7 +36,7 @@ def test_fault_injecting_replica_is_quarantined_and_output_is_clean(tiny_llama: 
     events: list[AuditEvent | QuarantineEvent] = []
     checker = SpotChecker(book, sink=events.extend, reporter="site-0", settings=SpotCheckSettings(rate=1.0))
     with (
-        LocalSwarm(tiny_llama, [(0, 4)] * 3, torch_threads=1, faults={1: "noise:1.0"}) as swarm,
+        LocalServers(tiny_llama, [(0, 4)] * 3, torch_threads=1, faults={1: "noise:1.0"}) as swarm,
         RemoteModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers) as model,
     ):
         model.use_spot_checker(checker)

@@ -34,7 +34,7 @@ def test_platform_train_short_dp_run(tiny_llama: Path, tmp_path: Path) -> None:
     args = [
         sys.executable, "-m", "corolla", "train", "--adapter", "lora", "--dp-epsilon", "2",
         "--model", str(tiny_llama), "--rounds", "2", "--steps-per-round", "3", "--batch-size", "16",
-        "--workspace", str(tmp_path / "ws"), "--out", str(out), "--round-timeout", "240",
+        "--workspace", str(tmp_path / "ws"), "--out-dir", str(out), "--round-timeout", "240",
         "--keep-site-updates",  # each site keeps what it contributed, for the comparison below
     ]  # fmt: skip
     env = dict(os.environ, COROLLA_WORKSPACE=str(tmp_path / "ws"))

@@ -29,8 +29,8 @@ def _train(tiny_llama: Path, workspace: Path, *extra: str) -> tuple[dict, str]:
     args = [
         sys.executable, "-m", "corolla", "train", "--adapter", "lora", "--dp-epsilon", "off",
         "--model", str(tiny_llama), "--rounds", "2", "--steps-per-round", "4", "--batch-size", "32",
-        "--servers", "3", "--replicas", "3", "--audit-rate", "0.5", "--seed", "3",
-        "--workspace", str(workspace), "--out", str(out), "--round-timeout", "400", *extra,
+        "--local-servers", "3", "--replicas", "3", "--audit-rate", "0.5", "--seed", "3",
+        "--workspace", str(workspace), "--out-dir", str(out), "--round-timeout", "400", *extra,
     ]  # fmt: skip
     env = dict(os.environ, COROLLA_WORKSPACE=str(workspace))
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)

@@ -17,17 +17,17 @@ import torch
 from transformers import AutoTokenizer
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM
-from corolla.platform.launch.swarm import LocalSwarm
+from corolla.platform.launch.servers import LocalServers
 from corolla.training.clinical import synthetic_clinical
 from corolla.training.data import encode
-from corolla.training.swarm_trainer import SwarmTrainer
+from corolla.training.remote_trainer import RemoteTrainer
 
 pytestmark = pytest.mark.e2e
 
 
 def _step(model: RemoteModelForCausalLM, start: LoraAdapter, batch, exchange: str) -> dict[str, torch.Tensor]:
     adapter = LoraAdapter(start.checkpoint, start.settings, start.state())
-    trainer = SwarmTrainer(
+    trainer = RemoteTrainer(
         model,
         adapter,
         lr=1.0,
@@ -46,7 +46,7 @@ def test_server_killed_mid_step_is_replaced_with_the_same_result(tiny_llama: Pat
     data = synthetic_clinical(sites=1, records_per_site=4, test_records=0, seed=2)
     batch = encode(list(data.sites[0]), AutoTokenizer.from_pretrained(tiny_llama), max_length=192)
     with (
-        LocalSwarm(tiny_llama, [(0, 2), (2, 4), (2, 4)], torch_threads=1) as swarm,
+        LocalServers(tiny_llama, [(0, 2), (2, 4), (2, 4)], torch_threads=1) as swarm,
         RemoteModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers) as model,
     ):
         model.swarm.router.jitter = 0.0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -28,6 +26,7 @@ from corolla.federation.messages import (
     SITE_FAILED,
     SITE_REFUSED,
     UPDATE,
+    VERIFY,
     WEIGHTS,
     RecordError,
     from_array_record,
@@ -37,22 +36,17 @@ from corolla.federation.messages import (
     to_array_record,
     to_metrics_record,
 )
-from corolla.federation.site.handlers import NodeConfigError, handle_train, site_env_kwargs
-from corolla.federation.site.round import SiteEnv
+from corolla.federation.outcomes import SiteMetrics
+from corolla.federation.site.env import NodeConfigError, SiteEnv, SiteResult
+from corolla.federation.site.handlers import handle_train
 from corolla.training.config import TrainConfig
+
+RUN_ID = 42  # the Flower run of the messages (conftest.task_identity)
 
 WEIGHTS_SENT = {
     "base.q_proj.lora_A.weight": np.ones((2, 4), np.float32),
     "base.q_proj.lora_B.weight": np.zeros(4, np.float32),
 }
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 42)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    yield
 
 
 # --- arrays across the wire ----------------------------------------------------------------
@@ -134,12 +128,6 @@ class Refused(CorollaError):
 
 
 @dataclass
-class Result:
-    update: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Call:
     config: TrainConfig
     env: SiteEnv
@@ -171,7 +159,7 @@ def _context(tmp_path: Path, *, secure_agg: bool = False, **node_config: Any) ->
     return Context(run_id=42, node_id=9, node_config=node, state=RecordDict(), run_config=run_config)
 
 
-def _site(calls: list[Call], result: Result | Exception) -> Any:
+def _site(calls: list[Call], result: SiteResult | Exception) -> Any:
     def site_round(
         config: TrainConfig,
         env: SiteEnv,
@@ -180,7 +168,7 @@ def _site(calls: list[Call], result: Result | Exception) -> Any:
         server_round: int,
         run_key: str,
         orders: Any,
-    ):
+    ) -> SiteResult:
         calls.append(Call(config, env, weights, server_round, run_key))
         if isinstance(result, Exception):
             raise result
@@ -190,14 +178,14 @@ def _site(calls: list[Call], result: Result | Exception) -> Any:
 
 
 def _handle(msg: Message, context: Context, site_round: Any) -> Message:
-    return handle_train(msg, context, site_round, env_type=SiteEnv, refusals=(Refused,))
+    return handle_train(msg, context, site_round, refusals=(Refused,))
 
 
 def test_a_round_replies_with_the_update_and_metrics(tmp_path: Path) -> None:
     calls: list[Call] = []
     update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}  # float64: sent as float32
     msg = _message()
-    reply = _handle(msg, _context(tmp_path), _site(calls, Result(update, {"loss": 1.5, "epsilon": 0.7})))
+    reply = _handle(msg, _context(tmp_path), _site(calls, SiteResult(update, SiteMetrics(loss=1.5, epsilon=0.7))))
 
     assert not reply.has_error()
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
@@ -207,7 +195,13 @@ def test_a_round_replies_with_the_update_and_metrics(tmp_path: Path) -> None:
     [call] = calls
     assert call.server_round == 3 and call.run_key == "flower-run-42"
     assert call.config.rounds == 3 and call.config.dp_epsilon is None
-    assert call.env == SiteEnv(data=tmp_path / "site.jsonl", store=tmp_path / "store", workspace=None, node="site-4")
+    assert call.env == SiteEnv(
+        data=tmp_path / "site.jsonl",
+        store=tmp_path / "store",
+        workspace=None,
+        node="site-4",
+        allow_plain_updates=True,  # the node config of `_context`
+    )
     assert (tmp_path / "store").is_dir()
     assert list(call.weights) == list(WEIGHTS_SENT)
     assert all(np.array_equal(call.weights[k], WEIGHTS_SENT[k]) for k in WEIGHTS_SENT)
@@ -237,19 +231,27 @@ def test_a_site_that_cannot_train_replies_with_why(tmp_path: Path, raised: Excep
 def test_a_site_sends_no_plain_update_unless_its_node_config_allows_it(tmp_path: Path) -> None:
     calls: list[Call] = []
     update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
-    reply = _handle(_message(), _context(tmp_path, **{"allow-plain-updates": False}), _site(calls, Result(update)))
+    reply = _handle(
+        _message(),
+        _context(tmp_path, **{"allow-plain-updates": False}),
+        _site(calls, SiteResult(update, SiteMetrics())),
+    )
     assert reply.error.code == SITE_REFUSED
     assert "does not set allow-plain-updates = true" in (reply.error.reason or "")
     assert calls == []  # refused before training: no privacy budget spent
 
-    reply = _handle(_message(), _context(tmp_path, **{"allow-plain-updates": "yes"}), _site(calls, Result(update)))
+    reply = _handle(
+        _message(),
+        _context(tmp_path, **{"allow-plain-updates": "yes"}),
+        _site(calls, SiteResult(update, SiteMetrics())),
+    )
     assert reply.error.code == SITE_FAILED and "expected true or false" in (reply.error.reason or "")
 
 
 def test_a_secure_run_without_an_announcement_is_refused_before_training(tmp_path: Path) -> None:
     calls: list[Call] = []
     update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
-    reply = _handle(_message(), _context(tmp_path, secure_agg=True), _site(calls, Result(update)))
+    reply = _handle(_message(), _context(tmp_path, secure_agg=True), _site(calls, SiteResult(update, SiteMetrics())))
     assert reply.error.code == SITE_FAILED
     assert "carries no announcement" in (reply.error.reason or "")
     assert calls == []
@@ -266,7 +268,7 @@ def test_a_secure_run_without_an_announcement_is_refused_before_training(tmp_pat
 def test_an_update_that_does_not_fit_the_weights_is_a_failure(
     tmp_path: Path, update: dict[str, np.ndarray], message: str
 ) -> None:
-    reply = _handle(_message(), _context(tmp_path), _site([], Result(update)))
+    reply = _handle(_message(), _context(tmp_path), _site([], SiteResult(update, SiteMetrics())))
 
     assert reply.error.code == SITE_FAILED
     assert "does not fit the weights it was sent" in (reply.error.reason or "")
@@ -277,16 +279,17 @@ def test_an_update_that_does_not_fit_the_weights_is_a_failure(
 def test_the_coordinators_tolerance_table_reaches_the_site_or_is_refused_before_training(tmp_path: Path) -> None:
     """The table crosses the wire in the train message's verify record; a malformed one is a
     failure that says why, before any training (no privacy budget spent)."""
-    from corolla.federation.audits import VERIFY
     from corolla.verify.tolerance import load_table
 
     table = load_table()
     update = {name: np.full(w.shape, 0.25) for name, w in WEIGHTS_SENT.items()}
     seen: list[Any] = []
 
-    def site_round(config: TrainConfig, env: SiteEnv, weights: Any, *, server_round: int, run_key: str, orders: Any):
+    def site_round(
+        config: TrainConfig, env: SiteEnv, weights: Any, *, server_round: int, run_key: str, orders: Any
+    ) -> SiteResult:
         seen.append(orders)
-        return Result(update)
+        return SiteResult(update, SiteMetrics())
 
     for text in (table.model_dump_json(), '{"format": "corolla-tolerances/1"}'):
         msg = _message()
@@ -317,7 +320,7 @@ def test_a_bad_node_config_is_a_failure_that_says_what_to_fix(
     tmp_path: Path, node_config: dict[str, Any], message: str
 ) -> None:
     calls: list[Call] = []
-    reply = _handle(_message(), _context(tmp_path, **node_config), _site(calls, Result({})))
+    reply = _handle(_message(), _context(tmp_path, **node_config), _site(calls, SiteResult({}, SiteMetrics())))
 
     assert reply.error.code == SITE_FAILED
     assert message in (reply.error.reason or "")
@@ -325,18 +328,25 @@ def test_a_bad_node_config_is_a_failure_that_says_what_to_fix(
 
 
 def test_site_env_fields_from_node_config(tmp_path: Path) -> None:
+    from corolla.pki import NodeIdentity
+    from corolla.platform.launch.federation import local_consortium
+
+    workspace = local_consortium(tmp_path / "ws", servers=0, sites=1).workspace  # the env loads the node's identity
     data = tmp_path / "d.jsonl"
     data.touch()
-    env = site_env_kwargs({"data": str(data), "store": str(tmp_path / "s"), "workspace": str(tmp_path), "node": "x"})
-    assert env == {"data": data, "store": tmp_path / "s", "workspace": tmp_path, "node": "x"}
+    node_config = {"data": str(data), "store": str(tmp_path / "s"), "workspace": str(workspace), "node": "site-0"}
+    env = SiteEnv.from_node_config(node_config)
+    assert env == SiteEnv(data=data, store=tmp_path / "s", workspace=workspace, node="site-0")
+    assert env.identity is not None
+    assert env.identity.node_id == NodeIdentity.load(workspace / "nodes" / "site-0").node_id
 
 
 def test_node_config_may_cap_the_sites_epsilon(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
     base = {"data": str(data), "store": str(tmp_path / "s"), "workspace": "", "node": "x"}
-    assert "max_epsilon" not in site_env_kwargs(base)
-    assert site_env_kwargs({**base, "max-epsilon": 2})["max_epsilon"] == 2.0
+    assert SiteEnv.from_node_config(base).max_epsilon is None
+    assert SiteEnv.from_node_config({**base, "max-epsilon": 2}).max_epsilon == 2.0
     for bad in (0, -1.0, "3", True, float("inf")):
         with pytest.raises(NodeConfigError, match="max-epsilon"):
-            site_env_kwargs({**base, "max-epsilon": bad})
+            SiteEnv.from_node_config({**base, "max-epsilon": bad})

@@ -8,14 +8,13 @@ SuperLink's "node unavailable", or nothing (the timeout passes). Message ids and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -34,20 +33,14 @@ from corolla.federation.messages import (
     to_array_record,
     to_metrics_record,
 )
+from corolla.federation.outcomes import RunSummary
 from corolla.federation.progress import ProgressLog
 from corolla.training.config import TrainConfig
 
+RUN_ID = 7  # the Flower run of the messages (conftest.task_identity)
+
 SHAPES = {"a.lora_A": (2, 3), "a.lora_B": (3,)}
 Reply = Callable[[Message, int], Message | None]  # (message, round) -> reply, or None for no reply
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Messages read their run and node from the process's task identity, as in a ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    yield
 
 
 class FakeClock:
@@ -119,7 +112,7 @@ class FakeCoordinator:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.evaluated: list[dict[str, np.ndarray]] = []
-        self.saved: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+        self.saved: tuple[dict[str, np.ndarray], RunSummary] | None = None
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
@@ -128,7 +121,7 @@ class FakeCoordinator:
         self.evaluated.append(weights)
         return {"loss": 1.0, "accuracy": float(weights["a.lora_B"][0]), "chance": 0.25}
 
-    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
+    def save(self, weights: dict[str, np.ndarray], summary: RunSummary) -> Path:
         self.saved = (weights, summary)
         return self.out_dir / "adapter"
 
@@ -148,14 +141,14 @@ def _run(
     grid = FakeGrid(replies, clock, online)
     coordinator = FakeCoordinator(tmp_path)
     with ProgressLog.in_dir(tmp_path, echo=False) as progress:
-        summary = run_rounds(
+        summary: dict[str, Any] = run_rounds(
             grid,  # type: ignore[arg-type]
             TrainConfig(**settings_),
             coordinator,
             progress=progress,
             clock=clock,
             sleep=clock.sleep,
-        )
+        ).to_json()
     events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     return summary, grid, coordinator, events
 
@@ -168,7 +161,7 @@ def test_each_round_adds_the_mean_update(tmp_path: Path) -> None:
     assert [e["eval"]["accuracy"] for e in _rounds(events)[0:2]] == [3.0, 6.0]
     weights, saved = coordinator.saved  # type: ignore[misc]
     assert all(np.all(w == np.float32(6.0)) and w.dtype == np.float32 for w in weights.values())
-    assert saved == {k: v for k, v in summary.items() if k != "adapter"}
+    assert saved.to_json() == {k: v for k, v in summary.items() if k != "adapter"}
     assert summary["adapter"] == str(tmp_path / "adapter")
     assert set(summary["sites"]) == {"site-0", "site-1", "node-13"}  # a site that gives no name is its node id
     assert summary["sites"]["site-0"]["epsilon"] == 0.5
@@ -290,7 +283,7 @@ def test_a_custom_aggregate_is_used_and_checked(tmp_path: Path) -> None:
     clock = FakeClock()
     coordinator = FakeCoordinator(tmp_path)
     with ProgressLog.in_dir(tmp_path, echo=False) as progress:
-        summary = run_rounds(
+        summary: dict[str, Any] = run_rounds(
             FakeGrid(replies, clock),  # type: ignore[arg-type]
             TrainConfig(model="m", out_dir=str(tmp_path), rounds=1, secure_agg=False),
             coordinator,
@@ -298,7 +291,7 @@ def test_a_custom_aggregate_is_used_and_checked(tmp_path: Path) -> None:
             aggregate=lambda updates: updates[-1],
             clock=clock,
             sleep=clock.sleep,
-        )
+        ).to_json()
         assert summary["aggregation"] == "<lambda>"
         assert summary["final"]["accuracy"] == 3.0
 

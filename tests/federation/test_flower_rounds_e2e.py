@@ -18,10 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from corolla.federation.outcomes import ProgressEvent, RoundEvent
 from corolla.platform.launch.federation import COORDINATOR, LocalFederation, local_consortium
 from corolla.platform.launch.train_run import follow_run
 from corolla.training.config import TrainConfig
@@ -96,7 +98,7 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     followed = follow_run(federation.local.control, config, timeout=180, app=federation.app, echo=lines.append)
     print(f"2 rounds on 3 SuperNodes: {time.monotonic() - started:.1f} s")
 
-    rounds = [e for e in followed.events if e["event"] == "round"]
+    rounds = _rounds(followed.events)
     assert [r["aggregated"] for r in rounds] == [4, 3], [(r.get("secure_agg"), r["sites"]) for r in rounds]
     # Secure aggregation: whole numbers are exact in the fixed-point encoding, so the means are too.
     assert rounds[0]["eval"]["accuracy"] == pytest.approx(2.5, abs=1e-6)  # 0 + mean(1, 2, 3, 4)
@@ -131,6 +133,11 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     )
     assert "eps site-0 1 site-1 1 site-2 - site-3 1" in lines[3]
     assert "refused: site-2 (FakeRefused: privacy budget exhausted (fake))" in lines[3]
+
+
+def _rounds(events: list[ProgressEvent]) -> list[dict[str, Any]]:
+    """The round events as the JSON objects of progress.jsonl."""
+    return [e.to_json() for e in events if isinstance(e, RoundEvent)]
 
 
 def _kill_tree(pid: int) -> None:
@@ -179,7 +186,7 @@ def test_a_site_killed_mid_round_is_reported_offline_and_the_round_completes(
 
     assert killed_at, "site-1 never started its round"
     print(f"round completed {finished - killed_at[0]:.1f} s after the kill")
-    [round_one] = [e for e in followed.events if e["event"] == "round"]
+    [round_one] = _rounds(followed.events)
     # Killed after the key stage, before its masked upload: the three others' sum is unmasked.
     assert round_one["aggregated"] == 3, round_one
     assert round_one["secure_agg"]["dropped"] == 1

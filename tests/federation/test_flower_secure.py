@@ -6,56 +6,42 @@ The e2e with real SuperLink and SuperNodes is `test_flower_rounds_e2e.py`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from corolla.federation.coordinator.rounds import run_rounds
-from corolla.federation.messages import METRICS, ROUND, SERVER_ROUND, UPDATE, WEIGHTS, read_error
-from corolla.federation.progress import ProgressLog, format_round
-from corolla.federation.secure import (
+from corolla.federation.coordinator.secure import SecureRounds
+from corolla.federation.messages import (
+    METRICS,
+    ROUND,
     SECAGG,
+    SERVER_ROUND,
     UNMASK_MESSAGE_TYPE,
-    SecureRounds,
+    UPDATE,
+    KeysQuery,
+    KeysReply,
+    TrainOrder,
+    TrainReply,
     flatten,
+    read_error,
     unflatten,
 )
+from corolla.federation.outcomes import RoundEvent, RunSummary, SiteMetrics, SiteOutcome, Status
+from corolla.federation.progress import ProgressLog, format_round
+from corolla.federation.site.env import SiteEnv, SiteResult
 from corolla.federation.site.handlers import handle_keys_query, handle_train, handle_unmask
-from corolla.federation.site.round import SiteEnv
 from corolla.pki import NodeIdentity
-from corolla.platform.launch.federation import COORDINATOR, local_consortium
+from corolla.platform.launch.federation import COORDINATOR
 from corolla.secure_agg import FixedPoint, sign_enrolment
 from corolla.training.config import TrainConfig
 
 SHAPES = {"m.q_proj.lora_A.weight": (4, 16), "m.q_proj.lora_B.weight": (16, 4), "m.v_proj.lora_B.weight": (8,)}
 RUN_ID = 7
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    yield
-
-
-@pytest.fixture(scope="module")
-def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("secure-consortium")
-    local_consortium(root, servers=0, sites=4)
-    return root
-
-
-@dataclass
-class Result:
-    update: dict[str, np.ndarray]
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def site_update(node: str, server_round: int) -> dict[str, np.ndarray]:
@@ -93,7 +79,7 @@ class Sites:
         self.replies: list[Message] = []
         self.trained: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # round -> node -> update
         self.calls: list[tuple[int, int]] = []  # (node, round) of every training the sites did
-        self.metrics: Callable[[int], dict[str, Any]] = lambda server_round: {"loss": 1.0}  # what sites report
+        self.metrics: Callable[[int], SiteMetrics] = lambda server_round: SiteMetrics(loss=1.0)  # what sites report
 
     def handle(self, message: Message) -> Message | None:
         node = message.metadata.dst_node_id
@@ -112,13 +98,13 @@ class Sites:
 
         def site_round(
             config: Any, env: SiteEnv, weights: Any, *, server_round: int, run_key: str, orders: Any
-        ) -> Result:
+        ) -> SiteResult:
             self.calls.append((node, server_round))
             update = site_update(env.node, server_round)
             self.trained.setdefault(server_round, {})[node] = update
-            return Result(update, self.metrics(server_round))
+            return SiteResult(update, self.metrics(server_round))
 
-        return handle_train(message, context, site_round, env_type=SiteEnv, refusals=())
+        return handle_train(message, context, site_round)
 
 
 class FakeGrid:
@@ -128,7 +114,7 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.sites.names)
 
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # as HttpGrid.push_messages
@@ -151,7 +137,7 @@ class Coordinator:
         self.evaluated.append(weights)
         return {"loss": 1.0, "accuracy": 0.5, "chance": 0.25}
 
-    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
+    def save(self, weights: dict[str, np.ndarray], summary: RunSummary) -> Path:
         return Path("adapter")
 
 
@@ -166,7 +152,9 @@ def _run(
     secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
     coordinator = Coordinator()
     with ProgressLog.in_dir(config.out_dir) as progress:
-        summary = run_rounds(FakeGrid(sites), config, coordinator, progress=progress, secure=secure)
+        summary: dict[str, Any] = run_rounds(
+            FakeGrid(sites), config, coordinator, progress=progress, secure=secure
+        ).to_json()
     return summary, sites, coordinator
 
 
@@ -204,8 +192,8 @@ def test_the_secure_mean_equals_the_plain_mean_within_the_quantization_error(con
     assert all(UPDATE not in r.content for r in sites.replies)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     for reply in train_replies:
-        upload = reply.content[SECAGG]["upload"]
-        assert 4 * params <= len(upload) < 4 * params + 4096
+        upload = TrainReply.from_content(reply.content, like=None).upload
+        assert upload is not None and 4 * params <= len(upload) < 4 * params + 4096
         masked = np.frombuffer(upload[-4 * params :], dtype="<u4")
         node = reply.metadata.src_node_id
         encoded = FixedPoint.for_sites(3, clip=1.0).encode(flatten(site_update(sites.names[node], 1))).ring
@@ -248,7 +236,9 @@ def test_a_site_without_keys_is_left_out_and_says_why(consortium: Path, tmp_path
     sites.contexts[103].node_config["workspace"] = ""  # this site has no identity for secure aggregation
     secure = SecureRounds.for_node(consortium / "nodes" / COORDINATOR, run_key=f"flower-run-{RUN_ID}", clip=1.0)
     with ProgressLog.in_dir(config.out_dir) as progress:
-        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=secure)
+        summary: dict[str, Any] = run_rounds(
+            FakeGrid(sites), config, Coordinator(), progress=progress, secure=secure
+        ).to_json()
 
     [round_one] = summary["rounds"]
     assert round_one["aggregated"] == 3
@@ -287,29 +277,29 @@ def test_a_node_presenting_another_sites_certificates_is_refused_and_that_site_e
     own, victim = (NodeIdentity.load(consortium / "nodes" / name) for name in ("site-0", "site-3"))
 
     def impersonate(message: Message) -> Message:
-        query = message.content[SECAGG]
-        nonce = query["nonce"]
-        assert isinstance(nonce, bytes)
+        query = KeysQuery.from_content(message.content)
         proof = sign_enrolment(
             node_id=victim.node_id,
             identity_key=own.identity_key_raw(),  # the only identity key this node holds
-            run_id=str(query["run-id"]),
-            nonce=nonce,
+            run_id=query.run_id,
+            nonce=query.nonce,
             flower_node=100,
             identity_cert=victim.identity_cert_der,
             agreement_cert=victim.agreement_cert_der,
         )
-        record = {
-            "node-id": victim.node_id,
-            "identity-cert": victim.identity_cert_der,
-            "agreement-cert": victim.agreement_cert_der,
-            "proof": proof,
-        }
-        return Message(RecordDict({SECAGG: _config(record)}), reply_to=message)
+        reply = KeysReply(
+            node_id=victim.node_id,
+            identity_cert=victim.identity_cert_der,
+            agreement_cert=victim.agreement_cert_der,
+            proof=proof,
+        )
+        return Message(reply.to_content(), reply_to=message)
 
     sites.answer[(100, "keys")] = impersonate
     with caplog.at_level("WARNING"), ProgressLog.in_dir(config.out_dir) as progress:
-        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium))
+        summary: dict[str, Any] = run_rounds(
+            FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium)
+        ).to_json()
 
     [round_one] = summary["rounds"]
     refused = round_one["sites"]["node-100"]
@@ -334,8 +324,8 @@ def test_a_keys_reply_replayed_from_an_earlier_query_is_refused(consortium: Path
     )
     secure = _secure(consortium)
     outcomes = secure.enroll(grid, [100, 101, 102], timeout=5.0)
-    assert set(outcomes) == {100} and outcomes[100]["status"] == "failed"
-    assert "answers another query" in outcomes[100]["reason"]
+    assert set(outcomes) == {100} and outcomes[100].status == "failed"
+    assert "answers another query" in (outcomes[100].reason or "")
     assert set(secure.members) == {101, 102}
 
 
@@ -348,8 +338,8 @@ def test_a_keys_reply_relayed_from_another_flower_node_is_refused(consortium: Pa
     sites.answer[(103, "keys")] = lambda message: handle_keys_query(message, sites.contexts[100])
     secure = _secure(consortium)
     outcomes = secure.enroll(FakeGrid(sites), [101, 102, 103], timeout=5.0)
-    assert set(outcomes) == {103} and outcomes[103]["status"] == "failed"
-    assert "signed for Flower node 100, but came from node 103" in outcomes[103]["reason"]
+    assert set(outcomes) == {103} and outcomes[103].status == "failed"
+    assert "signed for Flower node 100, but came from node 103" in (outcomes[103].reason or "")
     assert set(secure.members) == {101, 102}
 
 
@@ -357,7 +347,10 @@ def test_a_site_signs_only_a_keys_query_of_its_own_run_with_a_nonce(consortium: 
     config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=1, round_timeout=5.0, dp_epsilon=None)
     sites = Sites(consortium, tmp_path, ("site-0",), config)
     cases = {
-        "carries no nonce": {"ask": "keys", "run-id": f"flower-run-{RUN_ID}"},
+        "the keys query carries no nonce: this site signs its keys only over a fresh one": {
+            "ask": "keys",
+            "run-id": f"flower-run-{RUN_ID}",
+        },
         f"this site is in run flower-run-{RUN_ID}": {"ask": "keys", "run-id": "flower-run-8", "nonce": bytes(32)},
         "nonce must be 32 bytes": {"ask": "keys", "run-id": f"flower-run-{RUN_ID}", "nonce": bytes(8)},
     }
@@ -374,10 +367,12 @@ def test_a_secure_round_lost_after_the_uploads_counts_for_no_site(consortium: Pa
     names = ("site-0", "site-1", "site-2", "site-3")
     config = TrainConfig(model="m", out_dir=str(tmp_path / "out"), rounds=2, round_timeout=5.0, dp_epsilon=3.0)
     sites = Sites(consortium, tmp_path, names, config)
-    sites.metrics = lambda server_round: {"loss": 1.0, "epsilon": 0.5 * server_round}  # spent before training
+    sites.metrics = lambda server_round: SiteMetrics(loss=1.0, epsilon=0.5 * server_round)  # spent before training
     sites.drop.update({(101, "train"): lambda r: True, (102, "unmask"): lambda r: r == 1})
     with ProgressLog.in_dir(config.out_dir) as progress:
-        summary = run_rounds(FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium))
+        summary: dict[str, Any] = run_rounds(
+            FakeGrid(sites), config, Coordinator(), progress=progress, secure=_secure(consortium)
+        ).to_json()
 
     first, second = summary["rounds"]
     assert first["kept"] and first["aggregated"] == 0 and "NotEnoughSurvivors" in first["secure_agg"]["error"]
@@ -407,7 +402,7 @@ def test_a_secure_round_lost_after_the_uploads_counts_for_no_site(consortium: Pa
         "site-2": "not_aggregated",
         "site-3": "not_aggregated",
     }
-    assert "secure aggregation failed (NotEnoughSurvivors" in format_round(logged)
+    assert "secure aggregation failed (NotEnoughSurvivors" in format_round(RoundEvent.model_validate(logged))
 
 
 def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_path: Path) -> None:
@@ -420,15 +415,16 @@ def test_an_upload_presented_by_another_node_is_refused(consortium: Path, tmp_pa
     weights = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
     secure_round = secure.round([100, 101, 102], 1, weights)
     train = Message(
-        RecordDict({WEIGHTS: _array_record(weights), ROUND: _round(1), **secure_round.train_records()}),
+        TrainOrder(weights=weights, server_round=1, announcement=secure_round.announcement).to_content(),
         dst_node_id=100,
         message_type=MessageType.TRAIN,
         group_id="1",
     )
     [reply] = grid.send_and_receive([train])
+    upload = TrainReply.from_content(reply.content, like=None).upload
     with pytest.raises(Exception, match="delivered as"):
-        secure_round.accept(101, reply.content)  # site-0's upload claimed by node 101
-    secure_round.accept(100, reply.content)
+        secure_round.accept(101, upload)  # site-0's upload claimed by node 101
+    secure_round.accept(100, upload)
     assert secure_round.uploads == 1
     assert METRICS in reply.content
 
@@ -462,9 +458,7 @@ def test_an_announcement_the_site_would_refuse_costs_no_training(consortium: Pat
         threshold=2,
     )
     train = Message(
-        RecordDict(
-            {WEIGHTS: _array_record(weights), ROUND: _round(1), SECAGG: _config({"announcement": low.announcement})}
-        ),
+        TrainOrder(weights=weights, server_round=1, announcement=low.announcement).to_content(),
         dst_node_id=100,
         message_type=MessageType.TRAIN,
         group_id="1",
@@ -485,19 +479,31 @@ def test_flatten_and_unflatten_are_inverse() -> None:
         unflatten(vector[:-1], weights)
 
 
-def _array_record(weights: dict[str, np.ndarray]) -> Any:
-    from corolla.federation.messages import to_array_record
-
-    return to_array_record(weights)
-
-
 def _config(values: dict[str, Any]) -> Any:
     from flwr.app import ConfigRecord
 
     return ConfigRecord(values)
 
 
-def _round(server_round: int) -> Any:
-    from flwr.app import ConfigRecord
+def test_a_site_pruned_in_a_round_is_not_enrolled_again_in_that_round(
+    consortium: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site whose certificate stopped holding sits the round out, even if it could enrol
+    afresh (a renewed certificate): it neither trains nor counts as failed while its update is in."""
+    real_prune = SecureRounds.prune
+    rounds_pruned: list[int] = []
 
-    return ConfigRecord({SERVER_ROUND: server_round})
+    def prune(self: SecureRounds, nodes: list[int]) -> dict[int, SiteOutcome]:
+        rounds_pruned.append(0)
+        if len(rounds_pruned) == 2 and 100 in self.members:  # round 2: node 100's certificate no longer holds
+            del self.members[100]
+            return {100: SiteOutcome.absent(Status.FAILED, "left the run: its certificate no longer holds")}
+        return real_prune(self, nodes)
+
+    monkeypatch.setattr(SecureRounds, "prune", prune)
+    summary, sites, _ = _run(consortium, tmp_path, ("site-0", "site-1", "site-2"), rounds=2)
+    first, second = summary["rounds"]
+    assert first["aggregated"] == 3
+    assert (100, 2) not in sites.calls and {(101, 2), (102, 2)} <= set(sites.calls)
+    assert second["aggregated"] == 2 and second["sites"]["site-0"]["status"] == "failed"
+    assert summary["sites"]["site-0"]["rounds_trained"] == 1

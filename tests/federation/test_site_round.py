@@ -15,7 +15,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from corolla.federation.coordinator.model import Coordinator
-from corolla.federation.site.round import SiteEnv, SiteRefused, train_site_round
+from corolla.federation.outcomes import RunSummary
+from corolla.federation.site.env import SiteEnv, SiteRefused
+from corolla.federation.site.round import train_site_round
 from corolla.inference.server import BlockServer
 from corolla.training.clinical import synthetic_clinical
 from corolla.training.config import TrainConfig
@@ -57,7 +59,7 @@ def test_rounds_charge_the_budget_and_refuse_past_it(setup) -> None:
     plan = dp_plan(config, 64)
     assert plan is not None
     ledger = PrivacyLedger.open(env.store, "run-1", plan)
-    spent = result.metrics["epsilon"]
+    spent = result.metrics.epsilon
     assert spent == ledger.spent() <= 3.0
     assert spent == recompute_epsilon([(plan.noise_multiplier, plan.sample_rate, 6)], plan.delta)
     assert spent > 2.9  # the plan uses the budget, it does not waste it
@@ -74,7 +76,20 @@ def test_coordinator_scores_and_writes_a_peft_adapter(setup, tiny_llama: Path) -
     assert set(scores) == {"loss", "accuracy", "chance"} and math.isfinite(scores["loss"])
     result = train_site_round(config, env, weights, server_round=1, run_key="run-2")
     weights = {k: weights[k] + result.update[k] for k in weights}
-    adapter_dir = coordinator.save(weights, {"rounds": []})
+    empty = RunSummary(
+        config={},
+        dp=True,
+        aggregation="mean_update",
+        secure_agg=False,
+        rounds=[],
+        sites={},
+        refusals=[],
+        failures=[],
+        missing=[],
+        final={},
+        initial={},
+    )
+    adapter_dir = coordinator.save(weights, empty)
     summary = json.loads((Path(config.out_dir) / "summary.json").read_text())
     assert summary["adapter"] == str(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -8,17 +8,14 @@ import json
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord
 
-from corolla.federation.audits import (
-    VERIFY,
-    CoordinatorAudits,
-    SiteAudits,
-    SiteOrders,
-    reply_record,
-)
-from corolla.federation.messages import RecordError
+from corolla.federation.coordinator.audits import CoordinatorAudits
+from corolla.federation.messages import VERIFY, AuditOrders, RecordError, TrainOrder, TrainReply
+from corolla.federation.outcomes import AuditInfo, SiteMetrics
+from corolla.federation.site.audits import SiteAudits
 from corolla.training.config import TrainConfig, TrainConfigError
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import (
@@ -64,13 +61,38 @@ def audit(node: str, verdict: Verdict, *, reporter: str = "site-a", check: str =
     )
 
 
-def _reply(*events: AuditEvent) -> RecordDict:
-    return RecordDict({VERIFY: reply_record([canonical_json(e).decode() for e in events])})
+UPDATE = {"w": np.zeros(2, np.float32)}
 
 
-def _accept(audits: CoordinatorAudits, content: RecordDict, *, reporter: str | None = "site-a") -> int:
+def _reply(*events: AuditEvent | QuarantineEvent) -> tuple[AuditEvent | QuarantineEvent | ReadmitEvent, ...]:
+    """The events of a site's train reply carrying `events`, as the coordinator reads them."""
+    record = TrainReply(site="site-a", metrics=SiteMetrics(), update=UPDATE, events=events).to_content()[VERIFY]
+    assert isinstance(record, ConfigRecord)
+    return _read(record)
+
+
+def _read(record: ConfigRecord) -> tuple[AuditEvent | QuarantineEvent | ReadmitEvent, ...]:
+    """A train reply whose verify record is `record`, read as the coordinator's loop reads it."""
+    content = TrainReply(site="site-a", metrics=SiteMetrics(), update=UPDATE).to_content()
+    content[VERIFY] = record
+    events = TrainReply.from_content(content, like=UPDATE).events
+    assert events is not None
+    return events
+
+
+def _accept(
+    audits: CoordinatorAudits,
+    events: tuple[AuditEvent | QuarantineEvent | ReadmitEvent, ...],
+    *,
+    reporter: str | None = "site-a",
+) -> int:
     """As the coordinator's loop does: check before the upload is accepted, record after."""
-    return audits.record(audits.check(content, reporter=reporter))
+    return audits.record(audits.check(events, reporter=reporter))
+
+
+def _orders(audits: CoordinatorAudits) -> AuditOrders:
+    """The coordinator's orders as a site reads them from the train message's verify record."""
+    return AuditOrders.from_record(audits.orders().to_record())
 
 
 @pytest.fixture
@@ -90,12 +112,12 @@ def audits(tmp_path: Path) -> CoordinatorAudits:
 
 def test_site_audits_go_to_the_ledger_and_a_failure_quarantines(audits: CoordinatorAudits, tmp_path: Path) -> None:
     assert _accept(audits, _reply(audit("bad-node", Verdict.PASS), audit("honest-1", Verdict.PASS))) == 2
-    assert audits.round_info() == {"audits": 2, "quarantined": []}
-    assert SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()})).quarantine == ()
+    assert audits.round_info() == AuditInfo(audits=2, quarantined=[])
+    assert _orders(audits).quarantine == ()
 
     assert _accept(audits, _reply(audit("bad-node", Verdict.FAIL))) == 1
-    assert audits.round_info() == {"audits": 1, "quarantined": ["bad-node"]}
-    orders = SiteOrders.from_content(RecordDict({VERIFY: audits.train_record()}))
+    assert audits.round_info() == AuditInfo(audits=1, quarantined=["bad-node"])
+    orders = _orders(audits)
     assert orders is not None and orders.rate == 0.05
     [quarantine] = orders.quarantine
     assert quarantine.subject.node_id == "bad-node" and quarantine.reporter == "coordinator"
@@ -114,7 +136,7 @@ def test_quarantines_persist_across_runs_until_readmitted(audits: CoordinatorAud
     config = audits.config
     again = CoordinatorAudits.for_config(config)
     assert again is not None
-    orders = SiteOrders.from_content(RecordDict({VERIFY: again.train_record()}))
+    orders = _orders(again)
     assert orders is not None and [q.subject.node_id for q in orders.quarantine] == ["bad-node"]
     again.close()
 
@@ -124,7 +146,7 @@ def test_quarantines_persist_across_runs_until_readmitted(audits: CoordinatorAud
         ledger.append([ReadmitEvent(event_id=uuid.uuid4().hex, at=2.0, reporter="op", subject=subject, reason="fixed")])
     third = CoordinatorAudits.for_config(config)
     assert third is not None
-    orders = SiteOrders.from_content(RecordDict({VERIFY: third.train_record()}))
+    orders = _orders(third)
     assert orders is not None and orders.quarantine == ()
     third.close()
 
@@ -140,7 +162,7 @@ def test_bad_reports_are_refused_and_nothing_is_written(
     audits: CoordinatorAudits, record: ConfigRecord, message: str
 ) -> None:
     with pytest.raises(RecordError, match=message):
-        _accept(audits, RecordDict({VERIFY: record}))
+        _accept(audits, _read(record))
     assert audits.ledger.count() == 0
 
 
@@ -156,10 +178,9 @@ def test_a_site_reports_its_own_audits_and_no_quarantines(audits: CoordinatorAud
         log_likelihood_ratio=99.0,
         reason="a site's word",
     )
-    bad = RecordDict({VERIFY: reply_record([canonical_json(forged).decode()])})
     with pytest.raises(RecordError, match="quarantines are the coordinator's to decide"):
-        _accept(audits, bad)
-    assert audits.ledger.count() == 0 and audits.round_info()["quarantined"] == []
+        _accept(audits, _reply(forged))
+    assert audits.ledger.count() == 0 and audits.round_info().quarantined == []
 
 
 def test_reused_event_ids_and_unenrolled_reports_are_not_recorded(audits: CoordinatorAudits) -> None:
@@ -176,12 +197,12 @@ def test_reused_event_ids_and_unenrolled_reports_are_not_recorded(audits: Coordi
 
 
 def test_site_orders_are_checked() -> None:
-    assert SiteOrders.from_content(RecordDict({})) is None
+    assert TrainOrder.from_content(TrainOrder(weights=UPDATE, server_round=1).to_content()).audits is None
     with pytest.raises(RecordError, match=r"verify rate 2\.0"):
-        SiteOrders.from_content(RecordDict({VERIFY: ConfigRecord({"rate": 2.0, "quarantine": []})}))
+        AuditOrders.from_record(ConfigRecord({"rate": 2.0, "quarantine": []}))
     with pytest.raises(RecordError, match="non-quarantine event"):
         event = canonical_json(audit("n", Verdict.PASS)).decode()
-        SiteOrders.from_content(RecordDict({VERIFY: ConfigRecord({"rate": 0.1, "quarantine": [event]})}))
+        AuditOrders.from_record(ConfigRecord({"rate": 0.1, "quarantine": [event]}))
 
 
 def test_audit_rate_is_validated() -> None:
@@ -191,7 +212,7 @@ def test_audit_rate_is_validated() -> None:
 
 
 def _calibrated(path: Path, rel_l2: float = 0.0123) -> ToleranceTable:
-    """A table as `python -m corolla.verify.calibration --out` writes it, float32 pairs at `rel_l2`."""
+    """A table as `platform audit calibrate --out` writes it, float32 pairs at `rel_l2`."""
     data = load_table().model_dump(mode="json")
     for entry in data["tolerances"]["float32/float32"].values():
         entry["rel_l2"] = rel_l2
@@ -219,23 +240,23 @@ def test_the_runs_tolerance_table_travels_to_every_site(tmp_path: Path) -> None:
     try:
         assert audits.tolerances == table
         assert audits.checker._tolerances == table  # the coordinator's own audits (of its held-out scoring)
-        record = audits.train_record()
+        record = audits.orders().to_record()
         # The table itself travels (sites are other machines), not the coordinator's path to it.
         assert str(tmp_path) not in str(record["tolerances"])
-        orders = SiteOrders.from_content(RecordDict({VERIFY: record}))
+        orders = AuditOrders.from_record(record)
     finally:
         audits.close()
     assert orders is not None and orders.tolerances == table
     assert tolerance_for("float32", "float32", Work.FORWARD, table=orders.tolerances).rel_l2 == 0.0123
     site = SiteAudits(orders, reporter="site-a")
     assert site.checker._tolerances == table
-    assert site.finish() == []
+    assert site.finish() == ()
 
 
 def test_without_a_table_the_orders_carry_none(audits: CoordinatorAudits) -> None:
-    record = audits.train_record()
+    record = audits.orders().to_record()
     assert "tolerances" not in record and audits.tolerances is None
-    orders = SiteOrders.from_content(RecordDict({VERIFY: record}))
+    orders = AuditOrders.from_record(record)
     assert orders is not None and orders.tolerances is None  # the site uses the shipped table
 
 
@@ -251,7 +272,7 @@ def test_without_a_table_the_orders_carry_none(audits: CoordinatorAudits) -> Non
 def test_a_site_refuses_a_malformed_table(value: object, message: str) -> None:
     record = ConfigRecord({"rate": 0.1, "quarantine": [], "tolerances": value})  # type: ignore[dict-item]
     with pytest.raises(RecordError, match=message):
-        SiteOrders.from_content(RecordDict({VERIFY: record}))
+        AuditOrders.from_record(record)
 
 
 def test_a_table_that_no_longer_loads_stops_the_coordinator(tmp_path: Path) -> None:

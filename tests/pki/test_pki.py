@@ -20,7 +20,7 @@ from corolla.pki import (
     tls_server_name,
 )
 
-VECTORS = Path(__file__).parents[2] / "vectors" / "swarm_key.json"
+VECTORS = Path(__file__).parents[1] / "vectors" / "swarm_key.json"
 
 
 @pytest.fixture
@@ -132,3 +132,26 @@ def test_node_directory_must_be_complete(ca: ConsortiumCA) -> None:
     (node.directory / "tls.key").unlink()
     with pytest.raises(WorkspaceError, match=r"lacks tls\.key"):
         NodeIdentity.load(node.directory)
+
+
+def test_registry_is_typed_and_checked(ca: ConsortiumCA) -> None:
+    ca.issue("s", "site")
+    ca.issue("v", "verifier")
+    (site, verifier) = ca.list()
+    assert site.role is Role.SITE and verifier.role is Role.VERIFIER
+    assert len(site.serials) == 3 and site.agreement_serial == site.serials[2]
+    stored = json.loads((ca.dir / "registry.json").read_text())
+    assert stored["s"]["role"] == "site" and stored["s"]["serials"] == list(site.serials)
+    stored["v"]["role"] = "admin"
+    (ca.dir / "registry.json").write_text(json.dumps(stored))
+    with pytest.raises(WorkspaceError, match="not a valid node registry"):
+        ca.list()
+
+
+def test_flower_key_must_be_the_one_the_certificate_names(ca: ConsortiumCA) -> None:
+    site = ca.issue("s", "site")
+    identity_pem = (site.directory / "node.pem").read_bytes()
+    public_line = (site.directory / "flower-auth.pub").read_bytes()
+    assert site.verifier().check_flower_key(identity_pem, public_line).node_id == site.node_id
+    with pytest.raises(CertificateError, match="is not the one its certificate names"):
+        site.verifier().check_flower_key(identity_pem, _x509.new_flower_auth_key()[1])

@@ -142,7 +142,7 @@ def test_readmit_writes_a_readmit_event(tmp_path: Path, capsys: pytest.CaptureFi
     ws = tmp_path / "ws"
     key = LedgerKey.load_or_create(default_ledger_key_path(ws))
     write_ledger(default_ledger_path(ws), scenario(with_readmit=False), key)  # X stays quarantined
-    args = ["audit", "readmit", "node-x", "--workspace", str(ws), "--model", MODEL, "--reason", "new GPU"]
+    args = ["audit", "readmit", "node-x", "--workspace", str(ws), "--model-id", MODEL, "--reason", "new GPU"]
     assert main([*args, "--blocks", "2:4"]) == 13  # not quarantined for that span
     assert f"it is quarantined for: {MODEL} 0:2" in capsys.readouterr().err
     assert main([*args, "--blocks", "0:2"]) == 0
@@ -162,9 +162,15 @@ def test_readmit_needs_the_ledger_key(tmp_path: Path, capsys: pytest.CaptureFixt
     write_ledger(default_ledger_path(ws), scenario(with_readmit=False), LedgerKey.load_or_create(key_path))
     key_path.unlink()
     code = main(
-        ["audit", "readmit", "node-x", "--workspace", str(ws), "--model", MODEL, "--blocks", "0:2", "--reason", "r"]
+        ["audit", "readmit", "node-x", "--workspace", str(ws), "--model-id", MODEL, "--blocks", "0:2", "--reason", "r"]
     )
     assert code == 13 and "--key" in capsys.readouterr().err
+
+
+def test_readmit_without_a_model_id_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["audit", "readmit", "node-x", "--workspace", str(tmp_path / "ws"), "--blocks", "0:2", "--reason", "r"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "platform audit: --model-id ID is required: the model id the quarantine names"
 
 
 def _record(node: str, start: int, end: int) -> ServerRecord:

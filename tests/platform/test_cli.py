@@ -70,10 +70,8 @@ def test_bad_span_syntax_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "START:END" in capsys.readouterr().err
 
 
-def test_bad_bootstrap_address_is_a_clear_error(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        ["serve", "--model", str(tiny_llama), "--blocks", "0:2", "--insecure", "--bootstrap", "not-a-multiaddr"]
-    )
+def test_bad_peer_address_is_a_clear_error(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["serve", "--model", str(tiny_llama), "--blocks", "0:2", "--insecure", "--peers", "not-a-multiaddr"])
     assert code == 6
     assert "not-a-multiaddr" in capsys.readouterr().err
 
@@ -120,7 +118,7 @@ def test_status_names_uncovered_blocks() -> None:
 def test_generate_with_adapter_matches_peft(
     tiny_llama: Path, start_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`platform generate --adapter DIR`: the servers apply the adapter; the text equals
+    """`platform generate --adapter-dir DIR`: the servers apply the adapter; the text equals
     plain PEFT's greedy generation with the same directory on the base checkpoint."""
     import torch
     from peft import PeftModel
@@ -138,7 +136,7 @@ def test_generate_with_adapter_matches_peft(
     args = ["generate", "fever and cough", "--model", str(tiny_llama), "--max-new-tokens", "12", "--insecure"]
     for s in servers:
         args += ["--servers", s.endpoint]
-    assert main([*args, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert main([*args, "--adapter-dir", str(tmp_path / "adapter")]) == 0
     got = capsys.readouterr().out.strip()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
@@ -148,7 +146,7 @@ def test_generate_with_adapter_matches_peft(
     assert got == want
     assert main([*args]) == 0  # without the adapter the text differs: it was applied
     assert capsys.readouterr().out.strip() != want
-    assert main([*args, "--adapter", str(tmp_path / "nope")]) == 4
+    assert main([*args, "--adapter-dir", str(tmp_path / "nope")]) == 4
     assert "not a PEFT adapter directory" in capsys.readouterr().err
 
 

@@ -25,8 +25,18 @@ from corolla.platform.launch.train_run import (
 from corolla.training.config import TrainConfig
 from corolla.training.data import load_jsonl
 
-START = {"event": "start", "rounds": 1, "dp": False, "secure_agg": False}
-ROUND = {"event": "round", "round": 1, "rounds": 1, "seconds": 2.0, "dp": False, "sites": {}, "eval": {"loss": 1.0}}
+# Whole events as the ServerApp writes them (`outcomes.StartEvent` etc.): a line that is not one is skipped.
+START = {"event": "start", "rounds": 1, "dp": False, "secure_agg": False, "aggregation": "mean_update"}
+ROUND = {
+    "event": "round",
+    "round": 1,
+    "rounds": 1,
+    "seconds": 2.0,
+    "kept": False,
+    "dp": False,
+    "sites": {},
+    "eval": {"loss": 1.0},
+}
 DONE = {"event": "done", "adapter": "/out/adapter", "summary": "/out/summary.json"}
 
 
@@ -68,7 +78,7 @@ def test_follow_run_prints_each_event_as_the_server_app_writes_it(tmp_path: Path
     lines: list[str] = []
     followed = follow_run(control, _config(tmp_path), timeout=10, echo=lines.append)  # type: ignore[arg-type]
 
-    assert followed.events == [START, ROUND, DONE]
+    assert [event.to_json() for event in followed.events] == [START, ROUND, DONE]
     assert lines == [
         "training: 1 rounds, DP OFF (no privacy), aggregated in the clear",
         "round 1/1  held-out loss 1.000  eps: DP OFF  2.0 s",
@@ -84,7 +94,7 @@ def test_a_server_app_elsewhere_is_followed_through_the_run_log(tmp_path: Path) 
     lines: list[str] = []
     followed = follow_run(control, _config(tmp_path), timeout=10, echo=lines.append)  # type: ignore[arg-type]
 
-    assert followed.events == [START, ROUND, DONE] and len(lines) == 3
+    assert [event.to_json() for event in followed.events] == [START, ROUND, DONE] and len(lines) == 3
     assert run_summary(_config(tmp_path), followed) == {"rounds": [ROUND], "adapter": "/out/adapter", "run_id": 5}
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from corolla.platform.cli import main
+from corolla.platform.launch import train_run as launcher
 from corolla.platform.workspace import default_model
-from corolla.training import launcher
 from corolla.training.config import TrainConfig
 
 
@@ -49,7 +49,10 @@ def _train(tmp_path: Path, *args: str) -> int:
         (["--dp-epsilon", "nan"], "epsilon must be a positive number"),
         (["--dp-epsilon", "lots"], "give a positive number or 'off'"),
         (["--exchange", "gossip"], "invalid choice: 'gossip'"),
+        (["--superlink", "127.0.0.1:9093", "--in-process"], "not allowed with argument"),
         (["--superlink", "127.0.0.1:9093", "--local"], "not allowed with argument"),
+        (["--servers", "127.0.0.1:5000"], "this command takes no server endpoints"),
+        (["--servers", "3", "--local-servers", "3"], "two spellings of one flag: give --local-servers only"),
     ],
 )
 def test_bad_flags_are_usage_errors(
@@ -70,6 +73,8 @@ def test_bad_flags_are_usage_errors(
         (["--superlink", "127.0.0.1:9093", "--model", "m"], "--superlink needs --peers"),
         (["--sites", "2", "--data", "a.jsonl"], "--sites and --data exclude each other"),
         (["--sites", "0"], "at least 1 site"),
+        (["--local-servers", "0"], "--local-servers 0: at least 1 block server"),
+        (["--local-servers", "3", "--replicas", "2"], "--replicas 2 must divide --local-servers 3"),
     ],
 )
 def test_bad_settings_exit_2_naming_the_setting(
@@ -122,17 +127,33 @@ def test_dp_off_and_no_secure_agg_are_said_loudly(
     assert "aggregated in the clear" in err
 
 
-def test_local_trains_in_process(tmp_path: Path, model: Path, ran: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_process_trains_without_flower(
+    tmp_path: Path, model: Path, ran: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple[TrainConfig, list[Path], Path]] = []
     local = types.ModuleType("corolla.federation.local")
-    local.run_local = lambda config, sites_data, test_data: calls.append((config, sites_data, test_data)) or {}  # type: ignore[attr-defined]
+    summary = types.SimpleNamespace(to_json=dict)  # a RunSummary with nothing in it
+    local.run_local = lambda config, sites_data, test_data: calls.append((config, sites_data, test_data)) or summary  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "corolla.federation.local", local)
 
-    assert _train(tmp_path, "--model", str(model), "--local", "--sites", "2", "--dp-epsilon", "1.5") == 0
+    assert _train(tmp_path, "--model", str(model), "--in-process", "--sites", "2", "--dp-epsilon", "1.5") == 0
 
     [(config, sites_data, test_data)] = calls
     assert config.dp_epsilon == 1.5 and config.peers == () and len(sites_data) == 2
     assert test_data.name == "test.jsonl" and ran == []
+
+
+def test_the_old_spellings_still_reach_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path, ran: list[dict[str, Any]]
+) -> None:
+    """`--servers N` and `--out DIR` (now --local-servers, --out-dir): same run, one warning each."""
+    assert _train(tmp_path, "--model", str(model), "--servers", "4", "--replicas", "2", "--out", "runs/a") == 0
+    [call] = ran
+    assert call["servers"] == 4 and call["replicas"] == 2
+    assert call["config"].out_dir == str(Path("runs/a").resolve())
+    err = capsys.readouterr().err
+    assert "warning: --servers N is deprecated; use --local-servers N\n" in err
+    assert "warning: --out DIR is deprecated; use --out-dir DIR\n" in err
 
 
 def test_superlink_submits_to_the_federation(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

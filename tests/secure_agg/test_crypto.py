@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import struct
 from pathlib import Path
@@ -9,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import corolla
 from corolla.secure_agg import _crypto
 from corolla.secure_agg.errors import CryptoError
 from tests.secure_agg import make_vectors
@@ -17,6 +21,8 @@ from tests.secure_agg import make_vectors
 VECTORS = Path(__file__).parents[1] / "vectors"
 KDF = json.loads((VECTORS / "secure_agg_kdf.json").read_text())
 MASK = json.loads((VECTORS / "secure_agg_mask.json").read_text())
+ED25519 = json.loads((VECTORS / "ed25519_rfc8032.json").read_text())["vectors"]
+OPAQUE = r"^a cryptographic check failed$"
 
 
 @pytest.mark.parametrize("vector", KDF["pairs"], ids=lambda v: f"{v['run_id']}-{v['round']}-{v['a']['node_id']}")
@@ -129,6 +135,51 @@ def test_boxes_and_signatures_fail_opaquely() -> None:
         _crypto.verify(_crypto.ed25519_public(bytes(32)), b"message", signature)
 
 
+@pytest.mark.parametrize("vector", ED25519, ids=lambda v: v["name"])
+def test_signature_known_answers(vector: dict[str, str]) -> None:
+    """RFC 8032's Ed25519 vectors: the public key, the (deterministic) signature, and verify."""
+    seed, public = bytes.fromhex(vector["secret"]), bytes.fromhex(vector["public"])
+    message, signature = bytes.fromhex(vector["message"]), bytes.fromhex(vector["signature"])
+    assert _crypto.ed25519_public(seed) == public
+    assert _crypto.sign(seed, message) == signature
+    _crypto.verify(public, message, signature)
+
+
+def _flip(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    other=st.binary(min_size=32, max_size=32),
+    message=st.binary(min_size=1, max_size=100),
+    data=st.data(),
+)
+def test_verify_refuses_every_edit_with_one_opaque_error(
+    seed: bytes, other: bytes, message: bytes, data: st.DataObject
+) -> None:
+    """Another key, a flipped message bit, a flipped signature bit, a truncated signature:
+    each is the one `CryptoError`, with the one message."""
+    public, signature = _crypto.ed25519_public(seed), _crypto.sign(seed, message)
+    _crypto.verify(public, message, signature)
+    message_bit = data.draw(st.integers(0, 8 * len(message) - 1), label="message bit")
+    signature_bit = data.draw(st.integers(0, 8 * _crypto.SIGNATURE_BYTES - 1), label="signature bit")
+    cut = data.draw(st.integers(0, _crypto.SIGNATURE_BYTES - 1), label="signature length")
+    refused = [
+        (public, _flip(message, message_bit), signature),
+        (public, message, _flip(signature, signature_bit)),
+        (public, message, signature[:cut]),
+    ]
+    if other != seed:
+        refused.append((_crypto.ed25519_public(other), message, signature))
+    for key, signed, sig in refused:
+        with pytest.raises(CryptoError, match=OPAQUE):
+            _crypto.verify(key, signed, sig)
+
+
 def test_vector_hash_is_blake3() -> None:
     """The upload's vector hash is BLAKE3-256 (the BLAKE3 team's test vector for the empty
     input), and hashing chunk by chunk gives the one-shot hash."""
@@ -153,3 +204,24 @@ def test_only_the_crypto_module_imports_hazmat() -> None:
     package = Path(_crypto.__file__).parent
     importers = sorted(p.name for p in package.glob("*.py") if "cryptography" in p.read_text())
     assert importers == ["_crypto.py"]
+
+
+def _imports_hazmat(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        if any(name == "cryptography.hazmat" or name.startswith("cryptography.hazmat.") for name in names):
+            return True
+    return False
+
+
+def test_hazmat_is_imported_behind_three_doors_only() -> None:
+    """Secure aggregation's `_crypto`, the PKI's `_x509` and the ledger's `signing`: nothing
+    else in corolla imports `cryptography.hazmat`."""
+    root = Path(corolla.__file__).parent
+    importers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if _imports_hazmat(p.read_text()))
+    assert importers == ["pki/_x509.py", "secure_agg/_crypto.py", "verify/ledger/signing.py"]

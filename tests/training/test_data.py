@@ -18,6 +18,7 @@ from corolla.errors import CorollaError
 from corolla.training.clinical import synthetic_clinical
 from corolla.training.data import (
     DataError,
+    Evaluation,
     Record,
     encode,
     evaluate,
@@ -211,6 +212,7 @@ def test_evaluate_oracle_is_perfect_and_uniform_is_chance(tokenizer: PreTrainedT
     data = synthetic_clinical(sites=1, records_per_site=8, test_records=32, seed=3)
     test = list(data.test)
     known = evaluate(_oracle(tokenizer, test), tokenizer, test, data.labels, batch_size=7)
+    assert isinstance(known, Evaluation) and known.accuracy == known["accuracy"]
     assert known["accuracy"] == 1.0
     assert known["loss"] < 1e-6
     assert known["chance"] == 1 / len(data.labels)
@@ -222,6 +224,15 @@ def test_evaluate_oracle_is_perfect_and_uniform_is_chance(tokenizer: PreTrainedT
     # Uniform logits favour the label of fewest tokens; the test set is balanced, so that is chance.
     assert flat["accuracy"] == pytest.approx(flat["chance"])
     assert flat["loss"] == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
+
+
+def test_evaluation_fields_and_json_form() -> None:
+    scores = Evaluation(loss=0.5, accuracy=0.25, chance=0.125)
+    assert list(scores.as_dict().items()) == [("loss", 0.5), ("accuracy", 0.25), ("chance", 0.125)]
+    assert dict(scores) == scores.as_dict() and len(scores) == 3  # the read-only mapping of the same keys
+    assert scores["loss"] == scores.loss
+    with pytest.raises(KeyError):
+        scores["f1"]
 
 
 def test_evaluate_rejects_an_unknown_label(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,4 +1,4 @@
-"""One DP-SGD step through the swarm equals the same step in `--local` mode (Opacus's
+"""One DP-SGD step through the swarm equals the same step in `--in-process` mode (Opacus's
 own PrivacyEngine on the whole model), for both exchanges; fp32, rtol=0."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from corolla.inference.server import BlockServer
 from corolla.training.clinical import synthetic_clinical
 from corolla.training.data import encode
 from corolla.training.local_trainer import LocalTrainer
-from corolla.training.swarm_trainer import SwarmTrainer
+from corolla.training.remote_trainer import RemoteTrainer
 
 ATOL = 1e-6
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -60,7 +60,9 @@ def test_swarm_dp_step_equals_local_opacus_step(
     # SGD: the update is linear in the gradient (Adam's first step, g / (|g| + eps), would
     # turn float rounding in near-zero gradients into visible differences)
     kwargs = dict(lr=1.0, noise_multiplier=noise, max_grad_norm=0.05, expected_batch_size=6, optimizer="sgd")
-    swarm = SwarmTrainer(remote, _clone(start), exchange=exchange, generator=torch.Generator().manual_seed(7), **kwargs)
+    swarm = RemoteTrainer(
+        remote, _clone(start), exchange=exchange, generator=torch.Generator().manual_seed(7), **kwargs
+    )
     local = LocalTrainer(tiny_llama, _clone(start), generator=torch.Generator().manual_seed(7), **kwargs)
     loss_swarm, loss_local = swarm.step(batch), local.step(batch)
     assert abs(loss_swarm - loss_local) < 1e-5
@@ -80,7 +82,7 @@ def test_swarm_step_without_dp_equals_local_plain_step(
     start = _adapter(remote)
     # unclipped, the gradients are large: at lr 0.01 a float32 rounding difference stays below atol
     kwargs = dict(lr=0.01, noise_multiplier=None, max_grad_norm=1.0, expected_batch_size=5, optimizer="sgd")
-    swarm = SwarmTrainer(remote, _clone(start), exchange=exchange, **kwargs)
+    swarm = RemoteTrainer(remote, _clone(start), exchange=exchange, **kwargs)
     local = LocalTrainer(tiny_llama, _clone(start), **kwargs)
     for _ in range(2):
         swarm.step(batch), local.step(batch)
@@ -91,7 +93,7 @@ def test_swarm_step_without_dp_equals_local_plain_step(
 
 def test_empty_poisson_batch_still_adds_noise_and_steps(remote: RemoteModelForCausalLM) -> None:
     start = _adapter(remote)
-    trainer = SwarmTrainer(
+    trainer = RemoteTrainer(
         remote,
         _clone(start),
         lr=1e-2,
@@ -108,7 +110,7 @@ def test_empty_poisson_batch_still_adds_noise_and_steps(remote: RemoteModelForCa
 
 def test_flat_exchange_sends_adapter_sized_gradients(remote: RemoteModelForCausalLM, tiny_llama: Path) -> None:
     batch = _batch(tiny_llama, 6)
-    per_sample = SwarmTrainer(
+    per_sample = RemoteTrainer(
         remote,
         _adapter(remote),
         lr=1e-2,
@@ -118,7 +120,7 @@ def test_flat_exchange_sends_adapter_sized_gradients(remote: RemoteModelForCausa
         expected_batch_size=6,
     )
     per_sample.step(batch)
-    flat = SwarmTrainer(
+    flat = RemoteTrainer(
         remote,
         _adapter(remote),
         lr=1e-2,

@@ -17,16 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corolla.verify.errors import VerifyError
-from corolla.verify.events import (
-    AuditEvent,
-    Comparison,
-    QuarantineEvent,
-    ReadmitEvent,
-    Run,
-    Subject,
-    Verdict,
-    Work,
-)
+from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, ReadmitEvent, Run, Subject, Verdict, Work
 from corolla.verify.reputation import QuarantineDecision, ReputationBook, ReputationPolicy
 
 NODE = Subject(node_id="node-a", model_id="tiny-llama", start=0, end=2)

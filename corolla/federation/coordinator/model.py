@@ -1,6 +1,6 @@
 """The coordinator's side of a run: the starting adapter, held-out scoring, the result.
 
-The ServerApp (`flower_app/server_app.py`) owns the rounds; this owns the model: it
+The round loop (`rounds.py`) owns the rounds; this owns the model: it
 makes the adapter every site starts from, scores each round's aggregate on the
 held-out records through the swarm (the coordinator is a client of the swarm too),
 and writes the final adapter in PEFT's format with the run summary beside it.
@@ -8,19 +8,21 @@ and writes the final adapter in PEFT's format with the run summary beside it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
+from corolla.federation.messages import Weights
+from corolla.federation.outcomes import RunSummary
+from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM, WorkAuditor
 from corolla.inference.models import Checkpoint
 from corolla.inference.security import TlsConfig
+from corolla.pki import NodeIdentity
 from corolla.training.config import TrainConfig
 from corolla.training.data import Record, evaluate, load_jsonl
 from corolla.training.plan import lora_settings
@@ -31,7 +33,7 @@ MAX_LABELS = 32  # a held-out set with more distinct completions is scored by lo
 
 
 class Coordinator:
-    def __init__(self, config: TrainConfig, *, spot_checker: Any = None) -> None:
+    def __init__(self, config: TrainConfig, *, spot_checker: WorkAuditor | None = None) -> None:
         """`spot_checker` (a `corolla.verify.SpotChecker`) audits the held-out scoring through
         the swarm and keeps quarantined servers out of its routes."""
         self.config = config
@@ -45,15 +47,15 @@ class Coordinator:
         self.labels = labels if 1 < len(labels) <= MAX_LABELS else []
         self._model: RemoteModelForCausalLM | None = None
 
-    def initial_weights(self) -> dict[str, np.ndarray]:
+    def initial_weights(self) -> Weights:
         adapter = LoraAdapter.init(self.checkpoint, self.settings, seed=self.config.seed)
         return {name: t.numpy() for name, t in adapter.state().items()}
 
-    def adapter(self, weights: dict[str, np.ndarray]) -> LoraAdapter:
+    def adapter(self, weights: Mapping[str, np.ndarray]) -> LoraAdapter:
         tensors = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
         return LoraAdapter.from_state(self.checkpoint, self.settings, tensors)
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, weights: Weights) -> Mapping[str, float]:
         """Held-out loss (and label accuracy, chance) of the adapter, through the swarm."""
         if not self.test:
             return {}
@@ -62,16 +64,17 @@ class Coordinator:
         tokenizer = AutoTokenizer.from_pretrained(self.config.model)
 
         def logits(ids: torch.Tensor) -> torch.Tensor:
-            return model(ids).logits
+            out: torch.Tensor = model(ids).logits
+            return out
 
         labels = self.labels or [self.test[0].completion.strip()]
         scores = evaluate(logits, tokenizer, self.test, labels, batch_size=64, max_length=self.config.max_length)
         return scores if self.labels else {"loss": scores["loss"]}
 
-    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path:
+    def save(self, weights: Weights, summary: RunSummary) -> Path:
         out = Path(self.config.out_dir)
         adapter_dir = self.adapter(weights).save_peft(out / "adapter")
-        write_summary(out, {**summary, "adapter": str(adapter_dir)})
+        write_summary(out, summary.model_copy(update={"adapter": str(adapter_dir)}))
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -81,8 +84,6 @@ class Coordinator:
         if self._model is None:
             tls = None
             if self.config.workspace:
-                from corolla.pki import NodeIdentity
-
                 node_dir = Path(self.config.workspace) / "nodes" / self.config.node
                 tls = TlsConfig.for_node(NodeIdentity.load(node_dir))
             self._model = RemoteModelForCausalLM.from_pretrained(
@@ -95,17 +96,9 @@ class Coordinator:
         return self._model
 
 
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
-    """`<out_dir>/summary.json`, written atomically (numpy scalars and paths as JSON)."""
+def write_summary(out_dir: Path, summary: RunSummary) -> Path:
+    """`<out_dir>/summary.json`, written atomically."""
     path, tmp = out_dir / "summary.json", out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(summary.model_dump_json(indent=2, exclude_none=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,4 +1,5 @@
-"""The coordinator's loop over Flower rounds, independent of the model being trained.
+"""The coordinator's loop over Flower rounds, independent of the model being trained: the
+one loop of every run (the federated run on Flower's Grid, `--in-process` on `InProcessGrid`).
 
 Each round: sample every online SuperNode, send it the current weights, wait for the
 replies, add the mean of the updates that came back, evaluate, log. A site that refuses
@@ -25,7 +26,7 @@ How flwr 1.42 reports a site that is gone (read from its source and checked end 
   when T passes; so is a message the SuperLink reports expired (codes 3 and 4). Messages
   are sent with TTL = T, so a node that comes back late does not train a stale round.
 - An exception in a ClientApp reaches us as code 2 with Flower's text; our ClientApp
-  replies with its own codes instead (`records.SITE_REFUSED` etc.).
+  replies with its own codes instead (`messages.SITE_REFUSED` etc.).
 - `Grid.get_node_ids()` lists the nodes the SuperLink holds online now (same heartbeat rule).
 """
 
@@ -35,41 +36,54 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Message, MessageType
 
 from corolla.errors import CorollaError
-from corolla.federation.audits import VERIFY
+from corolla.federation.coordinator.mean import mean_update
+from corolla.federation.coordinator.secure import SecureRound, SecureRounds
+from corolla.federation.grid import Exchange
 from corolla.federation.messages import (
-    METRICS,
-    ROUND,
-    SERVER_ROUND,
-    SITE,
-    UPDATE,
-    WEIGHTS,
+    AuditOrders,
     RecordError,
+    TrainOrder,
+    TrainReply,
     Weights,
     from_array_record,
-    from_metrics_record,
     read_error,
     to_array_record,
 )
+from corolla.federation.outcomes import (
+    AuditInfo,
+    AuditSummary,
+    BaselineEvent,
+    DoneEvent,
+    RoundEvent,
+    RunSummary,
+    Scores,
+    SecureAggInfo,
+    SiteEvent,
+    SiteOutcome,
+    SiteRound,
+    SiteSummary,
+    StartEvent,
+    Status,
+)
 from corolla.federation.progress import ProgressLog
-from corolla.federation.secure import SecureRounds
+from corolla.secure_agg import SecureAggregationError
 from corolla.training.config import TrainConfig
+from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent
+
+__all__ = ["AuditsLike", "CoordinatorLike", "RoundError", "mean_update", "run_rounds"]
 
 _log = logging.getLogger(__name__)
 
 Aggregate = Callable[[list[Weights]], Weights]
 NODE_POLL = 1.0  # seconds between looks at the online nodes while waiting for sites
-# A site's round outcome when it trained and uploaded but the round's secure aggregation was
-# lost after the uploads: its update is in no aggregate, its privacy spending for the round stands.
-NOT_AGGREGATED = "not_aggregated"
 
 
 class RoundError(CorollaError):
@@ -77,34 +91,31 @@ class RoundError(CorollaError):
 
 
 class CoordinatorLike(Protocol):
-    """What the loop needs from the model side (`corolla.federation.coordinator.model`)."""
+    """What the loop needs from the model side (`coordinator.model.Coordinator`, or the local one)."""
 
-    def initial_weights(self) -> dict[str, np.ndarray]: ...
+    def initial_weights(self) -> Mapping[str, np.ndarray]: ...
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]: ...
+    def evaluate(self, weights: Weights) -> Mapping[str, float]: ...
 
-    def save(self, weights: dict[str, np.ndarray], summary: dict[str, Any]) -> Path: ...
+    def save(self, weights: Weights, summary: RunSummary) -> Path: ...
 
 
-def mean_update(updates: list[Weights]) -> Weights:
-    """The uniform mean of the updates (not weighted by record counts: that would reveal them)."""
-    if not updates:
-        raise ValueError("mean_update needs at least one update")
-    first = updates[0]
-    for update in updates[1:]:
-        if update.keys() != first.keys() or any(update[k].shape != first[k].shape for k in first):
-            raise ValueError("updates differ in names or shapes")
-    out: Weights = {}
-    for name in first:
-        total = np.zeros(first[name].shape, dtype=np.float64)
-        for update in updates:
-            total += update[name]
-        out[name] = (total / len(updates)).astype(np.float32)
-    return out
+class AuditsLike(Protocol):
+    """What the loop needs from the coordinator's spot checks (`coordinator.audits`)."""
+
+    def orders(self) -> AuditOrders: ...
+
+    def check(
+        self, events: Sequence[AuditEvent | QuarantineEvent | ReadmitEvent] | None, *, reporter: str | None
+    ) -> list[AuditEvent]: ...
+
+    def record(self, events: Sequence[AuditEvent]) -> int: ...
+
+    def round_info(self) -> AuditInfo: ...
 
 
 def run_rounds(
-    grid: Grid,
+    grid: Exchange,
     config: TrainConfig,
     coordinator: CoordinatorLike,
     *,
@@ -112,11 +123,12 @@ def run_rounds(
     secure: SecureRounds | None = None,
     audits: AuditsLike | None = None,
     aggregate: Aggregate = mean_update,
+    mode: str = "federated",
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run `config.rounds` rounds; save through `coordinator.save` and return the summary
-    (with "adapter", the directory `save` returned).
+    (its `adapter` is the directory `save` returned).
 
     With `secure` (required when `config.secure_agg`), the sites' updates are combined by
     secure aggregation and the coordinator sees only their mean; otherwise by `aggregate`
@@ -129,73 +141,64 @@ def run_rounds(
     plain_name = getattr(aggregate, "__name__", type(aggregate).__name__)
     aggregation = "secure_aggregation" if secure is not None else plain_name
     progress.emit(
-        {
-            "event": "start",
-            "rounds": config.rounds,
-            "dp": config.dp,
-            "dp_epsilon": config.dp_epsilon,
-            "secure_agg": secure is not None,
-            "aggregation": aggregation,
-            "sites_expected": config.sites,
-        }
+        StartEvent(
+            rounds=config.rounds,
+            dp=config.dp,
+            dp_epsilon=config.dp_epsilon,
+            secure_agg=secure is not None,
+            aggregation=aggregation,
+            sites_expected=config.sites,
+        )
     )
     started = clock()
-    initial = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
-    progress.emit(
-        {
-            "event": "baseline",
-            "round": 0,
-            "rounds": config.rounds,
-            "seconds": round(clock() - started, 3),
-            "eval": initial,
-            "dp": config.dp,
-            "sites": {},
-        }
-    )
-    evaluation: dict[str, Any] = {}
+    initial = _scores(coordinator.evaluate(weights))
+    progress.emit(BaselineEvent(rounds=config.rounds, seconds=round(clock() - started, 3), eval=initial, dp=config.dp))
+    evaluation: Scores = {}
     for server_round in range(1, config.rounds + 1):
         started = clock()
         want = config.sites if server_round == 1 else 1
         nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
-        delta, aggregated, outcomes, secure_info = _train_round(
+        result = _train_round(
             grid, nodes, weights, server_round, config.round_timeout, state, secure, audits, aggregate
         )
-        if delta is not None:
-            _check_aggregate(delta, weights)
-            weights = {name: (weights[name] + delta[name]).astype(np.float32) for name in weights}
+        if result.delta is not None:
+            _check_aggregate(result.delta, weights)
+            weights = {name: (weights[name] + result.delta[name]).astype(np.float32) for name in weights}
         else:
             _log.warning("round %d: no update to aggregate; the weights are unchanged", server_round)
-        evaluation = {key: _jsonable(value) for key, value in coordinator.evaluate(weights).items()}
-        record = {
-            "round": server_round,
-            "rounds": config.rounds,
-            "seconds": round(clock() - started, 3),
-            "nodes": len(nodes),
-            "aggregated": aggregated,
-            "kept": delta is None,
-            "eval": evaluation,
-            "dp": config.dp,
-            "sites": {state.name(node): info for node, info in outcomes.items()},
-        }
-        if secure_info is not None:
-            record["secure_agg"] = secure_info
-        if audits is not None:
-            record["verify"] = audits.round_info()
-        progress.emit({"event": "round", **record})
-        state.record_round(record, outcomes)
-    summary = {**state.summary(config, evaluation, aggregation), "initial": initial}
-    if audits is not None:
-        summary["verify"] = {
-            "audits": sum(r.get("verify", {}).get("audits", 0) for r in state.rounds),
-            "quarantined": state.rounds[-1]["verify"]["quarantined"] if state.rounds else [],
-        }
+        evaluation = _scores(coordinator.evaluate(weights))
+        record = RoundEvent(
+            round=server_round,
+            rounds=config.rounds,
+            seconds=round(clock() - started, 3),
+            nodes=len(nodes),
+            aggregated=result.aggregated,
+            kept=result.delta is None,
+            eval=evaluation,
+            dp=config.dp,
+            sites={state.name(node): outcome for node, outcome in result.outcomes.items()},
+            secure_agg=result.secure,
+            verify=audits.round_info() if audits is not None else None,
+        )
+        progress.emit(record)
+        state.record_round(record, result.outcomes)
+    summary = state.summary(config, evaluation, initial, aggregation, mode=mode, audited=audits is not None)
     adapter = coordinator.save(weights, summary)
-    progress.emit({"event": "done", "adapter": str(adapter), "summary": str(Path(config.out_dir) / "summary.json")})
-    return {**summary, "adapter": str(adapter)}
+    summary = summary.model_copy(update={"adapter": str(adapter)})
+    progress.emit(DoneEvent(adapter=str(adapter), summary=str(Path(config.out_dir) / "summary.json")))
+    return summary
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _RoundResult:
+    delta: Weights | None  # the mean update, None when there is none
+    aggregated: int  # how many sites it averages
+    outcomes: dict[int, SiteOutcome]  # each node's outcome, in node order
+    secure: SecureAggInfo | None = None  # what secure aggregation reports; None when it is off
 
 
 def _train_round(
-    grid: Grid,
+    grid: Exchange,
     nodes: list[int],
     weights: Weights,
     server_round: int,
@@ -204,43 +207,45 @@ def _train_round(
     secure: SecureRounds | None,
     audits: AuditsLike | None,
     aggregate: Aggregate,
-) -> tuple[Weights | None, int, dict[int, dict[str, Any]], dict[str, Any] | None]:
-    """One round: (the mean update or None, how many sites it averages, each node's
-    outcome, what secure aggregation reports or None when it is off)."""
+) -> _RoundResult:
     if secure is None:
         plain = _PlainRound(weights)
         outcomes = _exchange(grid, nodes, weights, server_round, timeout, state, plain, audits, {})
-        return (aggregate(plain.updates) if plain.updates else None), len(plain.updates), outcomes, None
+        delta = aggregate(plain.updates) if plain.updates else None
+        return _RoundResult(delta=delta, aggregated=len(plain.updates), outcomes=outcomes)
 
-    from corolla.secure_agg import SecureAggregationError
-
-    failed = {**secure.prune(nodes), **secure.enroll(grid, nodes, timeout)}
+    pruned = secure.prune(nodes)  # a node whose certificate no longer holds sits the round out
+    failed = {**pruned, **secure.enroll(grid, [node for node in nodes if node not in pruned], timeout)}
     members = [node for node in nodes if node in secure.members]
     try:
         secure_round = secure.round(members, server_round, weights)
     except SecureAggregationError as exc:  # e.g. fewer than 2 sites with keys
         _log.warning("round %d: no secure aggregation possible: %s", server_round, exc)
-        return (
-            None,
-            0,
-            {node: failed.get(node, {"status": "skipped", "reason": str(exc)}) for node in nodes},
-            {"error": f"{type(exc).__name__}: {exc}"},
+        skipped = SiteOutcome.absent(Status.SKIPPED, str(exc))
+        return _RoundResult(
+            delta=None,
+            aggregated=0,
+            outcomes={node: failed.get(node, skipped) for node in nodes},
+            secure=SecureAggInfo(error=f"{type(exc).__name__}: {exc}"),
         )
     reporters = {node: secure.members[node].node_id for node in members}  # audits must come from these ids
-    outcomes = _exchange(grid, members, weights, server_round, timeout, state, secure_round, audits, reporters)
-    outcomes = {node: failed[node] if node in failed else outcomes[node] for node in nodes}
+    rnd = _SecureExchange(secure_round)
+    exchanged = _exchange(grid, members, weights, server_round, timeout, state, rnd, audits, reporters)
+    outcomes = {node: failed[node] if node in failed else exchanged[node] for node in nodes}
     if not secure_round.uploads:
-        return None, 0, outcomes, {"uploads": 0, "threshold": secure_round.aggregator.threshold}
+        info = SecureAggInfo(uploads=0, threshold=secure_round.aggregator.threshold)
+        return _RoundResult(delta=None, aggregated=0, outcomes=outcomes, secure=info)
     try:
         delta, info = secure_round.finish(grid, timeout)
     except SecureAggregationError as exc:  # too few survivors, a sum out of range: the round is lost
         _log.warning("round %d: secure aggregation failed: %s", server_round, exc)
         error = f"{type(exc).__name__}: {exc}"
-        return None, 0, _not_aggregated(outcomes, error), {"uploads": secure_round.uploads, "error": error}
-    return delta, info["survivors"], outcomes, {"uploads": secure_round.uploads, **info}
+        info = SecureAggInfo(uploads=secure_round.uploads, error=error)
+        return _RoundResult(delta=None, aggregated=0, outcomes=_not_aggregated(outcomes, error), secure=info)
+    return _RoundResult(delta=delta, aggregated=info.survivors or 0, outcomes=outcomes, secure=info)
 
 
-def _not_aggregated(outcomes: Mapping[int, dict[str, Any]], error: str) -> dict[int, dict[str, Any]]:
+def _not_aggregated(outcomes: Mapping[int, SiteOutcome], error: str) -> dict[int, SiteOutcome]:
     """The outcomes of a secure round lost after the uploads: every site whose upload was
     accepted trained, but its update is in no aggregate. Its metrics stay as it reported them
     (its epsilon included: the round's privacy cost was charged before training)."""
@@ -249,13 +254,15 @@ def _not_aggregated(outcomes: Mapping[int, dict[str, Any]], error: str) -> dict[
         "any privacy budget it spent on the round stays spent"
     )
     return {
-        node: {**info, "status": NOT_AGGREGATED, "reason": reason} if info["status"] == "ok" else info
-        for node, info in outcomes.items()
+        node: outcome.model_copy(update={"status": Status.NOT_AGGREGATED, "reason": reason})
+        if outcome.status == Status.OK
+        else outcome
+        for node, outcome in outcomes.items()
     }
 
 
 def _wait_for_nodes(
-    grid: Grid, *, want: int, timeout: float, clock: Callable[[], float], sleep: Callable[[float], None]
+    grid: Exchange, *, want: int, timeout: float, clock: Callable[[], float], sleep: Callable[[float], None]
 ) -> list[int]:
     """The online nodes, once at least `want` (at least 1) are online or `timeout` passes."""
     want = max(want, 1)
@@ -270,65 +277,65 @@ def _wait_for_nodes(
         sleep(NODE_POLL)
 
 
+class _RoundKind(Protocol):
+    """How a round's updates arrive: in the clear, or masked for secure aggregation."""
+
+    announcement: bytes | None  # carried by the train message (secure aggregation's)
+    like: Weights | None  # what a plain update must match; None for a masked upload
+
+    def accept(self, node: int, reply: TrainReply) -> None: ...
+
+
 class _PlainRound:
     """Updates in the clear, as `_exchange` receives them."""
 
+    announcement: bytes | None = None
+
     def __init__(self, like: Weights) -> None:
-        self.like = like
+        self.like: Weights | None = like
         self.updates: list[Weights] = []
 
-    def train_records(self) -> dict[str, ConfigRecord]:
-        return {}
-
-    def accept(self, node: int, content: RecordDict) -> None:
-        try:
-            record = content[UPDATE]
-        except KeyError:
-            raise RecordError("the reply carries no update") from None
-        self.updates.append(from_array_record(record, like=self.like))
+    def accept(self, node: int, reply: TrainReply) -> None:
+        if reply.update is None:
+            raise RecordError("the reply carries no update")
+        self.updates.append(reply.update)
 
 
-class AuditsLike(Protocol):
-    """What the loop needs from the coordinator's spot checks (`training.verification`)."""
+class _SecureExchange:
+    """Masked uploads, handed to the round's aggregator."""
 
-    def train_record(self) -> ConfigRecord: ...
+    like: Weights | None = None
 
-    def check(self, content: RecordDict, *, reporter: str | None) -> list[Any]: ...
+    def __init__(self, secure_round: SecureRound) -> None:
+        self.round = secure_round
+        self.announcement: bytes | None = secure_round.announcement
 
-    def record(self, events: list[Any]) -> int: ...
-
-    def round_info(self) -> dict[str, Any]: ...
-
-
-class _RoundLike(Protocol):
-    def train_records(self) -> dict[str, ConfigRecord]: ...
-
-    def accept(self, node: int, content: RecordDict) -> None: ...
+    def accept(self, node: int, reply: TrainReply) -> None:
+        self.round.accept(node, reply.upload)
 
 
 def _exchange(
-    grid: Grid,
+    grid: Exchange,
     nodes: list[int],
     weights: Weights,
     server_round: int,
     timeout: float,
     state: _RunState,
-    round_: _RoundLike,
+    kind: _RoundKind,
     audits: AuditsLike | None,
     reporters: Mapping[int, str],
-) -> dict[int, dict[str, Any]]:
-    """Send the round to `nodes`, hand every reply's update to `round_` and its audit report
-    to `audits`; each node's outcome."""
+) -> dict[int, SiteOutcome]:
+    """Send the round to `nodes`, hand every reply's update to `kind` and its audit report to
+    `audits`; each node's outcome."""
     if not nodes:
         return {}
-    records: dict[str, Any] = {
-        WEIGHTS: to_array_record(weights),
-        ROUND: ConfigRecord({SERVER_ROUND: server_round}),
-        **round_.train_records(),
-    }
-    if audits is not None:
-        records[VERIFY] = audits.train_record()
-    content = RecordDict(records)
+    order = TrainOrder(
+        weights=weights,
+        server_round=server_round,
+        announcement=kind.announcement,
+        audits=audits.orders() if audits is not None else None,
+    )
+    content = order.to_content()
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round), ttl=timeout)
         for node in nodes
@@ -336,7 +343,7 @@ def _exchange(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # Message ids are set when pushed; the SuperLink's own error replies come from node 0.
     node_of = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
-    outcomes: dict[int, dict[str, Any]] = {}
+    outcomes: dict[int, SiteOutcome] = {}
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if node not in nodes or node in outcomes:
@@ -345,24 +352,23 @@ def _exchange(
         if reply.has_error():
             error = read_error(reply.error)
             state.learn(node, error.site)
-            outcomes[node] = {"status": error.outcome, "reason": error.reason, "code": error.code}
+            outcomes[node] = SiteOutcome.absent(error.outcome, error.reason, code=error.code)
             continue
         try:
-            metrics = from_metrics_record(reply.content[METRICS])
+            answer = TrainReply.from_content(reply.content, like=kind.like)
             # A bad audit report refuses the whole reply; a good one is written only once the
             # upload (signed with the site's key) has shown the reply comes from the enrolled site.
-            reports = audits.check(reply.content, reporter=reporters.get(node)) if audits is not None else []
-            round_.accept(node, reply.content)
+            reports = audits.check(answer.events, reporter=reporters.get(node)) if audits is not None else []
+            kind.accept(node, answer)
             if audits is not None and reports:
                 audits.record(reports)
-        except (RecordError, KeyError, TypeError, ValueError) as exc:
-            outcomes[node] = {"status": "failed", "reason": f"invalid reply: {exc}"}
+        except (RecordError, TypeError, ValueError) as exc:
+            outcomes[node] = SiteOutcome.absent(Status.FAILED, f"invalid reply: {exc}")
             continue
-        site = metrics.pop(SITE, None)
-        state.learn(node, site if isinstance(site, str) else None)
-        outcomes[node] = {"status": "ok", **metrics}
-    missing = {"status": "missing", "reason": f"no reply within {timeout:.0f} s"}
-    return {node: outcomes.get(node, dict(missing)) for node in nodes}  # in node order
+        state.learn(node, answer.site or None)
+        outcomes[node] = SiteOutcome.ok(answer.metrics)
+    missing = SiteOutcome.absent(Status.MISSING, f"no reply within {timeout:.0f} s")
+    return {node: outcomes.get(node, missing) for node in nodes}  # in node order
 
 
 class _RunState:
@@ -370,9 +376,9 @@ class _RunState:
 
     def __init__(self) -> None:
         self.names: dict[int, str] = {}  # node id -> display name
-        self.history: dict[int, list[dict[str, Any]]] = {}
-        self.rounds: list[dict[str, Any]] = []
-        self.events: dict[str, list[dict[str, Any]]] = {"refusals": [], "failures": [], "missing": []}
+        self.history: dict[int, list[SiteRound]] = {}
+        self.rounds: list[RoundEvent] = []
+        self.events: dict[str, list[SiteEvent]] = {"refusals": [], "failures": [], "missing": []}
 
     def learn(self, node: int, site: str | None) -> None:
         if not site or self.names.get(node) == site:
@@ -383,38 +389,48 @@ class _RunState:
     def name(self, node: int) -> str:
         return self.names.get(node, f"node-{node}")
 
-    def record_round(self, record: dict[str, Any], outcomes: Mapping[int, dict[str, Any]]) -> None:
+    def record_round(self, record: RoundEvent, outcomes: Mapping[int, SiteOutcome]) -> None:
         self.rounds.append(record)
-        for node, info in outcomes.items():
-            self.history.setdefault(node, []).append({"round": record["round"], **info})
-            kind = {"refused": "refusals", "failed": "failures", "offline": "missing", "missing": "missing"}
-            if info["status"] in kind:
-                self.events[kind[info["status"]]].append(
-                    {"round": record["round"], "site": self.name(node), "node_id": node, **info}
-                )
+        for node, outcome in outcomes.items():
+            fields = outcome.model_dump(exclude_none=True, exclude={"round"})
+            self.history.setdefault(node, []).append(SiteRound(round=record.round, **fields))
+            where = RunSummary.list_for(outcome.status)
+            if where is not None:
+                self.events[where].append(SiteEvent(round=record.round, site=self.name(node), node_id=node, **fields))
 
-    def summary(self, config: TrainConfig, final: dict[str, Any], aggregation: str) -> dict[str, Any]:
+    def summary(
+        self, config: TrainConfig, final: Scores, initial: Scores, aggregation: str, *, mode: str, audited: bool
+    ) -> RunSummary:
         sites = {}
         for node, history in self.history.items():
-            epsilons = [h["epsilon"] for h in history if isinstance(h.get("epsilon"), int | float)]
-            sites[self.name(node)] = {
-                "node_id": node,
-                "epsilon": epsilons[-1] if epsilons else None,
-                "rounds_trained": sum(h["status"] == "ok" for h in history),  # its update is in the aggregate
-                # trained (privacy budget spent) but lost with the round's secure aggregation
-                "rounds_not_aggregated": sum(h["status"] == NOT_AGGREGATED for h in history),
-                "history": history,
-            }
-        return {
-            "config": dataclasses.asdict(config),
-            "dp": config.dp,
-            "aggregation": aggregation,
-            "secure_agg": aggregation == "secure_aggregation",
-            "rounds": self.rounds,
-            "sites": sites,
-            **self.events,
-            "final": final,
-        }
+            epsilons = [h.epsilon for h in history if h.epsilon is not None]
+            sites[self.name(node)] = SiteSummary(
+                node_id=node,
+                epsilon=epsilons[-1] if epsilons else None,
+                rounds_trained=sum(h.status == Status.OK for h in history),  # its update is in the aggregate
+                rounds_not_aggregated=sum(h.status == Status.NOT_AGGREGATED for h in history),
+                history=history,
+            )
+        verify = None
+        if audited:
+            audits = sum(r.verify.audits for r in self.rounds if r.verify is not None)
+            last = self.rounds[-1].verify if self.rounds else None
+            verify = AuditSummary(audits=audits, quarantined=last.quarantined if last is not None else [])
+        return RunSummary(
+            mode="local" if mode == "local" else "federated",
+            config=dataclasses.asdict(config),
+            dp=config.dp,
+            aggregation=aggregation,
+            secure_agg=aggregation == "secure_aggregation",
+            rounds=self.rounds,
+            sites=sites,
+            refusals=self.events["refusals"],
+            failures=self.events["failures"],
+            missing=self.events["missing"],
+            final=final,
+            initial=initial,
+            verify=verify,
+        )
 
 
 def _checked_weights(weights: Mapping[str, np.ndarray]) -> Weights:
@@ -431,9 +447,10 @@ def _check_aggregate(delta: Mapping[str, np.ndarray], weights: Weights) -> None:
         raise RoundError("the aggregate holds NaN or infinite values")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _scores(scores: Mapping[str, float]) -> Scores:
+    """Held-out scores as JSON numbers: numpy scalars as Python ones, non-finite as None."""
+    out: Scores = {}
+    for key, value in scores.items():
+        number = float(value)
+        out[key] = number if math.isfinite(number) else None
+    return out

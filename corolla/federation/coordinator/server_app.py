@@ -6,8 +6,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from corolla.federation.coordinator.rounds import run_rounds
+from corolla.federation.coordinator.secure import SecureRounds
+from corolla.federation.messages import run_key
 from corolla.federation.progress import ProgressLog
-from corolla.federation.secure import rounds_for
 from corolla.training.config import TrainConfig
 
 app = ServerApp()
@@ -15,11 +16,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from corolla.federation.audits import CoordinatorAudits
+    from corolla.federation.coordinator.audits import CoordinatorAudits  # the ledger: only in the run
     from corolla.federation.coordinator.model import Coordinator  # torch and the model: only in the run
 
     config = TrainConfig.from_run_config(context.run_config)
-    secure = rounds_for(config, context)  # None with --no-secure-agg
+    secure = SecureRounds.for_config(config, run_key=run_key(context))  # None with --no-secure-agg
     audits = CoordinatorAudits.for_config(config)  # None with --audit-rate 0
     coordinator = Coordinator(config, spot_checker=audits.checker if audits is not None else None)
     try:

@@ -1,7 +1,10 @@
 """One site's round: DP-SGD on its own records, through the swarm, from the given weights.
 
-The privacy budget is charged *before* training (a round that crashes half-way still
-counts) in the site's own ledger, so neither a fresh ClientApp process nor the
+Everything the round depends on is checked before the privacy budget is charged: the
+site's cap, its records (read and tokenized), and the coordinator's weights against the
+model's adapter (names, shapes; float32 and finite values were checked when the message
+was read). Then the budget is charged *before* training (a round that crashes half-way
+still counts) in the site's own ledger, so neither a fresh ClientApp process nor the
 coordinator can reset it. Poisson sampling and the DP noise draw from generators seeded
 by the operating system's CSPRNG on the site: a seed known to anyone else (the run
 config's `seed`, say) would let them subtract the noise.
@@ -12,72 +15,66 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from corolla.errors import CorollaError
-from corolla.federation.audits import SiteAudits, SiteOrders
+from corolla.federation.messages import AuditOrders, RecordError, Weights, check_like
+from corolla.federation.outcomes import SiteMetrics
+from corolla.federation.site.audits import SiteAudits
+from corolla.federation.site.env import SiteEnv, SiteRefused, SiteResult
 from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
+from corolla.inference.models import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.training.config import TrainConfig
-from corolla.training.data import DataError, encode, load_jsonl
+from corolla.training.data import DataError, EncodedBatch, encode, load_jsonl
 from corolla.training.plan import dp_plan, lora_settings, poisson_batches, secret_generator
-from corolla.training.privacy import BudgetExhaustedError, warn_dp_off
+from corolla.training.privacy import BudgetExhaustedError, DpPlan, warn_dp_off
 from corolla.training.privacy_ledger import PrivacyLedger
-from corolla.training.swarm_trainer import SwarmTrainer
+from corolla.training.remote_trainer import RemoteTrainer
+
+__all__ = ["PreparedRound", "prepare_round", "run_steps", "train_site_round"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SiteEnv:
-    """What a SuperNode's node config tells its ClientApp."""
+class PreparedRound:
+    """A round that passed every check and has been charged: what training needs."""
 
-    data: Path  # the site's training JSONL
-    store: Path  # the site's private directory (privacy ledger)
-    workspace: Path | None  # the site's workspace (node identity for mTLS to the swarm); None = plaintext
-    node: str  # the site's node name in that workspace
-    max_epsilon: float | None = None  # the site's own cap (node config `max-epsilon`): refuses more, or no DP
-
-
-class SiteRefused(CorollaError):
-    """The site declines this round (its privacy budget would be exceeded)."""
-
-    exit_code = 11
+    data: EncodedBatch  # the site's records, tokenized
+    plan: DpPlan | None  # the run's noise; None without DP
+    epsilon: float  # the site's spending on this run after the charge (NaN without DP)
+    sample_rate: float
+    start: dict[str, torch.Tensor]  # the coordinator's weights as tensors
 
 
-@dataclass(frozen=True, slots=True)
-class SiteResult:
-    update: dict[str, np.ndarray]  # the site's new weights minus the given ones, float32
-    metrics: dict[str, float | int | str]
-    audit_events: tuple[str, ...] = ()  # the round's spot-check verdicts, canonical JSON (verification.py)
-
-
-def train_site_round(
-    config: TrainConfig,
-    env: SiteEnv,
-    weights: Mapping[str, np.ndarray],
-    *,
-    server_round: int,
-    run_key: str,
-    orders: SiteOrders | None = None,
-) -> SiteResult:
-    """One round of DP-SGD on the site's records through the swarm; with `orders`, a sample
-    of the span computations is spot-checked on other replicas (verification.py)."""
-    started = time.monotonic()
+def prepare_round(
+    config: TrainConfig, env: SiteEnv, weights: Mapping[str, np.ndarray], *, run_key: str
+) -> PreparedRound:
+    """Check the round, then charge its privacy cost: nothing is charged for a round the
+    site would not train (a cap it refuses, records it cannot read, weights that are not the
+    model's adapter)."""
     if env.max_epsilon is not None and (config.dp_epsilon is None or config.dp_epsilon > env.max_epsilon):
         asked = "no DP" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon}"
         raise SiteRefused(
-            f"site {env.node or env.data.name}: the run asks for {asked}; this site allows at most "
+            f"site {env.name}: the run asks for {asked}; this site allows at most "
             f"epsilon {env.max_epsilon} (its node config's max-epsilon)"
         )
-    torch.set_num_threads(1)  # sites, servers and the coordinator share the machine's cores
+    expected = LoraAdapter.shapes(Checkpoint.open(config.model), lora_settings(config))
+    try:
+        check_like(weights, expected)
+    except RecordError as exc:
+        raise RecordError(f"the coordinator's weights are not this model's adapter: {exc}") from None
     records = load_jsonl(env.data)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    try:
+        data = encode(records, tokenizer, max_length=config.max_length)
+    except DataError as exc:
+        raise DataError(f"{env.data}: {exc}") from None
     n = len(records)
     plan = dp_plan(config, n)
     epsilon = math.nan
@@ -88,21 +85,66 @@ def train_site_round(
         try:
             epsilon = ledger.charge(config.steps_per_round)
         except BudgetExhaustedError as exc:
-            raise SiteRefused(f"site {env.node or env.data.name}: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    try:
-        data = encode(records, tokenizer, max_length=config.max_length)
-    except DataError as exc:
-        raise DataError(f"{env.data}: {exc}") from None
-    sample_rate = plan.sample_rate if plan is not None else min(1.0, config.batch_size / n)
-    tls, reporter = None, env.node or env.data.stem
-    if env.workspace is not None:
-        from corolla.pki import NodeIdentity
+            raise SiteRefused(f"site {env.name}: {exc}") from exc
+    return PreparedRound(
+        data=data,
+        plan=plan,
+        epsilon=epsilon,
+        sample_rate=plan.sample_rate if plan is not None else min(1.0, config.batch_size / n),
+        start={name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()},
+    )
 
-        identity = NodeIdentity.load(env.workspace / "nodes" / env.node)
-        tls, reporter = TlsConfig.for_node(identity), identity.node_id
+
+def run_steps(
+    step: Callable[[EncodedBatch | None], float],
+    adapter: LoraAdapter,
+    config: TrainConfig,
+    prepared: PreparedRound,
+    *,
+    server_round: int,
+    started: float,
+) -> tuple[dict[str, np.ndarray], SiteMetrics]:
+    """The round's steps on Poisson batches; the update (new weights minus the given ones) and
+    what the site reports. Under DP its training loss stays home: no accountant covers it."""
+    batches = poisson_batches(
+        prepared.data, sample_rate=prepared.sample_rate, steps=config.steps_per_round, generator=secret_generator()
+    )
+    seen = [x for x in (step(batch) for batch in batches) if not math.isnan(x)]
+    new = adapter.state()
+    update = {name: (new[name] - prepared.start[name]).numpy() for name in prepared.start}
+    plan = prepared.plan
+    metrics = SiteMetrics(
+        round=server_round,
+        steps=config.steps_per_round,
+        seconds=time.monotonic() - started,
+        dp=int(plan is not None),
+        sample_rate=prepared.sample_rate,
+        loss=(float(np.mean(seen)) if seen else None) if plan is None else None,
+        epsilon=prepared.epsilon if plan is not None else None,
+        noise_multiplier=plan.noise_multiplier if plan is not None else None,
+        delta=plan.delta if plan is not None else None,
+    )
+    return update, metrics
+
+
+def train_site_round(
+    config: TrainConfig,
+    env: SiteEnv,
+    weights: Weights,
+    *,
+    server_round: int,
+    run_key: str,
+    orders: AuditOrders | None = None,
+) -> SiteResult:
+    """One round of DP-SGD on the site's records through the swarm; with `orders`, a sample
+    of the span computations is spot-checked on other replicas (`site.audits`)."""
+    started = time.monotonic()
+    torch.set_num_threads(1)  # sites, servers and the coordinator share the machine's cores
+    prepared = prepare_round(config, env, weights, run_key=run_key)
+    tls, reporter = None, env.name
+    if env.identity is not None:
+        tls, reporter = TlsConfig.for_node(env.identity), env.identity.node_id
     audits = SiteAudits(orders, reporter=reporter) if orders is not None and orders.rate > 0 else None
-    start = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
     with RemoteModelForCausalLM.from_pretrained(
         config.model,
         initial_peers=config.peers,
@@ -110,8 +152,9 @@ def train_site_round(
         tls=tls,
         spot_checker=audits.checker if audits is not None else None,
     ) as model:
-        adapter = LoraAdapter.from_state(model.checkpoint, lora_settings(config), start)
-        trainer = SwarmTrainer(
+        adapter = LoraAdapter.from_state(model.checkpoint, lora_settings(config), prepared.start)
+        plan = prepared.plan
+        trainer = RemoteTrainer(
             model,
             adapter,
             lr=config.lr,
@@ -121,28 +164,8 @@ def train_site_round(
             expected_batch_size=config.batch_size,
             generator=secret_generator(),
         )
-        losses = [
-            trainer.step(batch)
-            for batch in poisson_batches(
-                data, sample_rate=sample_rate, steps=config.steps_per_round, generator=secret_generator()
-            )
-        ]
-        new = adapter.state()
-        events = tuple(audits.finish()) if audits is not None else ()  # before the swarm connection closes
-    update = {name: (new[name] - start[name]).numpy() for name in start}
-    seen = [x for x in losses if not math.isnan(x)]
-    metrics: dict[str, float | int | str] = {
-        "site": env.node or env.data.stem,
-        "round": server_round,
-        "steps": config.steps_per_round,
-        "seconds": time.monotonic() - started,
-        "dp": int(plan is not None),
-        "sample_rate": sample_rate,
-    }
-    if plan is None:  # under DP the training loss stays home: no accountant covers it
-        metrics["loss"] = float(np.mean(seen)) if seen else math.nan
-    else:
-        metrics |= {"epsilon": epsilon, "noise_multiplier": plan.noise_multiplier, "delta": plan.delta}
-    if audits is not None:
-        metrics["audits"] = len(events)
-    return SiteResult(update=update, metrics=metrics, audit_events=events)
+        update, metrics = run_steps(trainer.step, adapter, config, prepared, server_round=server_round, started=started)
+        events = audits.finish() if audits is not None else None  # before the swarm connection closes
+    if events is not None:
+        metrics = metrics.model_copy(update={"audits": len(events)})
+    return SiteResult(update=update, metrics=metrics, audit_events=(events or ()) if orders is not None else None)

@@ -87,6 +87,21 @@ class LoraAdapter(nn.Module):
                 tensors[tensor_name(block, module, "lora_B")] = torch.zeros(out_features, settings.r)
         return cls(checkpoint, settings, tensors)
 
+    @staticmethod
+    def shapes(checkpoint: Checkpoint, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+        """Wire name -> shape of every weight an adapter of `settings` has, without making one
+        (what a site checks the coordinator's weights against before it spends anything)."""
+        family = checkpoint.family
+        modules = match_targets(family.lora_modules(), settings.targets)
+        lora = family.lora_shapes(checkpoint.config)
+        out: dict[str, tuple[int, ...]] = {}
+        for block in range(checkpoint.num_blocks):
+            for module in modules:
+                in_features, out_features = lora[module]
+                out[tensor_name(block, module, "lora_A")] = (settings.r, in_features)
+                out[tensor_name(block, module, "lora_B")] = (out_features, settings.r)
+        return out
+
     @classmethod
     def from_state(
         cls, checkpoint: Checkpoint, settings: LoraSettings, tensors: Mapping[str, torch.Tensor]

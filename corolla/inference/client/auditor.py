@@ -8,9 +8,9 @@ the inference layer does not import the verification layer above it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
 
-import torch
+from torch import Tensor, dtype
 
 from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 
@@ -19,51 +19,40 @@ if TYPE_CHECKING:
     from corolla.inference.client.routing import Hop, Router
     from corolla.inference.client.swarm import Swarm
 
-__all__ = ["WorkAuditor"]
+__all__ = ["HopCall", "WorkAuditor"]
+
+
+class _Adapter(TypedDict, total=False):
+    adapter: AdapterSync | None  # the client's adapter the server applied
+    adapter_digest: str  # its content hash ("" for none)
+
+
+class HopCall(_Adapter, total=False):
+    """How the client called the hop: the dtype on the wire, and the adapter the server used."""
+
+    wire_dtype: dtype | None
 
 
 class WorkAuditor(Protocol):
+    """Hooks the client calls after each span computation a server did for it; tensors are (B, T, H)."""
+
     def attach(self, router: Router) -> None:
         """Keep the nodes it distrusts out of `router`'s routes from now on."""
 
-    def forward_done(
-        self,
-        swarm: Swarm,
-        hop: Hop,
-        hidden: torch.Tensor,
-        output: torch.Tensor,
-        *,
-        wire_dtype: torch.dtype | None = None,
-        adapter: AdapterSync | None = None,
-        adapter_digest: str = "",
-    ) -> None:
-        """A parallel forward of `hidden` (B, T, H) through `hop` returned `output`."""
+    def forward_done(self, swarm: Swarm, hop: Hop, hidden: Tensor, output: Tensor, **call: Unpack[HopCall]) -> None:
+        """A parallel forward of `hidden` through `hop` returned `output`."""
 
     def step_done(
-        self,
-        swarm: Swarm,
-        hop: Hop,
-        history: Sequence[torch.Tensor],
-        hidden: torch.Tensor,
-        output: torch.Tensor,
-        *,
-        wire_dtype: torch.dtype | None = None,
-        adapter: AdapterSync | None = None,
-        adapter_digest: str = "",
+        self, swarm: Swarm, hop: Hop, history: Sequence[Tensor], hidden: Tensor, output: Tensor, **call: Unpack[HopCall]
     ) -> None:
-        """An inference step of `hidden` (B, T, H) after the hop's earlier inputs `history` returned `output`."""
+        """An inference step of `hidden` after the hop's earlier inputs `history` returned `output`."""
 
     def backward_done(
-        self,
-        swarm: Swarm,
-        hop: Hop,
-        hidden: torch.Tensor,
-        grad_output: torch.Tensor,
-        result: BackwardResult,
-        *,
-        mode: AdapterGrads,
-        grad_input: bool,
-        adapter: AdapterSync | None = None,
-        adapter_digest: str = "",
+        self, swarm: Swarm, hop: Hop, hidden: Tensor, grad_output: Tensor, result: BackwardResult, **call: Unpack[_Back]
     ) -> None:
-        """A backward through `hop` of `hidden` and `grad_output` (both (B, T, H)) in `mode` returned `result`."""
+        """A backward through `hop` of `hidden` and `grad_output` returned `result`."""
+
+
+class _Back(_Adapter):
+    mode: AdapterGrads  # which adapter gradients were asked for
+    grad_input: bool  # whether the input gradient was

@@ -2,7 +2,8 @@
 
     platform audit report  [--ledger URL] [--format html|json|md] [--out FILE] [--public-key FILE]
     platform audit verify  [--ledger URL] [--public-key FILE]
-    platform audit readmit NODE_ID --model MODEL --blocks START:END --reason TEXT [--ledger URL]
+    platform audit readmit NODE_ID --model-id ID --blocks START:END --reason TEXT [--ledger URL]
+    platform audit calibrate --out FILE [--model DIR] [--samples N] [--seed N] [--threads T]
 
 The ledger defaults to the workspace's SQLite file and the public key to the public part of
 the workspace's ledger key (`corolla.verify.ledger_paths`).
@@ -18,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+from corolla.platform.commands import calibrate
+from corolla.platform.commands._flags import add_renamed
 from corolla.platform.commands.serve import parse_span
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.errors import LedgerError, LedgerTamperedError, VerifyError
@@ -34,13 +37,17 @@ _PROGRESS_OVER = 20_000  # ledgers with more events than this report progress on
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
-    audit = sub.add_parser("audit", help="the verification ledger: reports, chain check, re-admission")
+    audit = sub.add_parser(
+        "audit", help="the verification ledger: reports, chain check, re-admission; tolerance calibration"
+    )
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
 
     report = audit_sub.add_parser("report", help="write an audit report (HTML with plots, JSON or Markdown)")
     report.add_argument("--format", choices=["html", "json", "md"], help="default: from --out's suffix, else html")
     report.add_argument(
-        "--out", help="file to write, - for stdout (default <workspace>/reports/audit-<UTC time>.<format>)"
+        "--out",
+        metavar="FILE",
+        help="file to write, - for stdout (default <workspace>/reports/audit-<UTC time>.<format>)",
     )
     report.set_defaults(run=run_report)
 
@@ -49,13 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
     readmit = audit_sub.add_parser("readmit", help="let a quarantined node back (it starts on probation)")
     readmit.add_argument("node_id", metavar="NODE_ID", help="the node id as it appears in the ledger")
-    readmit.add_argument("--model", required=True, help="model id")
+    # Required, checked in run_readmit: argparse would not count the old spelling as giving it.
+    add_renamed(readmit, "--model-id", "--model", metavar="ID", help="model id as announced (required)")
     readmit.add_argument("--blocks", required=True, type=parse_span, metavar="START:END", help="the quarantined span")
     readmit.add_argument("--reason", required=True, help="why it may come back (recorded in the ledger)")
     readmit.add_argument("--reporter", default="operator", help="who decides, recorded in the event")
     readmit.add_argument("--key", help="the ledger's private key (default <workspace>/ledger/ledger.key)")
     readmit.add_argument("--force", action="store_true", help="write it even if the subject is not quarantined")
     readmit.set_defaults(run=run_readmit)
+
+    calibrate.register(audit_sub)
 
     for p in (report, verify, readmit):
         p.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
@@ -202,7 +212,15 @@ def run_verify(args: argparse.Namespace) -> int:
 # -- readmit ---------------------------------------------------------------------------------
 
 
+class UsageError(VerifyError):
+    """A required flag is missing (argparse cannot see a renamed flag's old spelling as it)."""
+
+    exit_code = 2
+
+
 def run_readmit(args: argparse.Namespace) -> int:
+    if not args.model_id:
+        raise UsageError("--model-id ID is required: the model id the quarantine names")
     url, workspace = _ledger_url(args)
     key_path = Path(args.key) if args.key else default_ledger_key_path(workspace)
     try:
@@ -210,7 +228,7 @@ def run_readmit(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise LedgerError(f"cannot read the ledger key {key_path}: {exc.strerror} (give --key FILE)") from None
     start, end = args.blocks
-    subject = Subject(node_id=args.node_id, model_id=args.model, start=start, end=end)
+    subject = Subject(node_id=args.node_id, model_id=args.model_id, start=start, end=end)
     with open_existing_ledger(url, key=key, writer=args.reporter) as ledger:
         book = reputation_book(ledger)
         if not book.is_quarantined(subject) and not args.force:

@@ -1,7 +1,7 @@
 """`platform generate`: text generation through the swarm, streamed as it comes.
 
-With no `--peers` or `--servers`, an embedded local swarm (two `platform serve`
-processes on the workspace's tiny Llama) is started for the run.
+With no `--peers` or `--servers`, an embedded local swarm (`--local-servers` processes of
+`platform serve`, two by default, on the workspace's tiny Llama) is started for the run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.pki import NodeIdentity
+from corolla.platform.commands._flags import add_renamed, endpoint
 from corolla.platform.identity_args import add_identity_options, tls_from_args
-from corolla.platform.launch.swarm import LocalSwarm, even_spans
+from corolla.platform.launch.servers import LocalServers, even_spans
 from corolla.platform.workspace import default_model, resolve_workspace, throwaway_consortium
 
 if TYPE_CHECKING:
@@ -31,26 +32,37 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("generate", help="generate text through the swarm")
     p.add_argument("prompt", nargs="?", default="The patient presented with", help="text to continue")
-    p.add_argument("--model", help="checkpoint directory (client parts and tokenizer); default: tiny Llama")
-    p.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="DHT peer (repeatable)")
+    p.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (client parts and tokenizer); default: tiny Llama"
+    )
+    p.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="DHT peer to join (repeatable)")
     p.add_argument(
         "--servers",
         action="append",
         default=[],
+        type=endpoint,
         metavar="HOST:PORT",
-        help="block server endpoint, without the DHT (repeatable)",
+        help="block server endpoint, without the DHT (repeatable); a bare number is refused: that is --local-servers N",
     )
-    p.add_argument("--local-servers", type=int, default=2, help="servers of the embedded swarm (default 2)")
+    p.add_argument(
+        "--local-servers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="block servers the embedded swarm starts when neither --peers nor --servers is given (default 2)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument(
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed")
+    add_renamed(
+        p,
+        "--adapter-dir",
         "--adapter",
         metavar="DIR",
-        help="a PEFT LoRA adapter directory (e.g. from `platform train`), applied by the servers",
+        help="a PEFT LoRA adapter directory (e.g. `platform train`'s out-dir/adapter), applied by the servers",
     )
     p.add_argument(
         "--audit-rate",
@@ -62,8 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--ledger", metavar="URL", help="reputation ledger for --audit-rate (default: the workspace's)")
     p.add_argument(
         "--tolerances",
+        type=Path,
         metavar="FILE",
-        help="tolerance table for --audit-rate, from `python -m corolla.verify.calibration --model DIR --out FILE` "
+        help="tolerance table for --audit-rate, from `platform audit calibrate --model DIR --out FILE` "
         "(default: the shipped table, calibrated on tiny random models)",
     )
     add_identity_options(p, role_hint="site")
@@ -76,10 +89,10 @@ def _ledger_checker(
     """A spot checker whose verdicts go straight to the ledger, routing around the nodes the
     ledger's history quarantines (inference clients report directly; sites in training
     report through Flower), comparing outputs with `tolerances` (None: the shipped table)."""
-    from corolla.federation.audits import LockedBook
     from corolla.platform.commands.audit import reputation_book
     from corolla.verify.ledger import Ledger, LedgerKey
     from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
+    from corolla.verify.shared_book import LockedBook
     from corolla.verify.spot_check import SpotChecker, SpotCheckSettings
 
     workspace = resolve_workspace(args.workspace)
@@ -110,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.audit_rate:
             print("platform generate: note: --tolerances has no effect without --audit-rate", file=sys.stderr)
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
-    if args.adapter:  # before any server starts: a bad directory is a quick, clear error
-        LoraAdapter.load_peft(args.adapter, Checkpoint.open(model_dir))
+    if args.adapter_dir:  # before any server starts: a bad directory is a quick, clear error
+        LoraAdapter.load_peft(args.adapter_dir, Checkpoint.open(model_dir))
     with contextlib.ExitStack() as stack:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
@@ -125,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corolla-embedded-")))
             consortium = throwaway_consortium(tmp, servers=args.local_servers, sites=1)
             swarm = stack.enter_context(
-                LocalSwarm(
+                LocalServers(
                     model_dir,
                     even_spans(blocks, args.local_servers),
                     torch_threads=1,
@@ -144,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         model = stack.enter_context(
             RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers, tls=tls)
         )
-        if args.adapter:
-            model.load_adapter(args.adapter)
+        if args.adapter_dir:
+            model.load_adapter(args.adapter_dir)
         if args.audit_rate:
             reporter = getattr(args, "node", None) or "client"
             model.use_spot_checker(_ledger_checker(args, stack, reporter=reporter, tolerances=tolerances))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from corolla.pki import ConsortiumCA, Role
+from corolla.platform.commands._flags import add_renamed
 from corolla.platform.workspace import resolve_workspace
 
 
@@ -21,7 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     issue.add_argument("--role", required=True, choices=[r.value for r in Role])
     issue.add_argument("--name", required=True, help="node name, unique in the consortium")
     issue.add_argument("--days", type=int, default=365, help="certificate validity (default 1 year)")
-    issue.add_argument("--host", action="append", default=[], help="extra TLS name or IP (repeatable)")
+    add_renamed(
+        issue,
+        "--san",
+        "--host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="extra DNS name or IP address in the TLS certificate (repeatable)",
+    )
     issue.set_defaults(run=run_issue)
 
     revoke = keys_sub.add_parser("revoke", help="revoke a node: add it to the CA-signed revocation list")
@@ -51,7 +60,7 @@ def run_init_ca(args: argparse.Namespace) -> int:
 
 def run_issue(args: argparse.Namespace) -> int:
     ca = ConsortiumCA.open(resolve_workspace(args.workspace))
-    node = ca.issue(args.name, args.role, days=args.days, hosts=args.host)
+    node = ca.issue(args.name, args.role, days=args.days, hosts=args.san)
     print(f"issued {node.name} ({node.role}) node id {node.node_id}")
     print(f"its files: {node.directory}  (copy the whole directory to the node)")
     return 0

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     tiny.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     tiny.add_argument("--kv-heads", type=int, default=2, help="Llama key/value heads (default 2)")
     tiny.add_argument("--intermediate", type=int, default=None, help="Llama MLP width (default 2 x hidden)")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=int, default=0, metavar="N", help="weight initialisation seed")
     tiny.set_defaults(run=run_init_tiny)
 
 

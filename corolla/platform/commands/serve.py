@@ -12,6 +12,7 @@ from corolla.inference.errors import BadRequestError
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
 from corolla.inference.server.faults import FaultSpec
 from corolla.pki import Role, WorkspaceError
+from corolla.platform.commands._flags import add_renamed
 from corolla.platform.identity_args import add_identity_options, tls_from_args
 
 
@@ -34,16 +35,20 @@ def parse_fault(text: str) -> FaultSpec:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("serve", help="serve a span of transformer blocks")
-    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
-    p.add_argument("--blocks", type=parse_span, help="span START:END; default: the least-served span")
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face checkpoint directory")
+    p.add_argument(
+        "--blocks", type=parse_span, metavar="START:END", help="span START:END; default: the least-served span"
+    )
     p.add_argument("--num-blocks", type=int, help="span length when --blocks is not given (default: half)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--quant", choices=("int8", "nf4"), help="bitsandbytes weight quantization")
-    p.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="gRPC listen address")
+    p.add_argument("--port", type=int, default=0, metavar="N", help="gRPC port (default: any free port)")
     p.add_argument("--announce-host", help="address to announce, if not --host")
-    p.add_argument("--dht-port", type=int, default=0, help="libp2p port (default: any free port)")
-    p.add_argument(
+    p.add_argument("--dht-port", type=int, default=0, metavar="N", help="libp2p port (default: any free port)")
+    add_renamed(
+        p,
+        "--peers",
         "--bootstrap",
         action="append",
         default=[],
@@ -55,10 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     add_identity_options(p, role_hint="server")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
-    p.add_argument("--max-length", type=int, default=4096, help="longest inference session, tokens")
+    p.add_argument("--max-length", type=int, default=4096, metavar="N", help="longest inference session, tokens")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     p.add_argument("--announce-ttl", type=float, default=30.0, help="seconds a DHT record lives unrefreshed")
-    p.add_argument("--model-id", help="override the model id (default: directory name + fingerprint)")
+    p.add_argument("--model-id", metavar="ID", help="override the model id (default: directory name + fingerprint)")
     # Tests and benchmarks only: corrupt a fraction of outputs (corolla/inference/server/faults.py).
     p.add_argument("--inject-fault", type=parse_fault, metavar="KIND:FRACTION[:SEED]", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             announce_host=args.announce_host,
             dht=not args.no_dht,
             dht_port=args.dht_port,
-            bootstrap=tuple(args.bootstrap),
+            bootstrap=tuple(args.peers),
             max_message_bytes=args.max_message_mb * MiB,
             max_sessions=args.max_sessions,
             cache_budget_bytes=args.cache_mb * MiB,

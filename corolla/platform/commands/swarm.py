@@ -16,6 +16,7 @@ from corolla.inference.client.routing import block_ranges
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
+from corolla.platform.commands._flags import add_renamed
 from corolla.platform.identity_args import add_identity_options, tls_from_args
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.events import Subject
@@ -26,16 +27,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     swarm = sub.add_parser("swarm", help="the DHT: run a bootstrap peer, show servers")
     swarm_sub = swarm.add_subparsers(dest="swarm_command", required=True)
     boot = swarm_sub.add_parser("bootstrap", help="run a bare DHT peer that others can join through")
-    boot.add_argument("--host", default="127.0.0.1")
-    boot.add_argument("--port", type=int, default=0, help="libp2p port (default: any free port)")
-    boot.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR")
+    boot.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="libp2p listen address")
+    add_renamed(
+        boot, "--dht-port", "--port", type=int, default=0, metavar="N", help="libp2p port (default: any free port)"
+    )
+    add_renamed(
+        boot,
+        "--peers",
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="DHT peer to join (repeatable); none = the first peer of a new swarm",
+    )
     add_identity_options(boot, role_hint="server")
     boot.set_defaults(run=run_bootstrap)
     status = swarm_sub.add_parser("status", help="servers of a model, their spans, and uncovered blocks")
-    status.add_argument("--peers", action="append", required=True, metavar="MULTIADDR")
+    status.add_argument(
+        "--peers", action="append", required=True, metavar="MULTIADDR", help="DHT peer to join (repeatable)"
+    )
     which = status.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="checkpoint directory (gives the model id and block count)")
-    which.add_argument("--model-id", help="model id as announced (block count then from the records)")
+    which.add_argument("--model", metavar="DIR", help="checkpoint directory (gives the model id and block count)")
+    which.add_argument("--model-id", metavar="ID", help="model id as announced (block count then from the records)")
     status.add_argument(
         "--ledger", metavar="URL", help="verification ledger for the reputation column (default: the workspace's)"
     )
@@ -48,10 +61,10 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     tls = tls_from_args(args, "swarm bootstrap")
-    with DhtNode(host=args.host, port=args.port, bootstrap=args.bootstrap, **dht_security(tls)) as node:
+    with DhtNode(host=args.host, port=args.dht_port, bootstrap=args.peers, **dht_security(tls)) as node:
         print(f"READY dht={node.addrs[0]}", flush=True)
         print(
-            f"bootstrap peer {node.peer_id} listening; join with --bootstrap {node.addrs[0]}",
+            f"bootstrap peer {node.peer_id} listening; join with --peers {node.addrs[0]}",
             file=sys.stderr,
             flush=True,
         )

@@ -1,10 +1,10 @@
 """`platform train`: federated DP fine-tuning of a LoRA adapter through the swarm.
 
-With no `--superlink`, a local consortium is started for the run (block servers, a
-SuperLink, one SuperNode per site, all real processes with a throwaway CA) on the
+With no `--superlink`, a local consortium is started for the run (`--local-servers` block
+servers, a SuperLink, one SuperNode per site, all real processes with a throwaway CA) on the
 workspace's tiny Llama and synthetic clinical notes, unless `--model`/`--data` say
 otherwise. With `--superlink HOST:PORT` the run is submitted to an existing federation.
-`--local` trains in this process without Flower (the reference for the federated run).
+`--in-process` trains in this process without Flower (the reference for the federated run).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from corolla.platform.commands._flags import add_renamed, server_count
 from corolla.platform.workspace import resolve_workspace
 from corolla.training.config import TrainConfig, TrainConfigError
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
@@ -32,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="federated DP fine-tuning of a LoRA adapter",
         description="Fine-tune a LoRA adapter with DP-SGD at every site, combined round by round with Flower.",
     )
-    p.add_argument("--adapter", default="lora", choices=["lora"], help="adapter kind (only lora for now)")
+    p.add_argument(
+        "--adapter",
+        default="lora",
+        choices=["lora"],
+        metavar="KIND",
+        help="adapter kind: lora (the only one for now); `generate --adapter-dir DIR` applies the result",
+    )
     dp = p.add_argument_group("differential privacy")
     dp.add_argument("--dp-epsilon", type=_epsilon, metavar="FLOAT|off", help="each site's total budget (default 3)")
     dp.add_argument("--dp-delta", type=float, metavar="F", help="default: below 1/N of each site's records")
@@ -47,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     opt.add_argument("--lora-alpha", type=float, metavar="F")
     opt.add_argument("--targets", type=_targets, metavar="q_proj,v_proj", help="module names that get LoRA weights")
     opt.add_argument("--max-length", type=int, metavar="N", help="longest record, tokens")
-    opt.add_argument("--seed", type=int, metavar="N")
+    opt.add_argument("--seed", type=int, metavar="N", help="data split, sampling and noise seed")
     opt.add_argument("--round-timeout", type=float, metavar="S", help="seconds to wait for a round's replies")
     opt.add_argument(
         "--no-secure-agg",
@@ -68,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         "--tolerances",
         type=Path,
         metavar="FILE",
-        help="tolerance table from `python -m corolla.verify.calibration --model DIR --out FILE`, read on the "
+        help="tolerance table from `platform audit calibrate --model DIR --out FILE`, read on the "
         "coordinator's machine and sent to every site (default: the shipped table, calibrated on tiny random models)",
     )
     opt.add_argument(
@@ -83,15 +90,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         "--data", nargs="+", type=Path, metavar="JSONL", help="one JSONL per site, or one directory of them"
     )
     where.add_argument("--test-data", type=Path, metavar="JSONL", help="held-out records the coordinator scores")
-    where.add_argument("--out", type=Path, metavar="DIR", help="adapter, progress.jsonl and summary.json")
-    where.add_argument("--sites", type=int, metavar="N", help="sites of the local consortium (default 3)")
-    where.add_argument("--servers", type=int, default=2, metavar="N", help="block servers of the local consortium")
+    add_renamed(
+        where,
+        "--out-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="directory for the adapter, progress.jsonl and summary.json",
+    )
+    where.add_argument(
+        "--sites",
+        type=int,
+        metavar="N",
+        help="sites of the local consortium (default 3); with --superlink, sites the first round waits for",
+    )
+    add_renamed(
+        where,
+        "--local-servers",
+        "--servers",
+        old_type=server_count,
+        type=int,
+        default=2,
+        metavar="N",
+        help="block servers the local consortium starts (default 2); the old spelling --servers is read by its "
+        "value: a number is this count, an endpoint HOST:PORT is refused (train finds servers through --peers)",
+    )
     where.add_argument(
         "--replicas",
         type=int,
         default=1,
         metavar="K",
-        help="servers per span in the local consortium (spot checks need 2-3)",
+        help="servers per span among the --local-servers (must divide it; spot checks need 2-3)",
     )
     # Tests and benchmarks only: local server INDEX corrupts outputs (`platform serve --inject-fault`).
     where.add_argument("--inject-fault", action="append", default=[], type=_fault, help=argparse.SUPPRESS)
@@ -99,11 +128,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     where.add_argument("--keep-site-updates", action="store_true", help=argparse.SUPPRESS)
     mode = where.add_mutually_exclusive_group()
     mode.add_argument("--superlink", metavar="HOST:PORT", help="submit to this federation instead of a local one")
-    mode.add_argument("--local", action="store_true", help="train in this process, without Flower")
+    add_renamed(
+        mode,
+        "--in-process",
+        "--local",
+        action="store_true",
+        help="train in this process, without Flower or block servers (the reference run)",
+    )
     where.add_argument(
         "--superlink-ca", type=Path, metavar="PEM", help="CA of the SuperLink (default: the workspace's)"
     )
-    where.add_argument("--peers", action="append", default=[], metavar="MULTIADDR", help="the swarm (with --superlink)")
+    where.add_argument(
+        "--peers", action="append", default=[], metavar="MULTIADDR", help="DHT peer of the swarm (with --superlink)"
+    )
     where.add_argument("--node", help="the coordinator's node name in the workspace (with --superlink)")
     where.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
     p.set_defaults(run=run)
@@ -171,8 +208,8 @@ def _check_tolerances(args: argparse.Namespace, config: TrainConfig) -> None:
     from corolla.verify.tolerance import load_table
 
     load_table(config.tolerances)
-    if config.audit_rate == 0 or args.local:
-        print("note: --tolerances has no effect without spot checks (--audit-rate 0 or --local)", file=sys.stderr)
+    if config.audit_rate == 0 or args.in_process:
+        print("note: --tolerances has no effect without spot checks (--audit-rate 0 or --in-process)", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     _check_tolerances(args, checked)
     workspace = resolve_workspace(args.workspace)
     root = workspace / "train-local"
-    out_dir = (args.out or root / "out").resolve()
+    out_dir = (args.out_dir or root / "out").resolve()
     if args.dp_epsilon == "off":
         print(_DP_OFF_WARNING, file=sys.stderr, flush=True)
     if args.no_secure_agg:
@@ -215,12 +252,14 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
     config = config_from_args(
         args, model=str(model.resolve()), out_dir=str(out_dir), test_data=str(test_data), sites=len(site_data)
     )
-    if args.local:
+    if args.in_process:
         from corolla.federation.local import run_local
 
-        return run_local(config, site_data, test_data)
-    if args.servers < 1:
-        raise TrainConfigError(f"--servers {args.servers}: at least 1 block server is needed")
+        return run_local(config, site_data, test_data).to_json()
+    if args.local_servers < 1:
+        raise TrainConfigError(f"--local-servers {args.local_servers}: at least 1 block server is needed")
+    if args.replicas < 1 or args.local_servers % args.replicas:
+        raise TrainConfigError(f"--replicas {args.replicas} must divide --local-servers {args.local_servers}")
     if not args.ledger:  # the workspace's ledger outlives the throwaway consortium; `platform audit` reads it
         config = dataclasses.replace(
             config, ledger=default_ledger_url(workspace), ledger_key=str(default_ledger_key_path(workspace))
@@ -228,7 +267,7 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
     return LocalConsortiumRun(
         config,
         root=root,
-        servers=args.servers,
+        servers=args.local_servers,
         replicas=args.replicas,
         site_data=site_data,
         test_data=test_data,

@@ -28,10 +28,11 @@ from typing import Any
 
 from corolla.errors import CorollaError
 from corolla.federation import app_dir
+from corolla.federation.outcomes import DoneEvent, ProgressEvent, RoundEvent
 from corolla.federation.progress import PROGRESS_FILE, events_from_log, follow, format_event
 from corolla.platform.flower import ControlClient, RunResult
 from corolla.platform.launch.federation import COORDINATOR, LocalFederation, local_consortium
-from corolla.platform.launch.swarm import LocalSwarm, even_spans
+from corolla.platform.launch.servers import LocalServers, even_spans
 from corolla.training.config import TrainConfig
 
 Echo = Callable[[str], None]
@@ -50,7 +51,7 @@ def _stderr(line: str) -> None:
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class FollowedRun:
     result: RunResult
-    events: list[dict[str, Any]]  # the ServerApp's progress events
+    events: list[ProgressEvent]  # the ServerApp's progress events
 
 
 def follow_run(
@@ -83,7 +84,7 @@ def follow_run(
             finished.set()
 
     threading.Thread(target=wait, name=f"wait-run-{run_id}", daemon=True).start()
-    events: list[dict[str, Any]] = []
+    events: list[ProgressEvent] = []
     try:
         for event in follow(progress_path, done=finished.is_set):
             events.append(event)
@@ -103,9 +104,11 @@ def follow_run(
     return FollowedRun(result=result, events=events)
 
 
-def _echo_event(echo: Echo, event: Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> None:
-    if aliases and isinstance(event.get("sites"), dict):
-        event = {**event, "sites": {aliases.get(name, name): info for name, info in event["sites"].items()}}
+def _echo_event(echo: Echo, event: ProgressEvent, aliases: Mapping[str, str] | None = None) -> None:
+    if aliases and isinstance(event, RoundEvent):
+        event = event.model_copy(
+            update={"sites": {aliases.get(name, name): info for name, info in event.sites.items()}}
+        )
     line = format_event(event)
     if line:
         echo(line)
@@ -114,12 +117,14 @@ def _echo_event(echo: Echo, event: Mapping[str, Any], aliases: Mapping[str, str]
 def run_summary(config: TrainConfig, followed: FollowedRun) -> dict[str, Any]:
     """The coordinator's summary.json when it is on this machine, else what the events tell."""
     path = Path(config.out_dir) / "summary.json"
-    done: dict[str, Any] = next((e for e in reversed(followed.events) if e.get("event") == "done"), {})
+    done = next((e for e in reversed(followed.events) if isinstance(e, DoneEvent)), None)
+    summary: dict[str, Any]
     if path.is_file():
         summary = json.loads(path.read_text(encoding="utf-8"))
     else:
-        summary = {"rounds": [e for e in followed.events if e.get("event") == "round"]}
-    return {**summary, "adapter": summary.get("adapter") or done.get("adapter"), "run_id": followed.result.run_id}
+        summary = {"rounds": [e.to_json() for e in followed.events if isinstance(e, RoundEvent)]}
+    adapter = summary.get("adapter") or (done.adapter if done is not None else None)
+    return {**summary, "adapter": adapter, "run_id": followed.result.run_id}
 
 
 def run_timeout(config: TrainConfig) -> float:
@@ -203,7 +208,7 @@ class LocalConsortiumRun:
         if servers < 1 or not site_data:
             raise TrainLaunchError(f"a local consortium needs at least 1 server and 1 site (got {servers}, 0)")
         if replicas < 1 or servers % replicas:
-            raise TrainLaunchError(f"--replicas {replicas} must divide --servers {servers}")
+            raise TrainLaunchError(f"--replicas {replicas} must divide --local-servers {servers}")
         self.config = config
         self.root = Path(root)
         self.servers = servers
@@ -221,7 +226,7 @@ class LocalConsortiumRun:
         if self.config.audit_rate > 0 and self.replicas < 2:
             return (
                 f"spot checks: rate {self.config.audit_rate:g}, but each span has one server, so there is no replica "
-                "to re-run an audit on: audits stay unchecked (for checks: --servers 3 --replicas 3)"
+                "to re-run an audit on: audits stay unchecked (for checks: --local-servers 3 --replicas 3)"
             )
         return None
 
@@ -238,7 +243,7 @@ class LocalConsortiumRun:
             stores = self.root / "stores"
             shutil.rmtree(stores, ignore_errors=True)  # the sites' ledgers belong to this consortium
             self.status(f"starting {self.servers} block servers on {self.config.model} ...")
-            swarm = LocalSwarm(
+            swarm = LocalServers(
                 Path(self.config.model),
                 [span for span in even_spans(blocks, self.servers // self.replicas) for _ in range(self.replicas)],
                 torch_threads=1,

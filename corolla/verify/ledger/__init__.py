@@ -15,7 +15,7 @@ on SQLite (a file; the default) or PostgreSQL (a consortium's shared database):
 
 from corolla.verify.ledger.chain import GENESIS_HASH
 from corolla.verify.ledger.scan import LedgerScan
-from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey
+from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey, SignatureError
 from corolla.verify.ledger.store import AnyEvent, ChainCheck, Ledger, StoredEvent
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "LedgerKey",
     "LedgerPublicKey",
     "LedgerScan",
+    "SignatureError",
     "StoredEvent",
 ]

@@ -8,6 +8,7 @@ name the same first bad seq. `row_values` is the one place an event becomes a ro
 from __future__ import annotations
 
 import hmac
+import struct
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -18,7 +19,7 @@ from corolla.verify.errors import LedgerTamperedError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, canonical_json, parse_event
 from corolla.verify.ledger.chain import GENESIS_HASH, event_hash, head_message
 from corolla.verify.ledger.schema import HEAD_ID, EventRow, HeadRow
-from corolla.verify.ledger.signing import LedgerPublicKey
+from corolla.verify.ledger.signing import LedgerPublicKey, SignatureError
 
 AnyEvent = AuditEvent | QuarantineEvent | ReadmitEvent
 HeadState: TypeAlias = Row[int, str, str | None, str | None]  # seq, head_hash, key_id, signature
@@ -115,30 +116,34 @@ def parse_body(seq: int, body: str) -> AnyEvent:
         raise LedgerTamperedError(f"event {seq}: its body is not a valid event", seq=seq) from None
 
 
-def signature_ok(public_key: LedgerPublicKey, signature_hex: str, seq: int, head_hash: str) -> bool:
+def verify_head(public_key: LedgerPublicKey, seq: int, head_hash: str, signature_hex: str) -> None:
+    """Return if `signature_hex` is `public_key`'s signature on the head (seq, head_hash);
+    else `SignatureError`, a malformed signature or hash included."""
     try:
         signature = bytes.fromhex(signature_hex)
         message = head_message(seq, head_hash)
-    except (ValueError, TypeError):  # not hex, or (SQLite) a value of another type
-        return False
-    return public_key.verify(signature, message)
+    except (ValueError, TypeError, struct.error):  # not hex, or (SQLite) a value of another type (a REAL seq)
+        raise SignatureError() from None
+    public_key.verify(message, signature)
 
 
 def check_head(head: HeadState, public_key: LedgerPublicKey) -> None:
     if head.signature is None:
-        if head.seq == 0 and head.head_hash == GENESIS_HASH:
+        if head.seq == 0 and isinstance(head.head_hash, str) and same(head.head_hash, GENESIS_HASH):
             return  # never opened by a writer: nothing was ever signed, and there must be no events
         raise LedgerTamperedError(f"the ledger head (seq {head.seq}) is not signed", seq=None)
     if head.key_id != public_key.key_id:
         raise LedgerTamperedError(
             f"the ledger head names key {head.key_id}, not the key given ({public_key.key_id})", seq=None
         )
-    if not signature_ok(public_key, head.signature, head.seq, head.head_hash):
+    try:
+        verify_head(public_key, head.seq, head.head_hash, head.signature)
+    except SignatureError:
         raise LedgerTamperedError(
             f"the ledger head (seq {head.seq}) does not match its signature: the head was edited or "
             "signed by another key",
             seq=None,
-        )
+        ) from None
 
 
 def check_row(row: EventState, expected: int, prev: str, head_seq: int, head_hash: str) -> AnyEvent:

@@ -9,7 +9,9 @@ The private key is a PKCS#8 PEM file with 0600 permissions, created on first use
 Ed25519 identity key (`node.key`) is also accepted, so a coordinator may sign with its
 identity; the auditor then verifies with its certificate (`node.pem`) or the public key.
 
-This is the only module of the ledger that touches `cryptography`'s hazmat layer.
+This is the only module of the ledger that touches `cryptography`'s hazmat layer. Its
+convention is the one of `corolla.secure_agg._crypto` and the PKI: `key.sign(message)`,
+`public.verify(message, signature)` returning None or raising `SignatureError`, never a bool.
 """
 
 from __future__ import annotations
@@ -27,12 +29,24 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from corolla.verify.errors import LedgerError
 
-__all__ = ["LedgerKey", "LedgerPublicKey"]
+__all__ = ["LedgerKey", "LedgerPublicKey", "SignatureError"]
 
 _log = logging.getLogger(__name__)
 
 _RAW_PUBLIC_LEN = 32
 _SIGNATURE_LEN = 64
+
+
+class SignatureError(LedgerError):
+    """A signature that is not the key's on the message. Deliberately opaque, one message
+    for every cause (another key, an edited byte, a malformed signature); callers say what
+    was signed."""
+
+    def __init__(self) -> None:
+        super().__init__("a signature check failed")
+
+    def __reduce__(self) -> tuple[type[SignatureError], tuple[()]]:  # pickle: no arguments to pass back
+        return (type(self), ())
 
 
 def _key_id(public_raw: bytes) -> str:
@@ -88,15 +102,14 @@ class LedgerPublicKey:
     def to_pem(self) -> bytes:
         return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    def verify(self, signature: bytes, data: bytes) -> bool:
-        """True when `signature` is this key's signature over `data`."""
+    def verify(self, message: bytes, signature: bytes) -> None:
+        """Return if `signature` is this key's Ed25519 signature on `message`; else `SignatureError`."""
         if len(signature) != _SIGNATURE_LEN:
-            return False
+            raise SignatureError()
         try:
-            self._key.verify(signature, data)
+            self._key.verify(signature, message)
         except InvalidSignature:
-            return False
-        return True
+            raise SignatureError() from None
 
     def __repr__(self) -> str:
         return f"LedgerPublicKey(key_id={self.key_id!r})"
@@ -183,8 +196,9 @@ class LedgerKey:
     def public_key(self) -> LedgerPublicKey:
         return LedgerPublicKey(self._key.public_key())
 
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
+    def sign(self, message: bytes) -> bytes:
+        """This key's Ed25519 signature on `message` (64 bytes; deterministic, RFC 8032)."""
+        return self._key.sign(message)
 
     def __repr__(self) -> str:
         return f"LedgerKey(key_id={self.key_id!r})"

@@ -57,13 +57,13 @@ from corolla.verify.ledger._rows import (
     parse_body,
     row_values,
     same,
-    signature_ok,
     stored_event,
+    verify_head,
 )
 from corolla.verify.ledger.chain import GENESIS_HASH, event_hash, head_message
 from corolla.verify.ledger.scan import LedgerScan
 from corolla.verify.ledger.schema import HEAD_ID, EventRow, HeadRow
-from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey
+from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey, SignatureError
 
 __all__ = ["AnyEvent", "ChainCheck", "Ledger", "LedgerScan", "StoredEvent"]
 
@@ -228,13 +228,18 @@ class Ledger:
             if head.seq != 0:
                 raise LedgerTamperedError(f"the ledger head at seq {head.seq} is not signed", seq=None)
             return head
-        signed_by_us = signature_ok(key.public_key(), head.signature, head.seq, head.head_hash)
-        if head.key_id != key.key_id:
-            if signed_by_us:
-                raise LedgerTamperedError(f"the ledger head's key_id was edited (to {head.key_id})", seq=None)
-            raise LedgerError(f"the ledger is signed by key {head.key_id}, not by this writer's key {key.key_id}")
-        if not signed_by_us:
-            raise LedgerTamperedError("the ledger head's signature does not verify; refusing to append", seq=None)
+        try:
+            verify_head(key.public_key(), head.seq, head.head_hash, head.signature)
+        except SignatureError:
+            if head.key_id != key.key_id:
+                raise LedgerError(
+                    f"the ledger is signed by key {head.key_id}, not by this writer's key {key.key_id}"
+                ) from None
+            raise LedgerTamperedError(
+                "the ledger head's signature does not verify; refusing to append", seq=None
+            ) from None
+        if head.key_id != key.key_id:  # signed by us, yet naming another key
+            raise LedgerTamperedError(f"the ledger head's key_id was edited (to {head.key_id})", seq=None)
         return head
 
     @staticmethod

@@ -5,6 +5,9 @@ and replays the events through the reputation policy (`build_report(events, chai
 does the replay from events and a `verify` outcome at hand); `render_html` (with SVG
 plots), `render_markdown` and `render_json` write it out. `platform audit report` is the
 command-line door.
+
+`corolla.verify.report.synthetic` (public, not imported here) builds synthetic ledgers for
+tests and benchmarks.
 """
 
 from corolla.verify.report.build import build_report, chain_status, ledger_report

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from corolla.verify.events import (
-    AuditEvent,
-    Comparison,
-    QuarantineEvent,
-    ReadmitEvent,
-    Run,
-    Subject,
-    Verdict,
-    Work,
-)
+from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, ReadmitEvent, Run, Subject, Verdict, Work
 from corolla.verify.ledger import AnyEvent
 
 

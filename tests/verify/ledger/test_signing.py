@@ -1,9 +1,12 @@
-"""The ledger key: PEM files, identity keys, public keys from raw bytes, PEM and certificates."""
+"""The ledger key: signatures (RFC 8032 vectors, one opaque error), PEM files, identity
+keys, public keys from raw bytes, PEM and certificates."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import pickle
 import stat
 import threading
 from pathlib import Path
@@ -13,9 +16,24 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corolla.verify.errors import LedgerError
-from corolla.verify.ledger import LedgerKey, LedgerPublicKey
+from corolla.verify.ledger import LedgerKey, LedgerPublicKey, SignatureError
+
+ED25519 = json.loads((Path(__file__).parents[2] / "vectors" / "ed25519_rfc8032.json").read_text())["vectors"]
+OPAQUE = r"^a signature check failed$"
+
+
+def _key(seed: bytes) -> LedgerKey:
+    return LedgerKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def _flip(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
 
 
 def test_sign_and_verify() -> None:
@@ -23,11 +41,60 @@ def test_sign_and_verify() -> None:
     public = key.public_key()
     signature = key.sign(b"head")
     assert len(signature) == 64
-    assert public.verify(signature, b"head")
-    assert not public.verify(signature, b"head!")
-    assert not public.verify(signature[:-1] + bytes([signature[-1] ^ 1]), b"head")
-    assert not public.verify(b"short", b"head")
-    assert not LedgerKey.generate().public_key().verify(signature, b"head")
+    assert public.verify(b"head", signature) is None
+    for message, sig, by in [
+        (b"head!", signature, public),
+        (b"head", signature[:-1] + bytes([signature[-1] ^ 1]), public),
+        (b"head", b"short", public),
+        (b"head", signature, LedgerKey.generate().public_key()),
+    ]:
+        with pytest.raises(SignatureError, match=OPAQUE):
+            by.verify(message, sig)
+
+
+@pytest.mark.parametrize("vector", ED25519, ids=lambda v: v["name"])
+def test_signature_known_answers(vector: dict[str, str]) -> None:
+    """RFC 8032's Ed25519 vectors: the ledger key signs and verifies exactly as the RFC says."""
+    key = _key(bytes.fromhex(vector["secret"]))
+    message, signature = bytes.fromhex(vector["message"]), bytes.fromhex(vector["signature"])
+    assert key.public_raw.hex() == vector["public"]
+    assert key.sign(message) == signature
+    LedgerPublicKey.from_raw(bytes.fromhex(vector["public"])).verify(message, signature)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    other=st.binary(min_size=32, max_size=32),
+    message=st.binary(min_size=1, max_size=100),
+    data=st.data(),
+)
+def test_verify_refuses_every_edit_with_one_opaque_error(
+    seed: bytes, other: bytes, message: bytes, data: st.DataObject
+) -> None:
+    """Another key, a flipped message bit, a flipped signature bit, a truncated signature:
+    each is the one `SignatureError`, with the one message."""
+    key = _key(seed)
+    public, signature = key.public_key(), key.sign(message)
+    public.verify(message, signature)
+    message_bit = data.draw(st.integers(0, 8 * len(message) - 1), label="message bit")
+    signature_bit = data.draw(st.integers(0, 8 * len(signature) - 1), label="signature bit")
+    cut = data.draw(st.integers(0, len(signature) - 1), label="signature length")
+    refused = [
+        (public, _flip(message, message_bit), signature),
+        (public, message, _flip(signature, signature_bit)),
+        (public, message, signature[:cut]),
+    ]
+    if other != seed:
+        refused.append((_key(other).public_key(), message, signature))
+    for by, signed, sig in refused:
+        with pytest.raises(SignatureError, match=OPAQUE):
+            by.verify(signed, sig)
+
+
+def test_signature_error_is_a_ledger_error_and_pickles() -> None:
+    error = pickle.loads(pickle.dumps(SignatureError()))
+    assert isinstance(error, LedgerError) and str(error) == "a signature check failed"
 
 
 def test_key_id_is_sha256_of_raw_public_key() -> None:
@@ -74,7 +141,7 @@ def test_identity_key_pem_is_accepted() -> None:
     key = LedgerKey.from_private_pem(pem)
     raw = identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert key.public_raw == raw
-    identity.public_key().verify(key.sign(b"x"), b"x")
+    identity.public_key().verify(key.sign(b"x"), b"x")  # pyca's own order: (signature, data)
 
 
 def test_bad_private_keys_are_refused() -> None:
@@ -126,7 +193,7 @@ def test_public_key_from_raw_pem_certificate_and_files(tmp_path: Path) -> None:
         LedgerPublicKey.from_pem(cert),
     ):
         assert public.key_id == key.key_id
-        assert public.verify(sig, b"m")
+        public.verify(b"m", sig)
     for name, data in (("pub.pem", pem), ("node.pem", cert), ("pub.hex", key.public_raw.hex().encode() + b"\n")):
         (tmp_path / name).write_bytes(data)
         assert LedgerPublicKey.load(tmp_path / name).key_id == key.key_id

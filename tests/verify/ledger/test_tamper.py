@@ -78,6 +78,7 @@ ROW_EDITS_SQLITE = {  # SQLite keeps whatever type it is given
     "body as a blob": ("UPDATE ledger_events SET body = CAST(body AS BLOB) WHERE seq = 5", 5),
     "non-ASCII prev_hash": (f"UPDATE ledger_events SET prev_hash = '{'é' * 64}' WHERE seq = 5", 5),
     "head seq as text": ("UPDATE ledger_head SET seq = 'ten'", None),
+    "head seq as a real": ("UPDATE ledger_head SET seq = 9.5", None),
     "head signature as a blob": ("UPDATE ledger_head SET signature = X'00'", None),
 }
 

@@ -19,16 +19,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from corolla.verify.events import (
-    AuditEvent,
-    Comparison,
-    QuarantineEvent,
-    ReadmitEvent,
-    Run,
-    Subject,
-    Verdict,
-    Work,
-)
+from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, ReadmitEvent, Run, Subject, Verdict, Work
 from corolla.verify.ledger import AnyEvent, Ledger, LedgerKey
 from corolla.verify.reputation import ReputationPolicy
 

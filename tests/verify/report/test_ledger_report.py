@@ -11,7 +11,7 @@ import pytest
 from corolla.verify.errors import LedgerError
 from corolla.verify.ledger import AnyEvent, Ledger, LedgerKey, LedgerPublicKey
 from corolla.verify.report import Report, build_report, ledger_report, render_html, render_json, render_markdown
-from corolla.verify.report._synthetic import synthetic_events
+from corolla.verify.report.synthetic import synthetic_events
 from tests.verify.ledger.conftest import raw_sql
 from tests.verify.ledger.two_pass import two_pass
 

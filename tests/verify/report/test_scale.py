@@ -10,8 +10,8 @@ import json
 import pytest
 
 from corolla.verify.report import render_json
-from corolla.verify.report._synthetic import benchmark_report, synthetic_events
 from corolla.verify.report.build import DEFAULT_MAX_POINTS
+from corolla.verify.report.synthetic import benchmark_report, synthetic_events
 
 
 def _check(result: dict[str, float | int], n: int) -> None:

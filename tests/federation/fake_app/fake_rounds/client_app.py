@@ -6,37 +6,32 @@ killed); it writes `round-<n>` with its run key when it starts a round.
 """
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from corolla.errors import CorollaError
-from corolla.federation.secure import UNMASK_ACTION
+from corolla.federation.messages import UNMASK_ACTION, AuditOrders, Weights
+from corolla.federation.outcomes import SiteMetrics
+from corolla.federation.site.env import SiteEnv, SiteResult
 from corolla.federation.site.handlers import handle_keys_query, handle_train, handle_unmask
-
-
-@dataclass(frozen=True, kw_only=True)
-class FakeEnv:
-    data: Path
-    store: Path
-    workspace: Path | None
-    node: str
+from corolla.training.config import TrainConfig
 
 
 class FakeRefused(CorollaError):
     pass
 
 
-@dataclass
-class FakeResult:
-    update: dict
-    metrics: dict = field(default_factory=dict)
-
-
-def fake_round(config, env: FakeEnv, weights, *, server_round: int, run_key: str, orders=None) -> FakeResult:
+def fake_round(
+    config: TrainConfig,
+    env: SiteEnv,
+    weights: Weights,
+    *,
+    server_round: int,
+    run_key: str,
+    orders: AuditOrders | None = None,
+) -> SiteResult:
     (env.store / f"round-{server_round}").write_text(run_key, encoding="utf-8")
     if (env.store / "sleep").exists():
         time.sleep(600)
@@ -45,7 +40,7 @@ def fake_round(config, env: FakeEnv, weights, *, server_round: int, run_key: str
         raise FakeRefused("privacy budget exhausted (fake)")
     value = float(env.node.rsplit("-", 1)[1]) + 1
     update = {name: np.full(w.shape, value, dtype=np.float32) for name, w in weights.items()}
-    return FakeResult(update=update, metrics={"loss": 1.0 / value, "epsilon": 0.5 * server_round, "records": 10})
+    return SiteResult(update=update, metrics=SiteMetrics(loss=1.0 / value, epsilon=0.5 * server_round))
 
 
 app = ClientApp()
@@ -53,7 +48,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context, fake_round, env_type=FakeEnv, refusals=(FakeRefused,))
+    return handle_train(msg, context, fake_round, refusals=(FakeRefused,))
 
 
 @app.train(UNMASK_ACTION)

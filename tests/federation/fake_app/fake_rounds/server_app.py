@@ -12,8 +12,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from corolla.federation.coordinator.rounds import run_rounds
+from corolla.federation.coordinator.secure import SecureRounds
+from corolla.federation.messages import Weights, run_key
+from corolla.federation.outcomes import RunSummary
 from corolla.federation.progress import ProgressLog
-from corolla.federation.secure import rounds_for
 from corolla.training.config import TrainConfig
 
 SHAPES = {
@@ -26,18 +28,18 @@ class FakeCoordinator:
     def __init__(self, config: TrainConfig) -> None:
         self.out_dir = Path(config.out_dir)
 
-    def initial_weights(self) -> dict[str, np.ndarray]:
+    def initial_weights(self) -> Weights:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, weights: Weights) -> dict[str, float]:
         mean = float(np.mean(np.concatenate([w.ravel() for w in weights.values()])))
         return {"loss": 10.0 - mean, "accuracy": mean, "chance": 0.25}
 
-    def save(self, weights: dict[str, np.ndarray], summary: dict) -> Path:
+    def save(self, weights: Weights, summary: RunSummary) -> Path:
         adapter = self.out_dir / "adapter"
         adapter.mkdir(parents=True, exist_ok=True)
-        np.savez(adapter / "weights.npz", **weights)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        np.savez(adapter / "weights.npz", **weights)  # type: ignore[arg-type]
+        (self.out_dir / "summary.json").write_text(json.dumps(summary.to_json()), encoding="utf-8")
         return adapter
 
 
@@ -47,5 +49,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = TrainConfig.from_run_config(context.run_config)
+    secure = SecureRounds.for_config(config, run_key=run_key(context))
     with ProgressLog.in_dir(config.out_dir) as progress:
-        run_rounds(grid, config, FakeCoordinator(config), progress=progress, secure=rounds_for(config, context))
+        run_rounds(grid, config, FakeCoordinator(config), progress=progress, secure=secure)

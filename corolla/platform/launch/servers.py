@@ -42,7 +42,7 @@ def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(servers)]
 
 
-class LocalSwarm:
+class LocalServers:
     def __init__(
         self,
         model: Path,
@@ -88,7 +88,7 @@ class LocalSwarm:
     def endpoints(self) -> list[str]:
         return [s.endpoint for s in self.servers]
 
-    def start(self) -> LocalSwarm:
+    def start(self) -> LocalServers:
         """Start the first server (the bootstrap peer), then the others all at once."""
         try:
             if self.bootstrap is None and self.spans:
@@ -99,7 +99,7 @@ class LocalSwarm:
             else:
                 rest = list(range(len(self.spans)))
             spawned = [
-                self._spawn(self.spans[i], ["--bootstrap", self._bootstrap_addr(), *self.per_server_args[i]], index=i)
+                self._spawn(self.spans[i], ["--peers", self._bootstrap_addr(), *self.per_server_args[i]], index=i)
                 for i in rest
             ]
             self.servers.extend(spawned)
@@ -171,7 +171,7 @@ class LocalSwarm:
                 server.process.kill()
                 server.process.wait()
 
-    def __enter__(self) -> LocalSwarm:
+    def __enter__(self) -> LocalServers:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

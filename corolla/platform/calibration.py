@@ -1,9 +1,10 @@
-"""Calibrate spot-check tolerances: measure how much honest runs disagree, and corrupted ones.
+"""The calibration harness behind `platform audit calibrate`: how much honest runs disagree, and corrupted ones.
 
-    python -m corolla.verify.calibration --out corolla/verify/data/tolerances.json
+    platform audit calibrate --out corolla/verify/data/tolerances.json
+    platform audit calibrate --model DIR --out FILE
 
-The procedure runs the same span of real blocks (`SpanBackend`, as `platform serve` builds
-it, int8/nf4 through `quantize_linears`) honestly in every way an honest swarm may:
+It runs the same span of real blocks (`SpanBackend`, as `platform serve` builds it, int8/nf4
+through `quantize_linears`) honestly in every way an honest swarm may:
 
 - server setups: compute dtype float32, bfloat16, float16, and int8 / nf4 weights with
   float32 or bfloat16 compute (a precision label does not say the compute dtype, so both
@@ -21,25 +22,17 @@ seeds; width 64 and seed 0 is the test suite's fixture model). Every output row
 is compared, as `tolerance.compare` does, with the same row from every other (setup, split),
 in both directions.
 
-From the measurements, per work kind:
-
-- each precision p gets e(p) = the largest disagreement (relative L2 and, separately,
-  largest element difference) between a p run and a float32 run (float32: between two
-  float32 runs of different batch splits);
-- the tolerance of a pair (a, b) is the looser of its two precisions, max(T(a), T(b)) with
-  T(p) = max(floor, safety_factor * e(p)), and at least safety_factor times the largest
-  disagreement measured for that pair directly. By the triangle inequality two honest runs
-  differ by at most e(a) + e(b) <= 2 max(e(a), e(b)), so a safety factor of 4 leaves a 2x
-  margin for inputs, spans and kernels (other CPUs) that calibration did not see; the pair
-  of one precision gets the same treatment because a label's runs may differ in compute
-  dtype or kernel, not only in batch split.
-
 Then corruptions, each run by the primary in every setup and compared against every honest
 check: Gaussian noise of 1% of each row's RMS added to the output (`noise`), one block of
 the span skipped (`skip_block`), and blocks of a checkpoint of another seed
 (`other_weights`), and the lazy answer, the input returned unchanged (`identity`; for
-backward, the output gradient). Per pair and work the table records the smallest disagreement each
-corruption caused and the fraction of corrupted outputs that the tolerance would let pass
+backward, the output gradient).
+
+The measurements become a table in `corolla.verify.tolerance` (`Disagreements.table`, pure
+maths): per pair and work kind the tolerance, max(T(a), T(b)) with T(p) = max(floor, 4 x the
+largest disagreement between a p run and a float32 run), and at least 4 x the largest
+disagreement measured for the pair directly; the smallest disagreement each corruption
+caused, and the fraction of corrupted outputs that the tolerance would let pass
 (`corruption_undetected`, 0 means every one was caught).
 
 The shipped table (2 archs x widths 64, 128 x 2 seeds, 2 batches of 8 rows each, 4 blocks;
@@ -68,7 +61,6 @@ give the table to `platform train` or `platform generate` as `--tolerances FILE`
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -77,11 +69,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.utils import logging as hf_logging
 
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.models.family import ClientParts
@@ -91,13 +83,27 @@ from corolla.inference.server.quantization import QuantMode
 from corolla.inference.wire.tensors import DTYPES
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import Work
-from corolla.verify.tolerance import PRECISIONS, Precision, ToleranceEntry, ToleranceTable, pair_key
+from corolla.verify.tolerance import PRECISIONS, Disagreements, Margins, Precision, ToleranceTable
 
-__all__ = ["CORRUPTIONS", "SETUPS", "CalibrationSettings", "Setup", "calibrate", "main", "row_metrics"]
+__all__ = [
+    "CORRUPTIONS",
+    "SETUPS",
+    "CalibrationError",
+    "CalibrationSettings",
+    "Corruption",
+    "Setup",
+    "calibrate",
+    "summary",
+]
 
-CORRUPTIONS = ("noise", "skip_block", "other_weights", "identity")
-_SAMPLES = 2
+Corruption = Literal["noise", "skip_block", "other_weights", "identity"]
+CORRUPTIONS: tuple[Corruption, ...] = get_args(Corruption)
 Segments = tuple[tuple[int, int], ...]  # the sub-spans a run chains: one, or two around a skipped block
+Progress = Callable[[str], None]
+
+
+class CalibrationError(VerifyError):
+    """The calibration cannot run as asked: bad settings, a model it cannot calibrate, an output it cannot write."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,7 +111,7 @@ class Setup:
     """One honest server configuration, labelled with the precision a `Run` reports."""
 
     precision: Precision
-    dtype: str  # compute dtype: "float32", "bfloat16", "float16"
+    dtype: Literal["float32", "bfloat16", "float16"]  # compute dtype
     quant: QuantMode | None = None  # int8 / nf4 weights, or None
 
     @property
@@ -130,7 +136,7 @@ class CalibrationSettings:
     weight_seeds: tuple[int, ...] = (0, 1)  # one checkpoint per arch, width and seed
     hidden_sizes: tuple[int, ...] = (64, 128)  # tiny model widths (MLP 2x); 64 is the test fixtures' model
     num_layers: int = 4  # blocks in the calibrated span (the whole tiny model)
-    samples: int = _SAMPLES  # input batches per checkpoint
+    samples: int = 2  # input batches per checkpoint
     batch: int = 8  # rows per batch
     splits: tuple[tuple[int, ...], ...] = ((8,), (1, 1, 1, 1, 1, 1, 1, 1), (3, 3, 2))  # batch compositions
     min_tokens: int = 4  # shortest prefill; rows have min_tokens + steps to max_tokens tokens (uniform)
@@ -143,46 +149,40 @@ class CalibrationSettings:
     seed: int = 0  # token ids, noise and skipped blocks
     model: Path | None = None  # calibrate this checkpoint instead of tiny ones (archs/seeds ignored)
     setups: tuple[Setup, ...] = field(default=SETUPS)
+    margins: Margins = field(init=False)  # safety_factor and the floors, validated by Margins
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "samples", "batch", "min_tokens", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VerifyError(f"{name}={value!r} must be an integer >= 1")
+                raise CalibrationError(f"{name}={value!r} must be an integer >= 1")
         if self.num_layers < 2:
-            raise VerifyError(f"num_layers={self.num_layers} must be at least 2 (a block is skipped as a corruption)")
+            raise CalibrationError(
+                f"num_layers={self.num_layers} must be at least 2 (a block is skipped as a corruption)"
+            )
         if self.max_tokens < self.min_tokens + self.steps:
-            raise VerifyError(
+            raise CalibrationError(
                 f"max_tokens={self.max_tokens} must be at least min_tokens + steps = {self.min_tokens + self.steps}"
             )
         if not self.archs or any(a not in ARCHES for a in self.archs):
-            raise VerifyError(f"archs={self.archs!r} must be a non-empty subset of {ARCHES}")
+            raise CalibrationError(f"archs={self.archs!r} must be a non-empty subset of {ARCHES}")
         if not self.weight_seeds:
-            raise VerifyError("weight_seeds must not be empty")
+            raise CalibrationError("weight_seeds must not be empty")
         if not self.hidden_sizes or any(
             isinstance(h, bool) or not isinstance(h, int) or h < 4 for h in self.hidden_sizes
         ):
-            raise VerifyError(f"hidden_sizes={self.hidden_sizes!r} must be a non-empty tuple of integers >= 4")
+            raise CalibrationError(f"hidden_sizes={self.hidden_sizes!r} must be a non-empty tuple of integers >= 4")
         if not self.splits or any(sum(s) != self.batch or min(s) < 1 for s in self.splits):
-            raise VerifyError(f"splits={self.splits!r} must each be positive sizes summing to batch={self.batch}")
-        if not self.safety_factor >= 2:
-            raise VerifyError(f"safety_factor={self.safety_factor!r} must be >= 2 (the triangle inequality needs 2)")
-        for name in ("rel_l2_floor", "max_abs_floor", "noise"):
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise VerifyError(f"{name}={value!r} must be a finite number > 0")
+            raise CalibrationError(f"splits={self.splits!r} must each be positive sizes summing to batch={self.batch}")
+        margins = Margins(  # VerifyError for a safety factor under 2 or a floor <= 0
+            safety_factor=self.safety_factor, rel_l2_floor=self.rel_l2_floor, max_abs_floor=self.max_abs_floor
+        )
+        object.__setattr__(self, "margins", margins)  # frozen: the derived field is set once, here
+        if not 0 < self.noise < math.inf:
+            raise CalibrationError(f"noise={self.noise!r} must be a finite number > 0")
         labels = {s.precision for s in self.setups}
         if "float32" not in labels or not labels <= set(PRECISIONS):
-            raise VerifyError(f"setups must include float32 and use only the precisions {PRECISIONS}")
-
-
-def row_metrics(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `(B, ...)` tensors: `tolerance.compare`'s relative L2 and largest difference, (B,) each."""
-    a64, b64 = a.to(torch.float64).flatten(1), b.to(torch.float64).flatten(1)
-    diff = a64 - b64
-    tiny = torch.finfo(torch.float64).tiny
-    rel = torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(b64, dim=1).clamp_min(tiny)
-    return rel.clamp_max(torch.finfo(torch.float64).max), diff.abs().amax(dim=1)
+            raise CalibrationError(f"setups must include float32 and use only the precisions {PRECISIONS}")
 
 
 # -- running the span ---------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def _backward(backend: SpanBackend, hidden: torch.Tensor, grad: torch.Tensor, se
     for (start, end), x in zip(reversed(segments), reversed(inputs), strict=True):
         grad_input = backend.backward(x, grad, start, end).grad_input
         if grad_input is None:
-            raise VerifyError("the backend returned no input gradient")
+            raise CalibrationError("the backend returned no input gradient")
         grad = grad_input
     return grad
 
@@ -262,36 +262,12 @@ def _rotated_checkpoint_span(checkpoint: Checkpoint, setup: Setup, n: int) -> Sp
     return backend
 
 
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    """Each row's root mean square, shaped to broadcast over the row."""
+    return t.pow(2).flatten(1).mean(dim=1).sqrt().view(-1, *([1] * (t.dim() - 1)))
+
+
 # -- measuring ----------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Honest:
-    rel: float = 0.0
-    abs: float = 0.0
-    count: int = 0
-
-    def add(self, rel: torch.Tensor, abs_: torch.Tensor) -> None:
-        self.rel = max(self.rel, float(rel.max()))
-        self.abs = max(self.abs, float(abs_.max()))
-        self.count += int(rel.numel())
-
-
-@dataclass(slots=True)
-class _Measurements:
-    # (work, primary precision, check precision) -> largest honest disagreement
-    honest: dict[tuple[Work, str, str], _Honest] = field(default_factory=dict)
-    # (work, pair key, corruption) -> every corrupted row's (rel_l2, max_abs)
-    corrupt: dict[tuple[Work, str, str], list[torch.Tensor]] = field(default_factory=dict)
-
-    def add_honest(self, work: Work, a: Setup, b: Setup, out_a: torch.Tensor, out_b: torch.Tensor) -> None:
-        rel, abs_ = row_metrics(out_a, out_b)
-        self.honest.setdefault((work, a.precision, b.precision), _Honest()).add(rel, abs_)
-
-    def add_corrupt(self, work: Work, kind: str, a: Setup, b: Setup, out_a: torch.Tensor, out_b: torch.Tensor) -> None:
-        rel, abs_ = row_metrics(out_a, out_b)
-        key = (work, pair_key(a.precision, b.precision), kind)
-        self.corrupt.setdefault(key, []).append(torch.stack([rel, abs_], dim=1))
 
 
 def _measure_checkpoint(
@@ -299,11 +275,12 @@ def _measure_checkpoint(
     other: Checkpoint | None,
     settings: CalibrationSettings,
     gen: torch.Generator,
-    m: _Measurements,
+    m: Disagreements,
+    progress: Progress,
 ) -> None:
     n = checkpoint.num_blocks
     if n < 2:
-        raise VerifyError(f"{checkpoint.path} has {n} block(s); calibration skips one, so it needs at least 2")
+        raise CalibrationError(f"{checkpoint.path} has {n} block(s); calibration skips one, so it needs at least 2")
     whole: Segments = ((0, n),)
     client = checkpoint.load_client()
     honest = {s: _backend(checkpoint, s, 0, n) for s in settings.setups}
@@ -313,7 +290,8 @@ def _measure_checkpoint(
     }
     vocab = int(checkpoint.config.vocab_size)
     reference = next(s for s in settings.setups if s.precision == "float32")
-    for _ in range(settings.samples):
+    for sample in range(settings.samples):
+        started = time.monotonic()
         tokens = int(torch.randint(settings.min_tokens + settings.steps, settings.max_tokens + 1, (), generator=gen))
         ids = torch.randint(0, vocab, (settings.batch, tokens), generator=gen)
         hidden = client.embed(ids)  # (B, T, H) float32, as a client sends it
@@ -333,14 +311,14 @@ def _measure_checkpoint(
         for (sa, ia), out_a in fwd.items():
             for (sb, ib), out_b in fwd.items():
                 if (sa, ia) != (sb, ib):
-                    m.add_honest(Work.FORWARD, sa, sb, out_a, out_b)
-                    m.add_honest(Work.BACKWARD, sa, sb, bwd[sa, ia], bwd[sb, ib])
-                m.add_honest(Work.INFERENCE, sa, sb, stp[sa, ia], out_b[:, last])
+                    m.add_honest(Work.FORWARD, sa.precision, sb.precision, out_a, out_b)
+                    m.add_honest(Work.BACKWARD, sa.precision, sb.precision, bwd[sa, ia], bwd[sb, ib])
+                m.add_honest(Work.INFERENCE, sa.precision, sb.precision, stp[sa, ia], out_b[:, last])
 
         for setup, backend in honest.items():
             out = fwd[setup, 0]
             noise = torch.randn(out.shape, generator=gen) * settings.noise
-            corrupted = {
+            corrupted: dict[Work, dict[Corruption, torch.Tensor]] = {
                 Work.FORWARD: {
                     "noise": out + noise * _rms(out),
                     "skip_block": _forward(backend, hidden, skip),
@@ -364,132 +342,65 @@ def _measure_checkpoint(
                 checks = {Work.FORWARD: out_b, Work.BACKWARD: bwd[sb, ib], Work.INFERENCE: out_b[:, last]}
                 for work, outputs in corrupted.items():
                     for kind, bad in outputs.items():
-                        m.add_corrupt(work, kind, setup, sb, bad, checks[work])
+                        m.add_corrupted(work, kind, setup.precision, sb.precision, bad, checks[work])
+        progress(
+            f"  sample {sample + 1}/{settings.samples}: {settings.batch} rows of {tokens} tokens in "
+            f"{len(settings.setups)} setups x {len(settings.splits)} splits, {time.monotonic() - started:.1f} s"
+        )
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    """Each row's root mean square, shaped to broadcast over the row."""
-    return t.pow(2).flatten(1).mean(dim=1).sqrt().view(-1, *([1] * (t.dim() - 1)))
+def _tiny_specs(settings: CalibrationSettings) -> list[TinySpec]:
+    return [
+        TinySpec(arch=arch, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=settings.num_layers, seed=seed)
+        for arch in settings.archs
+        for hidden in settings.hidden_sizes
+        for seed in settings.weight_seeds
+    ]
 
 
-# -- the table ----------------------------------------------------------------------------------
-
-
-def _table(m: _Measurements, settings: CalibrationSettings, extra: dict[str, object]) -> ToleranceTable:
-    labels = sorted({s.precision for s in settings.setups}, key=PRECISIONS.index)
-    factor = settings.safety_factor
-    per_precision: dict[str, dict[Work, dict[str, float]]] = {}
-    own: dict[tuple[str, Work], tuple[float, float]] = {}  # T(p): the precision's own tolerance
-    for p in labels:
-        per_precision[p] = {}
-        for work in Work:
-            # p against float32 either way round; float32 against float32 (other batch splits)
-            found = [h for (w, a, b), h in m.honest.items() if w == work and {a, b} == {p, "float32"}]
-            rel = max((h.rel for h in found), default=0.0)
-            abs_ = max((h.abs for h in found), default=0.0)
-            tol = (max(settings.rel_l2_floor, factor * rel), max(settings.max_abs_floor, factor * abs_))
-            own[p, work] = tol
-            per_precision[p][work] = {
-                "max_rel_l2_vs_float32": rel,
-                "max_abs_vs_float32": abs_,
-                "comparisons": float(sum(h.count for h in found)),
-                "rel_l2": tol[0],
-                "max_abs": tol[1],
-            }
-    tolerances: dict[str, dict[Work, ToleranceEntry]] = {}
-    for i, a in enumerate(labels):
-        for b in labels[i:]:
-            key = pair_key(a, b)
-            tolerances[key] = {}
-            for work in Work:
-                found = [h for (w, x, y), h in m.honest.items() if w == work and pair_key(x, y) == key]
-                honest_rel = max((h.rel for h in found), default=0.0)
-                honest_abs = max((h.abs for h in found), default=0.0)
-                rel_tol = max(own[a, work][0], own[b, work][0], factor * honest_rel)
-                abs_tol = max(own[a, work][1], own[b, work][1], factor * honest_abs)
-                mins_rel, mins_abs, undetected = {}, {}, {}
-                for kind in CORRUPTIONS:
-                    rows = m.corrupt.get((work, key, kind))
-                    if not rows:
-                        continue
-                    values = torch.cat(rows)  # (N, 2): rel_l2, max_abs
-                    mins_rel[kind] = float(values[:, 0].min())
-                    mins_abs[kind] = float(values[:, 1].min())
-                    passed = (values[:, 0] <= rel_tol) & (values[:, 1] <= abs_tol)
-                    undetected[kind] = float(passed.double().mean())
-                tolerances[key][work] = ToleranceEntry(
-                    rel_l2=rel_tol,
-                    max_abs=abs_tol,
-                    honest_max_rel_l2=honest_rel,
-                    honest_max_abs=honest_abs,
-                    honest_comparisons=sum(h.count for h in found),
-                    corruption_min_rel_l2=mins_rel,
-                    corruption_min_max_abs=mins_abs,
-                    corruption_undetected=undetected,
-                )
-    recorded = {k: v for k, v in asdict(settings).items() if k != "setups"}
+def calibrate(
+    settings: CalibrationSettings, *, workdir: Path | None = None, progress: Progress | None = None
+) -> ToleranceTable:
+    """Run the whole procedure (module docstring) and return the table; tiny checkpoints go to
+    `workdir` (default: a temporary directory); `progress` gets a line per checkpoint and sample."""
+    say = progress or (lambda line: None)
+    started = time.monotonic()
+    gen = torch.Generator().manual_seed(settings.seed)
+    m = Disagreements()
+    if settings.model is not None:
+        checkpoint = Checkpoint.open(settings.model)  # ModelLoadError (exit 4) for a bad directory
+        say(f"checkpoint 1/1: {settings.model} ({checkpoint.num_blocks} blocks; other weights: its blocks rotated)")
+        _measure_checkpoint(checkpoint, None, settings, gen, m, say)
+    else:
+        specs = _tiny_specs(settings)
+        with tempfile.TemporaryDirectory(prefix="corolla-calibration-") as tmp:
+            root = workdir or Path(tmp)
+            for i, spec in enumerate(specs, 1):
+                name = f"{spec.arch}-{spec.hidden_size}-{spec.seed}"
+                say(f"checkpoint {i}/{len(specs)}: tiny {name} ({spec.num_layers} blocks)")
+                path = init_tiny(root / name, spec)
+                other = init_tiny(root / f"{name}-other", _replace_seed(spec, spec.seed + 1000))
+                _measure_checkpoint(Checkpoint.open(path), Checkpoint.open(other), settings, gen, m, say)
+    recorded = {k: v for k, v in asdict(settings).items() if k not in ("setups", "margins")}
     recorded["model"] = None if settings.model is None else str(settings.model)
     recorded["setups"] = [s.name for s in settings.setups]
     recorded["corruptions"] = list(CORRUPTIONS)
-    recorded.update(extra)
-    return ToleranceTable(settings=json.loads(json.dumps(recorded)), per_precision=per_precision, tolerances=tolerances)
-
-
-def calibrate(settings: CalibrationSettings, *, workdir: Path | None = None) -> ToleranceTable:
-    """Run the whole procedure (module docstring) and return the table; checkpoints go to `workdir`."""
-    started = time.monotonic()
-    gen = torch.Generator().manual_seed(settings.seed)
-    m = _Measurements()
-    with tempfile.TemporaryDirectory(prefix="corolla-calibration-") as tmp:
-        root = workdir or Path(tmp)
-        if settings.model is not None:
-            _measure_checkpoint(Checkpoint.open(settings.model), None, settings, gen, m)
-        else:
-            for arch in settings.archs:
-                for hidden in settings.hidden_sizes:
-                    for seed in settings.weight_seeds:
-                        spec = TinySpec(
-                            arch=arch,
-                            hidden_size=hidden,
-                            intermediate_size=2 * hidden,
-                            num_layers=settings.num_layers,
-                            seed=seed,
-                        )
-                        path = init_tiny(root / f"{arch}-{hidden}-{seed}", spec)
-                        other = init_tiny(root / f"{arch}-{hidden}-{seed}-other", _replace_seed(spec, seed + 1000))
-                        _measure_checkpoint(Checkpoint.open(path), Checkpoint.open(other), settings, gen, m)
-    extra = {
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    return _table(m, settings, extra)
+    recorded.update(
+        torch=torch.__version__,
+        machine=platform.machine(),
+        threads=torch.get_num_threads(),
+        seconds=round(time.monotonic() - started, 1),
+    )
+    return m.table(settings.margins, settings=json.loads(json.dumps(recorded)))
 
 
 def _replace_seed(spec: TinySpec, seed: int) -> TinySpec:
     return TinySpec(**{**asdict(spec), "seed": seed})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m corolla.verify.calibration", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="where to write the tolerance table (JSON)")
-    parser.add_argument("--samples", type=int, default=_SAMPLES, help="input batches per model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", type=Path, default=None, help="calibrate this checkpoint instead of tiny ones")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # init_tiny's "Writing model shards" bars
-    settings = CalibrationSettings(samples=args.samples, seed=args.seed, model=args.model)
-    table = calibrate(settings)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(table.model_dump(mode="json"), indent=1, sort_keys=True) + "\n")
-    print(_summary(table))
-    return 0
-
-
-def _summary(table: ToleranceTable) -> str:
+def summary(table: ToleranceTable) -> str:
+    """One line per pair and work: the tolerance, the largest honest disagreement, the smallest
+    disagreement each corruption caused (relative L2), and the fractions undetected."""
     head = "".join(f"{k[:9]:>10}" for k in CORRUPTIONS)
     lines = [f"{'pair':<18}{'work':<10}{'tol rel':>10}{'honest':>10}{head}  undetected"]
     for key, works in table.tolerances.items():
@@ -501,7 +412,3 @@ def _summary(table: ToleranceTable) -> str:
                 + f"  {e.corruption_undetected}"
             )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

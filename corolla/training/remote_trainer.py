@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -35,6 +36,9 @@ from corolla.training.config import Exchange
 from corolla.training.data import EncodedBatch, per_record_loss
 
 OptimizerName = Literal["adam", "sgd"]
+# what `RemoteTrainer.bytes` counts: hidden states both ways, the adapter's gradients (or norms)
+# from the servers, the clip factors sent to them, and the adapter weights put on them
+PayloadKind = Literal["activations", "adapter_grads", "clip_factors", "adapter_put"]
 
 
 def make_optimizer(name: OptimizerName, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -42,11 +46,11 @@ def make_optimizer(name: OptimizerName, params: list[torch.nn.Parameter], lr: fl
     return torch.optim.SGD(params, lr=lr) if name == "sgd" else torch.optim.Adam(params, lr=lr)
 
 
-class FlatClipDPOptimizer(DPOptimizer):
+class FlatClipDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus is untyped (no py.typed)
     """A `DPOptimizer` whose clipped sums arrive ready (`p.summed_grad`, from the servers):
     it adds the noise, averages over the expected batch size and steps, as Opacus does."""
 
-    def pre_step(self, closure: Any = None) -> bool:
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         self.add_noise()
         if self.loss_reduction == "mean":
             for p in self.params:
@@ -70,7 +74,7 @@ def _check_complete(
             raise RemoteError(f"gradient of {name}: shape {tuple(grads[name].shape)} (expected {want}) or not finite")
 
 
-class SwarmTrainer:
+class RemoteTrainer:
     """`step(batch)` = one optimizer step of the adapter, computed through the swarm."""
 
     def __init__(
@@ -110,7 +114,7 @@ class SwarmTrainer:
                 loss_reduction="mean",
                 generator=generator,
             )
-        self.bytes = Counter[str]()  # payload bytes by kind, over all steps (benchmarks)
+        self.bytes = Counter[PayloadKind]()  # payload bytes by kind, over all steps (benchmarks)
 
     def step(self, batch: EncodedBatch | None) -> float:
         """One optimizer step; `batch` None is an empty Poisson draw (DP still adds noise and

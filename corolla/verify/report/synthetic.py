@@ -1,5 +1,9 @@
-"""Synthetic ledgers for tests and the report benchmark: honest servers, one that corrupts a
-fraction of its outputs, the quarantines the reputation policy decides, and re-admissions.
+"""Test and benchmark data: synthetic ledger events, not a part of verification itself.
+
+`synthetic_events(n)` builds a deterministic stream of honest servers, one that corrupts a
+fraction of its outputs, the quarantines the reputation policy decides, and re-admissions;
+`append_synthetic_events(ledger, n)` writes one to a ledger; `benchmark_report(n)` times a
+report of such a ledger (`benchmarks/verification.py`, `tests/verify/report/`).
 
 The stream is what a coordinator would write: each audit is fed to a `ReputationBook`, every
 decision it returns is followed by a `QuarantineEvent`, and a quarantined node is left out
@@ -14,21 +18,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from corolla.verify.events import (
-    AuditEvent,
-    Comparison,
-    QuarantineEvent,
-    ReadmitEvent,
-    Run,
-    Subject,
-    Verdict,
-    Work,
-)
+from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, ReadmitEvent, Run, Subject, Verdict, Work
 from corolla.verify.reputation import ReputationBook
 
-__all__ = ["benchmark_report", "synthetic_events"]
+if TYPE_CHECKING:
+    from corolla.verify.ledger import Ledger
+
+__all__ = ["append_synthetic_events", "benchmark_report", "synthetic_events"]
 
 AnyEvent = AuditEvent | QuarantineEvent | ReadmitEvent
 _T = TypeVar("_T")
@@ -130,6 +128,17 @@ def synthetic_events(
                 quarantined_since = emitted
 
 
+def append_synthetic_events(ledger: Ledger, n_events: int, *, seed: int = 0, batch_size: int = 5_000) -> None:
+    """Append `synthetic_events(n_events, seed=seed)` to `ledger`, `batch_size` per transaction."""
+    batch: list[AnyEvent] = []
+    for event in synthetic_events(n_events, seed=seed):
+        batch.append(event)
+        if len(batch) == batch_size:
+            ledger.append(batch)
+            batch = []
+    ledger.append(batch)
+
+
 def benchmark_report(n_events: int, *, seed: int = 0, workdir: Path | None = None) -> dict[str, float | int]:
     """Time a report of `n_events` synthetic events from a real SQLite ledger: writing the
     ledger (not part of the report), reading it back, checking the chain, building the report
@@ -150,19 +159,10 @@ def benchmark_report(n_events: int, *, seed: int = 0, workdir: Path | None = Non
         out[f"{name}_cpu_s"] = round(time.process_time() - cpu, 3)
         return result
 
-    def write(ledger: Ledger) -> None:
-        batch: list[AnyEvent] = []
-        for event in synthetic_events(n_events, seed=seed):
-            batch.append(event)
-            if len(batch) == 5_000:
-                ledger.append(batch)
-                batch = []
-        ledger.append(batch)
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         key = LedgerKey.generate()
         with Ledger.open(str(Path(tmp) / "ledger.db"), key=key, writer="benchmark") as ledger:
-            timed("write_ledger", lambda: write(ledger))
+            timed("write_ledger", lambda: append_synthetic_events(ledger, n_events, seed=seed))
             read = timed("read_events", lambda: sum(1 for _ in ledger.events()))  # reading and parsing alone
             chain = timed("verify", lambda: ledger.verify(key.public_key()))
             timed("build_report", lambda: build_report(ledger.events(), chain=chain))
