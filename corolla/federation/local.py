@@ -30,7 +30,7 @@ from corolla.federation.outcomes import RunSummary
 from corolla.federation.progress import ProgressLog
 from corolla.federation.site.env import SiteEnv, SiteResult
 from corolla.federation.site.handlers import handle_train, site_name
-from corolla.federation.site.round import prepare_round, run_steps
+from corolla.federation.site.round import charge_round, prepare_round, run_steps
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
 from corolla.training.config import TrainConfig
@@ -79,7 +79,7 @@ def _handle(msg: Message, context: Context) -> Message:
     if msg.metadata.message_type != "train":
         error = RecordError(f"a local site answers train messages only, not {msg.metadata.message_type!r}")
         return Message(site_error(SITE_FAILED, site=site_name(context), exc=error), reply_to=msg)
-    return handle_train(msg, context, local_site_round)
+    return handle_train(msg, context, local_site_round, propagate=True)  # a failing site fails the run
 
 
 def local_site_round(
@@ -105,8 +105,9 @@ def local_site_round(
         expected_batch_size=config.batch_size,
         generator=secret_generator(),
     )
+    epsilon = charge_round(config, env, prepared, run_key=run_key)
     update, metrics = run_steps(
-        trainer.step, trainer.adapter, config, prepared, server_round=server_round, started=started
+        trainer.step, trainer.adapter, config, prepared, epsilon=epsilon, server_round=server_round, started=started
     )
     return SiteResult(update=update, metrics=metrics, audit_events=() if orders is not None else None)
 

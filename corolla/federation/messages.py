@@ -9,7 +9,8 @@ A train message (coordinator -> site, Flower message type `train`, group id = ro
 
     {"weights": ArrayRecord(name -> float32), "round": {"server-round": int},
      "secagg": {"announcement": bytes}?,                      # secure aggregation's signed roster
-     "verify": {"rate": float, "quarantine": [event JSON], "tolerances": table JSON?}?}
+     "verify": {"rate": float, "quarantine": [event JSON], "tolerances": table JSON?,
+                "witness": signed ledger head JSON?}?}     # corolla.verify.ledger.witness
 
 Its reply is either content,
 
@@ -40,7 +41,8 @@ from corolla.errors import CorollaError
 from corolla.federation.outcomes import SiteMetrics, Status
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, canonical_json, parse_event
 
-if TYPE_CHECKING:  # the tolerance module imports torch: not at import time (the ClientApp stays light)
+if TYPE_CHECKING:  # the tolerance module imports torch, the ledger SQLAlchemy: not at import time
+    from corolla.verify.ledger import Witness
     from corolla.verify.tolerance import ToleranceTable
 
 __all__ = [
@@ -88,6 +90,7 @@ VERIFY = "verify"  # the ConfigRecord of spot-check orders (train) and verdicts 
 UNMASK_ACTION = "secagg_unmask"  # ClientApp action: message type "train.secagg_unmask"
 UNMASK_MESSAGE_TYPE = f"{MessageType.TRAIN}.{UNMASK_ACTION}"
 MAX_EVENTS = 10_000  # audit events one reply may carry
+MAX_QUARANTINES = 100_000  # quarantine events one train message may carry (they persist across runs)
 
 # Error codes of our ClientApp; Flower's own use 0-8 (flwr.common.constant.ErrorCode).
 SITE_REFUSED = 100  # the site declined the round (e.g. its privacy budget is spent)
@@ -127,6 +130,7 @@ class AuditOrders:
     rate: float  # fraction of span computations to audit (0: none)
     quarantine: tuple[QuarantineEvent, ...] = ()  # nodes to route around from the start
     tolerances: ToleranceTable | None = None  # the coordinator's tolerance table; None: the shipped one
+    witness: Witness | None = None  # the ledger's signed head now: sites keep the newest they have seen
 
     def __post_init__(self) -> None:
         if isinstance(self.rate, bool) or not 0 <= self.rate <= 1:
@@ -138,6 +142,8 @@ class AuditOrders:
         )
         if self.tolerances is not None:
             record["tolerances"] = self.tolerances.model_dump_json()
+        if self.witness is not None:
+            record["witness"] = self.witness.to_json()
         return record
 
     @classmethod
@@ -148,11 +154,16 @@ class AuditOrders:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
             raise RecordError(f"verify rate {rate!r} must be a number in [0, 1]")
         events = []
-        for event in _events(record.get("quarantine", [])):
+        for event in _events(record.get("quarantine", []), limit=MAX_QUARANTINES):
             if not isinstance(event, QuarantineEvent):
                 raise RecordError("the verify record's quarantine list holds a non-quarantine event")
             events.append(event)
-        return cls(rate=float(rate), quarantine=tuple(events), tolerances=_table(record.get("tolerances")))
+        return cls(
+            rate=float(rate),
+            quarantine=tuple(events),
+            tolerances=_table(record.get("tolerances")),
+            witness=_witness(record.get("witness")),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -404,10 +415,7 @@ def from_array_record(record: object, *, like: Mapping[str, np.ndarray] | None =
         check_names(record, like)
     out: Weights = {}
     for name in record:
-        try:
-            array = record[name].numpy()
-        except (TypeError, ValueError) as exc:
-            raise RecordError(f"array {name!r} cannot be read: {exc}") from None
+        array = _read_array(name, record[name], like[name] if like is not None else None)
         if array.dtype != np.float32:
             raise RecordError(f"array {name!r} has dtype {array.dtype}; expected float32")
         if like is not None and array.shape != np.shape(like[name]):
@@ -416,6 +424,34 @@ def from_array_record(record: object, *, like: Mapping[str, np.ndarray] | None =
             raise RecordError(f"array {name!r} holds NaN or infinite values")
         out[name] = array
     return out
+
+
+MAX_ARRAY_VALUES = 1 << 31  # a float32 array the peer says it sends: at most 8 GiB
+
+
+def _read_array(name: str, array: Array, like: np.ndarray | None) -> npt.NDArray[np.float32]:
+    """One array's bytes as the peer sent them: its declared kind, dtype and shape are checked
+    (against `like` when given) before anything is decoded, and the bytes must hold exactly
+    that one float32 `.npy` array (`np.load` refuses pickles; npz, empty and truncated data are
+    refused too), so a peer cannot make the reader allocate what it did not send."""
+    shape = tuple(array.shape)
+    if array.stype != "numpy.ndarray":
+        raise RecordError(f"array {name!r} is a {array.stype}; expected a numpy array")
+    if array.dtype != "float32":
+        raise RecordError(f"array {name!r} has dtype {array.dtype}; expected float32")
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or math.prod(shape) > MAX_ARRAY_VALUES:
+        raise RecordError(f"array {name!r} declares shape {shape}")
+    if like is not None and shape != np.shape(like):
+        raise RecordError(f"array {name!r} has shape {shape}; expected {np.shape(like)}")
+    if len(array.data) < 4 * math.prod(shape) or len(array.data) > 4 * math.prod(shape) + 4096:
+        raise RecordError(f"array {name!r} carries {len(array.data)} bytes for shape {shape}")
+    try:
+        value = array.numpy()
+    except Exception as exc:  # whatever np.load makes of bytes a peer chose: refused, typed
+        raise RecordError(f"array {name!r} cannot be read: {type(exc).__name__}") from None
+    if not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.shape != shape:
+        raise RecordError(f"array {name!r} does not hold the float32 array of shape {shape} it declares")
+    return value
 
 
 # --- metrics -----------------------------------------------------------------------------
@@ -519,12 +555,12 @@ def _server_round(content: RecordDict) -> int:
     return value
 
 
-def _events(value: object) -> list[Event]:
+def _events(value: object, *, limit: int = MAX_EVENTS) -> list[Event]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RecordError("the verify record's event list must be a list of strings")
     texts: Sequence[str] = value
-    if len(texts) > MAX_EVENTS:
-        raise RecordError(f"{len(texts)} audit events in one message; at most {MAX_EVENTS}")
+    if len(texts) > limit:
+        raise RecordError(f"{len(texts)} audit events in one message; at most {limit}")
     events: list[Event] = []
     for text in texts:
         try:
@@ -534,6 +570,21 @@ def _events(value: object) -> list[Event]:
                 f"an audit event does not parse: {exc.error_count()} errors, first: {_first_error(exc)}"
             ) from None
     return events
+
+
+def _witness(value: object) -> Witness | None:
+    """The train message's ledger witness, its fields checked (format, seq, hex lengths); the
+    site cannot check its signature (it holds no ledger key), an auditor does. None: none sent."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"the verify record's witness must be a JSON string, not {type(value).__name__}")
+    from corolla.verify.ledger import Witness, WitnessError
+
+    try:
+        return Witness.from_json(value, source="the coordinator's ledger witness")
+    except WitnessError as exc:
+        raise RecordError(f"refusing the train message: {exc}") from None
 
 
 def _table(value: object) -> ToleranceTable | None:

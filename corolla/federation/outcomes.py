@@ -74,17 +74,17 @@ class SiteMetrics(_Record):
 
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True)  # a newer site may report more; no coercion
 
-    round: int | None = None
-    steps: int | None = None
-    seconds: float | None = None
-    dp: int | None = None  # 1 under DP-SGD, 0 without
-    sample_rate: float | None = None
+    round: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=0)
+    seconds: float | None = Field(default=None, ge=0)
+    dp: int | None = Field(default=None, ge=0, le=1)  # 1 under DP-SGD, 0 without
+    sample_rate: float | None = Field(default=None, ge=0, le=1)
     loss: float | None = None
-    epsilon: float | None = None  # the site's spending on this run so far
-    noise_multiplier: float | None = None
-    delta: float | None = None
-    audits: int | None = None  # spot-check verdicts it reports this round
-    clipped: int | None = None  # update values clipped into secure aggregation's range
+    epsilon: float | None = Field(default=None, ge=0)  # the site's spending on this run so far
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    delta: float | None = Field(default=None, ge=0, lt=1)
+    audits: int | None = Field(default=None, ge=0)  # spot-check verdicts it reports this round
+    clipped: int | None = Field(default=None, ge=0)  # update values clipped into secure aggregation's range
 
     @field_validator("seconds", "sample_rate", "loss", "epsilon", "noise_multiplier", "delta")
     @classmethod
@@ -195,7 +195,7 @@ class SiteEvent(SiteOutcome):
 
 class SiteSummary(_Record):
     node_id: int | None = None  # Flower node id (the in-process grid numbers its sites 1, 2, ...)
-    epsilon: float | None  # its last reported spending
+    epsilon: float | None = None  # its last reported spending; None without DP or any report
     rounds_trained: int  # rounds whose aggregate holds its update
     rounds_not_aggregated: int = 0  # rounds it trained for (budget spent) lost with secure aggregation
     history: list[SiteRound]

@@ -68,6 +68,24 @@ class SessionLimitError(InferenceError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class CallLimitError(InferenceError):
+    """The calling peer has as many calls open on this server as one peer may: others go first."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class StreamTimeoutError(InferenceError):
+    """An inference stream sent no open message within the server's open timeout."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class CallAbandonedError(InferenceError):
+    """The caller went away or its deadline passed: the server stopped the call's work."""
+
+    grpc_code = grpc.StatusCode.CANCELLED
+
+
 class MaxLengthExceededError(InferenceError):
     """An inference step would grow a session past the `max_length` it was opened with."""
 

@@ -2,7 +2,8 @@
 
 - A server serves only clients whose TLS certificate chains to the consortium CA (the
   handshake checks that), is not revoked and has an allowed role (checked per call by
-  `server_interceptor`, since gRPC has no CRL hook).
+  `server_interceptor`, since gRPC has no CRL hook, and again during a long call by
+  `watch_client`, so a revocation also ends the streams a peer already holds).
 - A client accepts a server only if the certificate it presents is the one the server's
   DHT record names (SHA-256 fingerprint), for the node id the record names, of role
   `server`, unrevoked (`verify_server`, a TLS handshake of its own before the channel
@@ -14,9 +15,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +68,11 @@ class TlsConfig:
             return self.verifier.check_pem(pems[0], roles=self.allowed_client_roles)
         except CertificateError as exc:
             raise AccessDeniedError(str(exc)) from None
+
+    def watch_client(self, context: grpc.ServicerContext, *, interval: float) -> PeerWatch:
+        """The call's client, checked now and re-checkable during the call (`PeerWatch.check`)."""
+        holder = self.check_client(context)
+        return PeerWatch(holder=holder, verifier=self.verifier, interval=interval)
 
     def record(self, record: ServerRecord) -> ServerRecord:
         """`record` with this node's TLS fingerprint and identity certificate added."""
@@ -122,6 +130,44 @@ class TlsConfig:
         with self._lock:
             self._verified[key] = holder
         return holder
+
+
+class PeerWatch:
+    """A call's client, re-checked against the current CRL while the call lasts.
+
+    `check` is cheap enough for every step or block: it looks at the CRL at most every
+    `interval` seconds, and the verifier re-reads the file only when it has changed."""
+
+    def __init__(self, *, holder: PeerCertificate, verifier: Verifier, interval: float) -> None:
+        self.holder = holder
+        self._verifier = verifier
+        self._interval = interval
+        self._next = time.monotonic() + interval
+
+    def check(self) -> None:
+        """Return if the client is still a member; else `AccessDeniedError`."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        try:  # fails closed, as the check when a call starts does
+            revoked = self._verifier.is_revoked(self.holder.serial)
+        except CertificateError as exc:
+            raise AccessDeniedError(f"the revocation list could not be read: {exc}") from None
+        if revoked:
+            raise AccessDeniedError(
+                f"certificate of {self.holder.name!r} was revoked during the call; the server ended it"
+            )
+
+
+def peer_key(context: grpc.ServicerContext) -> str:
+    """Who a call comes from, for per-peer limits: the SHA-256 of the client's TLS
+    certificate (one member, however many connections it opens), or, on a plaintext
+    server (development only), the connection's address."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if pems:
+        return "cert:" + hashlib.sha256(pems[0]).hexdigest()
+    return "addr:" + context.peer()
 
 
 def _peer_certificate(endpoint: str, identity: NodeIdentity, timeout: float) -> bytes:

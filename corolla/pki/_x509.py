@@ -117,12 +117,17 @@ def ed25519_seed(pem: bytes) -> bytes | None:
     return ed25519_raw(key)[0] if isinstance(key, ed25519.Ed25519PrivateKey) else None
 
 
-def derive_swarm_key(consortium_secret: bytes) -> bytes:
+def derive_swarm_key(consortium_secret: bytes, epoch: int = 0) -> bytes:
     """The private DHT's pre-shared key: HKDF-SHA256 of the consortium secret, bound to
-    its purpose in `info` so that the secret's other uses never yield the same bytes."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"corolla/v1/dht-pre-shared-key").derive(
-        consortium_secret
-    )
+    its purpose in `info` so that the secret's other uses never yield the same bytes.
+
+    `epoch` counts revocations: each one gives the DHT a new key that only the CA (which
+    alone holds the secret) can derive and that it hands to the remaining members. Epoch
+    0 keeps the original `info`, so existing workspaces keep their key."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"swarm key epoch must be an integer >= 0, got {epoch!r}")
+    info = b"corolla/v1/dht-pre-shared-key" + (b"" if epoch == 0 else f"/epoch/{epoch}".encode())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(consortium_secret)
 
 
 def random_secret() -> bytes:

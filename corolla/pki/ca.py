@@ -2,12 +2,17 @@
 
 Layout (private keys are written 0600):
 
-    <workspace>/ca/ca.key  ca.pem  crl.pem  consortium.secret  registry.json
-    <workspace>/nodes/<name>/node.key node.pem tls.key tls.pem ca.pem crl.pem swarm.key
+    <workspace>/ca/ca.key  ca.pem  crl.pem  consortium.secret  registry.json  swarm.epoch
+    <workspace>/nodes/<name>/node.key node.pem tls.key tls.pem ca.pem crl.pem swarm.key swarm.epoch
     <workspace>/nodes/<name>/agreement.key agreement.pem     (sites: secure aggregation)
 
 A node directory is everything a node needs; copy it to the node's machine (and copy
 `ca/crl.pem` over its `crl.pem` after a revocation; running nodes re-read it).
+
+Revocation also rotates the DHT's pre-shared key: the swarm key epoch (`ca/swarm.epoch`,
+absent = 0) goes up by one and every node that is not revoked gets the new epoch's
+`swarm.key` and `swarm.epoch`; copy both to those nodes and restart them. A revoked node
+keeps the old key, with which it can no longer connect to members that hold the new one.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class ConsortiumCA:
 
     @classmethod
     def init(cls, workspace: Path, *, consortium: str = "corolla", days: int = 3650) -> ConsortiumCA:
+        _check_days(days)
         ca = cls(workspace)
         if (ca.dir / "ca.key").exists():
             raise WorkspaceError(f"{str(ca.dir)!r} already holds a CA; refusing to overwrite it")
@@ -82,6 +88,7 @@ class ConsortiumCA:
         self, name: str, role: Role | str, *, days: int = 365, hosts: Sequence[str] = (), now: dt.datetime | None = None
     ) -> NodeIdentity:
         """Keys and certificates for a new node, in `<workspace>/nodes/<name>/`."""
+        _check_days(days)
         if not _NAME.match(name):
             raise WorkspaceError(f"node name {name!r} must be 1-63 letters, digits, '.', '_' or '-'")
         try:
@@ -138,8 +145,7 @@ class ConsortiumCA:
         (node_dir / "tls.pem").write_bytes(_x509.cert_to_pem(tls))
         shutil.copyfile(self.dir / "ca.pem", node_dir / "ca.pem")
         shutil.copyfile(self.dir / "crl.pem", node_dir / "crl.pem")
-        secret = bytes.fromhex((self.dir / "consortium.secret").read_text().strip())
-        _write_private(node_dir / "swarm.key", _x509.derive_swarm_key(secret).hex().encode())
+        self._write_swarm_key(node_dir, self.swarm_epoch)
         registry[name] = IssuedNode(
             name=name,
             role=role,
@@ -157,6 +163,7 @@ class ConsortiumCA:
         """Certify a key-agreement key for a site issued before sites had one (its identity
         and TLS keys stay), into `<workspace>/nodes/<name>/`; copy `agreement.key` and
         `agreement.pem` from there to the site's node directory."""
+        _check_days(days)
         registry = self._registry()
         node = registry.get(name)
         if node is None:
@@ -183,7 +190,8 @@ class ConsortiumCA:
         if name not in registry:
             raise WorkspaceError(f"no node named {name!r} was issued here; known: {', '.join(sorted(registry))}")
         node = registry[name]
-        if node.revoked_at is None:
+        newly_revoked = node.revoked_at is None
+        if newly_revoked:
             registry[name] = node = replace(node, revoked_at=_now().isoformat())
             self._save_registry(registry)
         number = self._crl_number() + 1
@@ -192,7 +200,28 @@ class ConsortiumCA:
         for node_dir in nodes.iterdir() if nodes.is_dir() else ():
             if (node_dir / "crl.pem").exists():
                 shutil.copyfile(self.dir / "crl.pem", node_dir / "crl.pem")
+        if newly_revoked:
+            self.rotate_swarm_key()
         return node
+
+    @property
+    def swarm_epoch(self) -> int:
+        """The current swarm key epoch: how many times the DHT key was rotated."""
+        return _read_epoch(self.dir / "swarm.epoch")
+
+    def rotate_swarm_key(self) -> int:
+        """Move the DHT to the next swarm key epoch and write its key into the directory of
+        every node that is not revoked (revoked nodes keep the old one); the new epoch."""
+        epoch = self.swarm_epoch + 1
+        registry = self._registry()
+        tmp = self.dir / "swarm.epoch.tmp"
+        tmp.write_text(f"{epoch}\n")
+        tmp.replace(self.dir / "swarm.epoch")
+        for name, node in registry.items():
+            node_dir = self.workspace / "nodes" / name
+            if node.revoked_at is None and node_dir.is_dir():
+                self._write_swarm_key(node_dir, epoch)
+        return epoch
 
     def list(self) -> list[IssuedNode]:
         return sorted(self._registry().values(), key=lambda n: n.name)
@@ -225,6 +254,11 @@ class ConsortiumCA:
         _write_private(node_dir / "agreement.key", _x509.key_to_pem(key))
         (node_dir / "agreement.pem").write_bytes(_x509.cert_to_pem(cert))
         return _x509.serial(cert)
+
+    def _write_swarm_key(self, node_dir: Path, epoch: int) -> None:
+        secret = bytes.fromhex((self.dir / "consortium.secret").read_text().strip())
+        _write_private(node_dir / "swarm.key", _x509.derive_swarm_key(secret, epoch).hex().encode())
+        (node_dir / "swarm.epoch").write_text(f"{epoch}\n")
 
     def _ca(self) -> tuple[_x509.IdentityKey, x509.Certificate]:
         key = _x509.identity_key_from_pem((self.dir / "ca.key").read_bytes())
@@ -261,6 +295,23 @@ class ConsortiumCA:
         tmp = self.dir / "crl.pem.tmp"
         tmp.write_bytes(_x509.crl_to_pem(crl))
         tmp.replace(self.dir / "crl.pem")
+
+
+def _read_epoch(path: Path) -> int:
+    """A swarm key epoch file; absent means epoch 0 (workspaces made before rotation)."""
+    if not path.is_file():
+        return 0
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise WorkspaceError(f"{str(path)!r} must hold a swarm key epoch (an integer >= 0), got {text[:20]!r}")
+    return int(text)
+
+
+def _check_days(days: int) -> None:
+    """A validity period of at least one day: zero or less would issue a certificate that
+    every peer refuses from the start."""
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise WorkspaceError(f"days={days!r}: a certificate's validity must be at least 1 day")
 
 
 def _now() -> dt.datetime:

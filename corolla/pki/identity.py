@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as P2pPrivateKey
 from libp2p.crypto.ed25519 import Ed25519PublicKey as P2pPublicKey
 from libp2p.crypto.keys import KeyPair
@@ -190,10 +191,39 @@ class NodeIdentity:
         missing = [f for f in _NODE_FILES if not (directory / f).is_file()]
         if missing:
             raise WorkspaceError(f"node directory {str(directory)!r} lacks {', '.join(missing)}")
-        verifier = Verifier((directory / "ca.pem").read_bytes())
-        # an expired certificate still loads: peers refuse it, and `serve` says why
-        holder = verifier.check_pem((directory / "node.pem").read_bytes(), validity=False)
+        # A garbage key is named now, not a traceback at its first use.
+        for name, parse in (("node.key", _x509.identity_key_from_pem), ("tls.key", _x509.key_from_pem)):
+            try:
+                parse((directory / name).read_bytes())
+            except (ValueError, TypeError, UnsupportedAlgorithm, CertificateError) as exc:
+                reason = exc if isinstance(exc, CertificateError) else "not a PEM private key"
+                raise WorkspaceError(f"{str(directory / name)!r}: {reason}; reissue the node") from None
+        try:
+            verifier = Verifier((directory / "ca.pem").read_bytes())
+        except (ValueError, TypeError) as exc:
+            raise WorkspaceError(f"{str(directory / 'ca.pem')!r} is not a PEM certificate: {exc}") from None
+        # an expired certificate still loads: peers refuse it, and `check_own_certificate` says why
+        try:
+            holder = verifier.check_pem((directory / "node.pem").read_bytes(), validity=False)
+        except (ValueError, TypeError) as exc:
+            raise WorkspaceError(f"{str(directory / 'node.pem')!r} is not a PEM certificate: {exc}") from None
         return cls(directory=directory, name=holder.name, role=holder.role, node_id=holder.node_id)
+
+    def check_own_certificate(self) -> None:
+        """`CertificateError` naming the file when this node's own certificate is expired, not
+        yet valid or revoked by its CA's list (`crl.pem`): every peer would refuse it."""
+        path = self.directory / "node.pem"
+        try:
+            verifier = self.verifier()
+        except (ValueError, TypeError, CertificateError) as exc:
+            raise WorkspaceError(f"{str(self.directory / 'crl.pem')!r} cannot be read: {exc}") from None
+        try:
+            verifier.check_pem(path.read_bytes())
+        except CertificateError as exc:
+            raise CertificateError(
+                f"this node's own certificate {str(path)!r} is refused: {exc}; the CA can issue a new one "
+                "(`platform keys issue` under a new name)"
+            ) from None
 
     def verifier(self) -> Verifier:
         return Verifier(self.ca_pem, self.directory / "crl.pem")
@@ -260,6 +290,15 @@ class NodeIdentity:
     def swarm_key(self) -> bytes:
         """The consortium's 32-byte secret for the private DHT (pre-shared key)."""
         return bytes.fromhex((self.directory / "swarm.key").read_text().strip())
+
+    @property
+    def swarm_epoch(self) -> int:
+        """The epoch of `swarm_key` (rotated on every revocation); 0 if the file predates it."""
+        path = self.directory / "swarm.epoch"
+        text = path.read_text().strip() if path.is_file() else "0"
+        if not text.isdigit():
+            raise WorkspaceError(f"{str(path)!r} must hold a swarm key epoch (an integer >= 0), got {text[:20]!r}")
+        return int(text)
 
     def libp2p_key_pair(self) -> KeyPair:
         seed = _x509.ed25519_seed((self.directory / "node.key").read_bytes())

@@ -1,8 +1,28 @@
-"""`platform`: the command line. Errors become one clear line and a stable exit code.
+"""`platform`: the command line. Errors become one line on stderr and a stable exit code.
 
-Exit codes: 0 success, 1 unexpected Corolla error, 2 usage, 3 inference, 4 model
-loading, 5 routing, 6 discovery, 7 local launch, 8 PKI/workspace, 9 access denied,
-13 verification/ledger, 14 ledger does not verify (tampered), 130 interrupted.
+Exit codes (docs/cli.md has the same table, with examples):
+
+    0    success
+    1    unexpected Corolla error; an operating-system error (a file that cannot be read or
+         written), in one line naming the file
+    2    usage: a flag's value out of range (`--port 99999`, `--days -5`), flags that need or
+         exclude each other (`train --test-data` without `--data`); one line, no usage text
+    3    inference
+    4    model: a checkpoint missing, truncated, with a bad header, a tensor of the wrong shape
+         or a config field out of range; `model init-tiny` into an unwritable path or over an
+         existing checkpoint without --force
+    5    routing
+    6    discovery
+    7    local launch: a process failed to start, a port already in use
+    8    PKI/workspace: a missing or garbage key or certificate file, this node's own
+         certificate expired, not yet valid or revoked, a node of the wrong role
+    9    access denied
+    10   Flower federation
+    11   privacy budget exhausted, a site refused
+    12   secure aggregation
+    13   verification/ledger
+    14   ledger does not verify (tampered)
+    130  interrupted
 """
 
 from __future__ import annotations
@@ -11,13 +31,21 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from corolla.errors import CorollaError
 from corolla.platform.commands import audit, generate, keys, model, serve, swarm, train
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (exit 2), naming the flag and the value."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="platform", description="Corolla: a consortium's shared language model")
+    parser = _Parser(prog="platform", description="Corolla: a consortium's shared language model")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (keys, model, serve, swarm, generate, train, audit):
@@ -33,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except CorollaError as exc:
-        print(f"platform {args.command}: {exc}", file=sys.stderr)
+        print(f"platform {args.command}: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or socket the operator named: one line naming it, not a traceback
+        print(f"platform {args.command}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line: a message that quotes a multi-line cause stays one line."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

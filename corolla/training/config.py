@@ -59,6 +59,12 @@ class TrainConfig:
     node: str = ""  # the coordinator's node name in `workspace`
 
     def __post_init__(self) -> None:
+        # The run config arrives from the coordinator: every field is checked for its type first.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES.get(f.name, "a string")
+            if not _of_type(value, kind):
+                raise TrainConfigError(f"{f.name}={value!r} is not {kind}")
         for name in ("rounds", "steps_per_round", "batch_size", "lora_r", "max_length"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)} must be at least 1")
@@ -111,14 +117,47 @@ class TrainConfig:
                 continue
             raw = config[key]
             value: RunConfigValue | tuple[str, ...] | None = raw
-            if f.name in ("targets", "peers", "servers"):
-                value = tuple(t for t in str(raw).split(",") if t)
-            elif f.name in ("dp_epsilon", "dp_delta"):
-                value = None if float(raw) < 0 else float(raw)
-            elif f.name in ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip", "audit_rate"):
-                value = float(raw)
+            try:
+                if f.name in ("targets", "peers", "servers"):
+                    value = tuple(t for t in str(raw).split(",") if t)
+                elif f.name in ("dp_epsilon", "dp_delta"):
+                    value = None if float(raw) < 0 else float(raw)
+                elif f.name in _FLOATS:
+                    value = float(raw)
+            except (TypeError, ValueError):
+                raise TrainConfigError(f"run config {key}={raw!r} is not a valid value for {f.name}") from None
             kwargs[f.name] = value
         missing = [k for k in ("model", "out_dir") if k not in kwargs]
         if missing:
             raise TrainConfigError(f"run config lacks {', '.join(m.replace('_', '-') for m in missing)}")
         return cls(**kwargs)
+
+
+_FLOATS = ("lr", "lora_alpha", "max_grad_norm", "round_timeout", "secure_agg_clip", "audit_rate")
+_INTS = ("rounds", "steps_per_round", "batch_size", "lora_r", "max_length", "seed", "sites", "eval_records")
+_FIELD_TYPES: dict[str, str] = {
+    **dict.fromkeys(_INTS, "an integer"),
+    **dict.fromkeys(_FLOATS, "a number"),
+    "dp_epsilon": "a number or None",
+    "dp_delta": "a number or None",
+    "secure_agg": "true or false",
+    "targets": "a tuple of strings",
+    "peers": "a tuple of strings",
+    "servers": "a tuple of strings",
+}
+
+
+def _of_type(value: object, kind: str | None) -> bool:
+    """Whether `value` is of the kind `_FIELD_TYPES` names (bool is not a number here); fields
+    not in the table are strings."""
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in ("a number", "a number or None"):
+        return (value is None and kind.endswith("None")) or (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        )
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a tuple of strings":
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)

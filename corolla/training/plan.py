@@ -5,6 +5,7 @@ let them subtract the noise)."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ def lora_settings(config: TrainConfig) -> LoraSettings:
     return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, targets=config.targets)
 
 
+@functools.lru_cache(maxsize=64)  # a search over noise multipliers (seconds): once per run and dataset size
 def dp_plan(config: TrainConfig, n_records: int) -> DpPlan | None:
     """The run's noise, fixed once from the site's budget over all rounds; None without DP."""
     if config.dp_epsilon is None:

@@ -29,7 +29,7 @@ from corolla.federation.messages import (
 )
 from corolla.federation.site.env import SiteEnv
 from corolla.federation.site.handlers import handle_train
-from corolla.federation.site.round import prepare_round, train_site_round
+from corolla.federation.site.round import charge_round, prepare_round, train_site_round
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
 from corolla.pki import NodeIdentity
@@ -80,7 +80,7 @@ class Site:
         self.weights = {name: t.numpy() for name, t in adapter.state().items()}
         env = SiteEnv.from_node_config(self.context.node_config)
         prepared = prepare_round(self.config, env, self.weights, run_key=run_key(self.context))
-        assert prepared.epsilon > 0  # the ledger exists and has one charge
+        assert charge_round(self.config, env, prepared, run_key=run_key(self.context)) > 0  # a ledger with one charge
         self.consortium = consortium
 
     def store_bytes(self) -> dict[str, bytes]:
@@ -93,12 +93,14 @@ class Site:
         error = read_error(reply.error)
         return error.code, error.reason
 
-    def announcement(self, *, run_id: str | None = None, length_extra: int = 0, threshold: int | None = None) -> bytes:
+    def announcement(
+        self, *, run_id: str | None = None, length_extra: int = 0, threshold: int | None = None, round_: int = 2
+    ) -> bytes:
         identities = [NodeIdentity.load(self.consortium / "nodes" / name) for name in SITES]
         coordinator = NodeIdentity.load(self.consortium / "nodes" / COORDINATOR)
         aggregator = Aggregator(
             run_id=run_id or run_key(self.context),
-            round=2,
+            round=round_,
             members=[
                 Member(node_id=i.node_id, identity_cert=i.identity_cert_der, agreement_cert=i.agreement_cert_der)
                 for i in identities
@@ -251,6 +253,13 @@ SECURE_CASES: list[tuple[str, Callable[[Site], RecordDict], str]] = [
         "RefusedRequest",
     ),
     (
+        "an announcement for another round than the message's",
+        lambda s: _train(
+            _arrays(s.weights), None, **{SECAGG: ConfigRecord({"announcement": s.announcement(round_=3)})}
+        ),
+        "RefusedRequest",
+    ),
+    (
         "a good announcement with weights of another shape",
         lambda s: _train(
             _changed(s.weights, lambda c: c.__setitem__(_first(c), np.zeros(np.size(c[_first(c)]), np.float32))),
@@ -295,7 +304,9 @@ def test_the_ledger_snapshot_would_see_a_charge(tiny_llama: Path, consortium: Pa
     site = Site(tiny_llama, consortium, tmp_path, secure=False)
     before = site.store_bytes()
     env = SiteEnv.from_node_config(site.context.node_config)
-    prepare_round(site.config, env, site.weights, run_key=run_key(site.context))
+    prepared = prepare_round(site.config, env, site.weights, run_key=run_key(site.context))
+    assert site.store_bytes() == before  # checking charges nothing
+    charge_round(site.config, env, prepared, run_key=run_key(site.context))
     after = site.store_bytes()
     [name] = [n for n in before if n.startswith("privacy/") and n.endswith(".json")]
     assert after[name] != before[name]

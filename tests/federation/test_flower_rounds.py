@@ -7,18 +7,21 @@ SuperLink's "node unavailable", or nothing (the timeout passes). Message ids and
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from corolla.federation.coordinator.model import write_summary
 from corolla.federation.coordinator.rounds import RoundError, mean_update, run_rounds
 from corolla.federation.messages import (
     METRICS,
@@ -333,3 +336,72 @@ def test_mean_update_refuses_mismatched_updates() -> None:
 
 def _rounds(events: list[dict]) -> list[dict]:
     return [e for e in events if e["event"] == "round"]
+
+
+# --- what a hostile site can send ------------------------------------------------------------
+
+
+def _raw_update(data: bytes, *, dtype: str = "float32", shape: tuple[int, ...] | None = None) -> Reply:
+    """A reply whose update arrays carry `data` as their bytes, declared as `dtype` and `shape`."""
+
+    def reply(message: Message, server_round: int) -> Message:
+        arrays = {
+            name: Array(dtype=dtype, shape=shape if shape is not None else s, stype="numpy.ndarray", data=data)
+            for name, s in SHAPES.items()
+        }
+        return Message(RecordDict({UPDATE: ArrayRecord(arrays), METRICS: to_metrics_record({})}), reply_to=message)
+
+    return reply
+
+
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros(6, np.float32))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (_raw_update(b""), "carries 0 bytes"),
+        (_raw_update(_npz() * 40), "cannot be read|does not hold|bytes for shape"),
+        (_raw_update(b"\x00" * 200, shape=(10**13,)), "declares shape"),
+        (_raw_update(b"\x00" * 200, dtype="float64"), "has dtype float64; expected float32"),
+    ],
+    ids=["empty", "npz", "a huge declared shape", "float64"],
+)
+def test_update_bytes_a_site_chose_fail_that_site_not_the_round(tmp_path: Path, reply: Reply, reason: str) -> None:
+    summary, _, _, events = _run(tmp_path, {1: update_of(1.0, site="site-0"), 2: reply}, rounds=1)
+    [failure] = summary["failures"]
+    assert failure["node_id"] == 2 and re.search(reason, failure["reason"]), failure["reason"]
+    assert _rounds(events)[0]["aggregated"] == 1  # the honest site's update is in
+
+
+def test_an_aggregate_that_overflows_the_weights_is_kept_out(tmp_path: Path) -> None:
+    _, _, coordinator, events = _run(tmp_path, {1: update_of(3e38), 2: update_of(3e38)}, rounds=2)
+    first, second = _rounds(events)
+    assert not first["kept"] and second["kept"]  # 3e38 + 3e38 is inf in float32: refused in round 2
+    assert coordinator.saved is not None
+    assert all(np.all(np.isfinite(w)) for w in coordinator.saved[0].values())
+
+
+def test_a_site_cannot_take_the_name_of_another_node(tmp_path: Path) -> None:
+    _, _, _, events = _run(tmp_path, {1: silent, 2: update_of(1.0, site="node-1")}, rounds=1)
+    sites = _rounds(events)[0]["sites"]
+    assert sites["node-1"]["status"] == "missing"  # node 1's own outcome is not hidden
+    assert sites["node-1@2"]["status"] == "ok"
+
+
+def test_site_metrics_out_of_range_fail_the_reply(tmp_path: Path) -> None:
+    summary, _, _, _ = _run(tmp_path, {1: update_of(1.0, epsilon=-1.0), 2: update_of(1.0, steps=True)}, rounds=1)
+    assert sorted(f["node_id"] for f in summary["failures"]) == [1, 2]
+
+
+def test_summary_json_reads_back_through_its_model(tmp_path: Path) -> None:
+    """The file the coordinator writes (`write_summary`) is read back through `RunSummary`, and
+    a site without DP has `"epsilon": null`, as before the typed records."""
+    summary, _, _, _ = _run(tmp_path, {1: update_of(1.0, site="site-0")}, rounds=1)
+    path = write_summary(tmp_path, RunSummary.model_validate(summary))
+    data = json.loads(path.read_text())
+    assert data["sites"]["site-0"]["epsilon"] is None
+    assert RunSummary.model_validate_json(path.read_text()).to_json() == summary

@@ -3,7 +3,9 @@ through the CLI entry point, on a real SQLite ledger in the workspace."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sqlite3
 import time
 import types
@@ -271,3 +273,108 @@ def test_the_one_pass_report_is_the_two_pass_report(
             assert err == f"platform audit report: {chain_status(reading.chain).message}\n"
             assert "(first bad event: seq 4): event 4: event_hash does not match its contents" in err
     assert main(["audit", "verify", "--workspace", str(workspace)]) == (14 if tampered else 0)
+
+
+# -- read-only verify, emptied ledgers, witnesses (issue 13) -----------------------------------
+
+
+def _ledger_files(ws: Path) -> dict[str, str]:
+    """Every file beside the ledger, hashed: SQLite's -wal/-shm would show up here."""
+    directory = default_ledger_path(ws).parent
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def _witness(ws: Path, out: Path) -> Path:
+    with Ledger.open_readonly(default_ledger_path(ws)) as ledger:
+        ledger.witness().save(out)
+    return out
+
+
+def _verify_args(ws: Path, *extra: str) -> list[str]:
+    return ["audit", "verify", "--workspace", str(ws), *extra]
+
+
+def test_verify_changes_no_byte_of_a_good_or_a_bad_ledger(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _ledger_files(workspace)
+    assert main(_verify_args(workspace)) == 0
+    assert _ledger_files(workspace) == before
+    _tamper(workspace, 4)
+    bad = _ledger_files(workspace)
+    assert set(bad) == {"ledger.db", "ledger.key"} and bad != before
+    assert main(_verify_args(workspace)) == 14
+    assert main(["audit", "report", "--workspace", str(workspace), "--out", "-", "--format", "json"]) == 14
+    assert _ledger_files(workspace) == bad
+    capsys.readouterr()
+
+
+def test_verify_refuses_an_emptied_file(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = default_ledger_path(workspace)
+    db.write_bytes(b"")  # `: > ledger/ledger.db`
+    assert main(_verify_args(workspace)) == 14
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(db) in err and "empty" in err, err
+    assert db.read_bytes() == b""
+    assert sorted(_ledger_files(workspace)) == ["ledger.db", "ledger.key"]
+    assert main(["audit", "report", "--workspace", str(workspace), "--out", "-"]) == 14
+    assert "Chain verified" not in capsys.readouterr().out
+
+
+def test_verify_refuses_all_events_deleted_and_an_unsigned_seq_0_head(
+    workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = sqlite3.connect(default_ledger_path(workspace))
+    with db:
+        db.execute("DROP TRIGGER ledger_events_no_delete")
+        db.execute("DELETE FROM ledger_events")
+        db.execute(f"UPDATE ledger_head SET seq = 0, head_hash = '{'0' * 64}', key_id = NULL, signature = NULL")
+    db.close()
+    before = _ledger_files(workspace)
+    assert main(_verify_args(workspace)) == 14
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(default_ledger_path(workspace)) in err and "not signed" in err, err
+    out = tmp_path / "report.md"
+    assert main(["audit", "report", "--workspace", str(workspace), "--out", str(out)]) == 14
+    assert "Chain verified" not in out.read_text() and "not signed" in out.read_text()
+    assert _ledger_files(workspace) == before
+
+
+def test_a_rollback_to_an_older_signed_copy_fails_against_a_witness(
+    workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file restored from a backup taken at seq 10, after more events were signed. Without a
+    witness it verifies (by design: the chain alone cannot tell); with the newer one it fails."""
+    db = default_ledger_path(workspace)
+    shutil.copyfile(db, tmp_path / "backup.db")
+    key = LedgerKey.load_or_create(default_ledger_key_path(workspace))
+    with Ledger.open(str(db), key=key, writer="coordinator") as ledger:
+        ledger.append([audit(n, X, check="node-a") for n in range(100, 106)])
+    witness = _witness(workspace, tmp_path / "ledger-witness.json")
+    assert main(_verify_args(workspace, "--witness", str(witness))) == 0
+    assert "ok: 16 events, head 16 " in capsys.readouterr().out
+    shutil.copyfile(tmp_path / "backup.db", db)
+    before = _ledger_files(workspace)
+
+    assert main(_verify_args(workspace)) == 0
+    assert capsys.readouterr().out.startswith("ok: 10 events, head 10 ")
+    assert main(_verify_args(workspace, "--witness", str(witness))) == 14
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rolled back" in err and "seq 10, older than the witness's seq 16" in err, err
+    out = tmp_path / "report.json"
+    assert main(["audit", "report", "--workspace", str(workspace), "--out", str(out), "--witness", str(witness)]) == 14
+    chain = json.loads(out.read_text())["chain"]
+    assert chain["state"] == "tampered" and "rolled back" in chain["message"]
+    assert "rolled back" in capsys.readouterr().err
+    assert _ledger_files(workspace) == before
+
+
+def test_a_witness_signed_by_another_key_is_refused(
+    workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    write_ledger(default_ledger_path(other), scenario(), LedgerKey.load_or_create(default_ledger_key_path(other)))
+    witness = _witness(other, tmp_path / "w.json")
+    assert main(_verify_args(workspace, "--witness", str(witness))) == 13
+    assert "not by the key given" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(_verify_args(workspace, "--witness", str(tmp_path / "bad.json"))) == 13
+    assert "not a ledger witness" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 every train message carries, and the sites' verdicts.
 
 - Each train message carries `AuditOrders`: the audit rate, the coordinator's quarantine
-  events (every model's: a site's router looks at its own model's) and, with
-  `--tolerances FILE`, the coordinator's tolerance table (sites are other machines: the
-  table travels, not its path).
+  events (every model's: a site's router looks at its own model's), the ledger's signed
+  head as a witness (sites keep the newest they have seen, so a ledger rolled back to an
+  older copy is caught: by the sites at once, and by `platform audit verify --witness`)
+  and, with `--tolerances FILE`, the coordinator's tolerance table (sites are other
+  machines: the table travels, not its path).
 - A site's reply carries its audit verdicts. The coordinator checks every one (only audits,
   never quarantines; reported by the node id the site enrolled with; an event id not seen
   before), appends it to the ledger (`--ledger`, default `<workspace>/ledger/ledger.db`)
@@ -96,11 +98,14 @@ class CoordinatorAudits:
             raise
 
     def orders(self) -> AuditOrders:
-        """The round's orders to every site: the audit rate, the quarantines and, when the run
-        has its own, the tolerance table."""
-        with self._write_lock:
+        """The round's orders to every site: the audit rate, the quarantines, the ledger's
+        signed head (the witness) and, when the run has its own, the tolerance table."""
+        with self._write_lock:  # the head and the quarantines of one state of the ledger
             quarantines = tuple(self._quarantines.values())
-        return AuditOrders(rate=float(self.config.audit_rate), quarantine=quarantines, tolerances=self.tolerances)
+            witness = self.ledger.witness()
+        return AuditOrders(
+            rate=float(self.config.audit_rate), quarantine=quarantines, tolerances=self.tolerances, witness=witness
+        )
 
     def _remember(self, event: Event) -> None:
         if isinstance(event, QuarantineEvent):

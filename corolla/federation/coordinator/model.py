@@ -8,6 +8,7 @@ and writes the final adapter in PEFT's format with the run summary beside it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -99,6 +100,9 @@ class Coordinator:
 def write_summary(out_dir: Path, summary: RunSummary) -> Path:
     """`<out_dir>/summary.json`, written atomically."""
     path, tmp = out_dir / "summary.json", out_dir / "summary.json.tmp"
-    tmp.write_text(summary.model_dump_json(indent=2, exclude_none=True) + "\n", encoding="utf-8")
+    data = json.loads(summary.model_dump_json(exclude_none=True))
+    for site in data["sites"].values():
+        site.setdefault("epsilon", None)  # said, not left out: a site without DP, or that never reported
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -161,9 +162,15 @@ def run_rounds(
         result = _train_round(
             grid, nodes, weights, server_round, config.round_timeout, state, secure, audits, aggregate
         )
+        kept = result.delta is None
         if result.delta is not None:
             _check_aggregate(result.delta, weights)
-            weights = {name: (weights[name] + result.delta[name]).astype(np.float32) for name in weights}
+            new = {name: (weights[name] + result.delta[name]).astype(np.float32) for name in weights}
+            if all(np.all(np.isfinite(w)) for w in new.values()):
+                weights = new
+            else:  # finite updates can still overflow float32 weights (a site sending huge values)
+                _log.warning("round %d: the aggregate makes the weights non-finite; they are unchanged", server_round)
+                kept = True
         else:
             _log.warning("round %d: no update to aggregate; the weights are unchanged", server_round)
         evaluation = _scores(coordinator.evaluate(weights))
@@ -173,7 +180,7 @@ def run_rounds(
             seconds=round(clock() - started, 3),
             nodes=len(nodes),
             aggregated=result.aggregated,
-            kept=result.delta is None,
+            kept=kept,
             eval=evaluation,
             dp=config.dp,
             sites={state.name(node): outcome for node, outcome in result.outcomes.items()},
@@ -360,13 +367,22 @@ def _exchange(
             # upload (signed with the site's key) has shown the reply comes from the enrolled site.
             reports = audits.check(answer.events, reporter=reporters.get(node)) if audits is not None else []
             kind.accept(node, answer)
-            if audits is not None and reports:
-                audits.record(reports)
         except (RecordError, TypeError, ValueError) as exc:
             outcomes[node] = SiteOutcome.absent(Status.FAILED, f"invalid reply: {exc}")
             continue
+        except Exception as exc:  # a reply must never stop the round: one site's failure
+            _log.exception("round %d: the reply of node %s could not be read", server_round, node)
+            outcomes[node] = SiteOutcome.absent(Status.FAILED, f"invalid reply: {type(exc).__name__}")
+            continue
         state.learn(node, answer.site or None)
-        outcomes[node] = SiteOutcome.ok(answer.metrics)
+        outcome = SiteOutcome.ok(answer.metrics)
+        if audits is not None and reports:
+            try:  # its update is in: a report the ledger refuses is noted, the outcome stays ok
+                audits.record(reports)
+            except RecordError as exc:
+                _log.warning("round %d: node %s's audit report not recorded: %s", server_round, node, exc)
+                outcome = outcome.model_copy(update={"reason": f"audit report not recorded: {exc}"})
+        outcomes[node] = outcome
     missing = SiteOutcome.absent(Status.MISSING, f"no reply within {timeout:.0f} s")
     return {node: outcomes.get(node, missing) for node in nodes}  # in node order
 
@@ -384,7 +400,10 @@ class _RunState:
         if not site or self.names.get(node) == site:
             return
         taken = {name for other, name in self.names.items() if other != node}
-        self.names[node] = site if site not in taken else f"{site}@{node}"  # two nodes claiming one name
+        # A site may not take another's name, nor a `node-<id>` name that is not its own: the
+        # outcome of the node it names would be hidden behind it.
+        default = re.fullmatch(r"node-\d+", site) is not None and site != f"node-{node}"
+        self.names[node] = site if site not in taken and not default and "@" not in site else f"{site}@{node}"
 
     def name(self, node: int) -> str:
         return self.names.get(node, f"node-{node}")

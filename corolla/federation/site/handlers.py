@@ -4,7 +4,9 @@ A train message is checked whole before the site's round runs, so that nothing t
 coordinator sends can cost the site privacy budget unless the round is one it would
 train for: the run config (`TrainConfig`), the node config (`SiteEnv`), the message
 (`TrainOrder`: weights float32 and finite, the round number, spot-check orders), whether
-it may answer in the clear, and secure aggregation's announcement. The site's round
+it may answer in the clear, secure aggregation's announcement, and the ledger witness (the
+coordinator's signed ledger head: the site keeps the newest it has seen in
+`<store>/ledger-witness.json` and refuses an older one, a ledger rolled back). The site's round
 (`round.train_site_round`) then checks the weights against the model's adapter (names,
 shapes) before it charges its ledger.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from flwr.app import Context, Message
@@ -47,9 +49,14 @@ from corolla.federation.site.env import SiteEnv, SiteRefused, SiteResult
 from corolla.federation.site.secure import SecureSite
 from corolla.training.config import TrainConfig
 
+if TYPE_CHECKING:  # the ledger imports SQLAlchemy: only when a message carries a witness
+    from corolla.verify.ledger import Witness
+
 __all__ = [
+    "WITNESS_FILE",
     "PlainUpdateRefused",
     "SiteRound",
+    "WitnessRefused",
     "handle_keys_query",
     "handle_train",
     "handle_unmask",
@@ -58,6 +65,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+WITNESS_FILE = "ledger-witness.json"  # in the site's store: the newest ledger witness it has seen
 
 
 class SiteRound(Protocol):
@@ -79,14 +88,29 @@ class PlainUpdateRefused(CorollaError):
     """The run asks for updates in the clear and this site's node config does not allow it."""
 
 
+class WitnessRefused(SiteRefused):
+    """The coordinator's ledger witness is older than the one this site kept, forks from it or
+    names another ledger key: the coordinator's ledger was rolled back or replaced."""
+
+
 def handle_train(
-    msg: Message, context: Context, site_round: SiteRound, *, refusals: tuple[type[BaseException], ...] = ()
+    msg: Message,
+    context: Context,
+    site_round: SiteRound,
+    *,
+    refusals: tuple[type[BaseException], ...] = (),
+    propagate: bool = False,
 ) -> Message:
     """Train one round on this site and reply with the update (masked, under secure
     aggregation) and metrics, or an error. `refusals` are exceptions besides `SiteRefused`
-    that mean "the site declines" (test doubles)."""
+    that mean "the site declines" (test doubles). With `propagate` (the in-process run, where
+    the operator is the caller) any other error is raised instead of becoming a reply."""
     return reply_or_error(
-        msg, context, lambda: _train(msg, context, site_round), refusals=(SiteRefused, PlainUpdateRefused, *refusals)
+        msg,
+        context,
+        lambda: _train(msg, context, site_round),
+        refusals=(SiteRefused, PlainUpdateRefused, *refusals),
+        propagate=propagate,
     )
 
 
@@ -127,14 +151,17 @@ def reply_or_error(
     work: Callable[[], Message],
     *,
     refusals: tuple[type[BaseException], ...] = (),
+    propagate: bool = False,
 ) -> Message:
     """`work()`'s reply, or the error reply the coordinator records: `SITE_REFUSED` for
     `refusals`, `SITE_FAILED` for other Corolla errors, `SITE_CRASHED` for anything else
-    (its traceback in the SuperNode's log only)."""
+    (its traceback in the SuperNode's log only). `propagate`: raise what is not a refusal."""
     site = site_name(context)
     try:
         return work()
     except Exception as exc:  # every failure becomes a reply the coordinator can record
+        if propagate and not isinstance(exc, refusals):
+            raise
         if isinstance(exc, refusals):
             code = SITE_REFUSED
             _log.warning("site %s refused: %s", site, exc)
@@ -163,7 +190,9 @@ def _train(msg: Message, context: Context, site_round: SiteRound) -> Message:
             )
     else:  # refuse a bad announcement before spending privacy budget on the round
         secure = SecureSite.for_env(env, run_key=key)
-        verified = secure.check(order.announcement, order.weights)
+        verified = secure.check(order.announcement, order.weights, server_round=order.server_round)
+    if order.audits is not None and order.audits.witness is not None:
+        _keep_witness(env, order.audits.witness)  # before the round: a refused witness costs no budget
     result = site_round(config, env, order.weights, server_round=order.server_round, run_key=key, orders=order.audits)
     try:
         check_like(result.update, order.weights)
@@ -180,6 +209,21 @@ def _train(msg: Message, context: Context, site_round: SiteRound) -> Message:
         metrics = result.metrics.model_copy(update={"clipped": clipped})
         reply = TrainReply(site=site_name(context), metrics=metrics, upload=upload, events=events)
     return Message(reply.to_content(), reply_to=msg)
+
+
+def _keep_witness(env: SiteEnv, offered: Witness) -> None:
+    """Keep the newest ledger witness seen (by seq); WitnessRefused for an older or forked one."""
+    from corolla.verify.errors import LedgerError
+    from corolla.verify.ledger import Witness, newer_witness
+
+    path = env.store / WITNESS_FILE
+    try:
+        kept = Witness.load(path) if path.exists() else None
+        newer = newer_witness(kept, offered)
+    except LedgerError as exc:  # rolled back, forked, another key, or an unreadable kept file
+        raise WitnessRefused(f"refusing the round: {exc}") from None
+    if newer is not None:
+        newer.save(path)
 
 
 def _float32(update: Mapping[str, np.ndarray]) -> Weights:

@@ -36,18 +36,17 @@ from corolla.training.privacy import BudgetExhaustedError, DpPlan, warn_dp_off
 from corolla.training.privacy_ledger import PrivacyLedger
 from corolla.training.remote_trainer import RemoteTrainer
 
-__all__ = ["PreparedRound", "prepare_round", "run_steps", "train_site_round"]
+__all__ = ["PreparedRound", "charge_round", "prepare_round", "run_steps", "train_site_round"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PreparedRound:
-    """A round that passed every check and has been charged: what training needs."""
+    """A round that passed every check, not yet charged: what training needs."""
 
     data: EncodedBatch  # the site's records, tokenized
     plan: DpPlan | None  # the run's noise; None without DP
-    epsilon: float  # the site's spending on this run after the charge (NaN without DP)
     sample_rate: float
     start: dict[str, torch.Tensor]  # the coordinator's weights as tensors
 
@@ -55,9 +54,10 @@ class PreparedRound:
 def prepare_round(
     config: TrainConfig, env: SiteEnv, weights: Mapping[str, np.ndarray], *, run_key: str
 ) -> PreparedRound:
-    """Check the round, then charge its privacy cost: nothing is charged for a round the
-    site would not train (a cap it refuses, records it cannot read, weights that are not the
-    model's adapter)."""
+    """Check the round before anything is charged: the site's cap, the coordinator's weights
+    against the model's adapter, the site's records. Its privacy cost is charged later
+    (`charge_round`), once the trainer is built: nothing is charged for
+    a round the site could not train."""
     if env.max_epsilon is not None and (config.dp_epsilon is None or config.dp_epsilon > env.max_epsilon):
         asked = "no DP" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon}"
         raise SiteRefused(
@@ -77,22 +77,27 @@ def prepare_round(
         raise DataError(f"{env.data}: {exc}") from None
     n = len(records)
     plan = dp_plan(config, n)
-    epsilon = math.nan
     if plan is None:
         warn_dp_off(log)
-    else:
-        ledger = PrivacyLedger.open(env.store, run_key, plan)
-        try:
-            epsilon = ledger.charge(config.steps_per_round)
-        except BudgetExhaustedError as exc:
-            raise SiteRefused(f"site {env.name}: {exc}") from exc
     return PreparedRound(
         data=data,
         plan=plan,
-        epsilon=epsilon,
         sample_rate=plan.sample_rate if plan is not None else min(1.0, config.batch_size / n),
         start={name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()},
     )
+
+
+def charge_round(config: TrainConfig, env: SiteEnv, prepared: PreparedRound, *, run_key: str) -> float:
+    """Charge the round's steps to the site's privacy ledger, before the first step (a round
+    that crashes half-way still counts); the site's spending on this run after it (NaN
+    without DP). `SiteRefused` when the budget would be exceeded."""
+    if prepared.plan is None:
+        return math.nan
+    ledger = PrivacyLedger.open(env.store, run_key, prepared.plan)
+    try:
+        return ledger.charge(config.steps_per_round)
+    except BudgetExhaustedError as exc:
+        raise SiteRefused(f"site {env.name}: {exc}") from exc
 
 
 def run_steps(
@@ -101,6 +106,7 @@ def run_steps(
     config: TrainConfig,
     prepared: PreparedRound,
     *,
+    epsilon: float,
     server_round: int,
     started: float,
 ) -> tuple[dict[str, np.ndarray], SiteMetrics]:
@@ -120,7 +126,7 @@ def run_steps(
         dp=int(plan is not None),
         sample_rate=prepared.sample_rate,
         loss=(float(np.mean(seen)) if seen else None) if plan is None else None,
-        epsilon=prepared.epsilon if plan is not None else None,
+        epsilon=epsilon if plan is not None else None,
         noise_multiplier=plan.noise_multiplier if plan is not None else None,
         delta=plan.delta if plan is not None else None,
     )
@@ -164,7 +170,10 @@ def train_site_round(
             expected_batch_size=config.batch_size,
             generator=secret_generator(),
         )
-        update, metrics = run_steps(trainer.step, adapter, config, prepared, server_round=server_round, started=started)
+        epsilon = charge_round(config, env, prepared, run_key=run_key)  # the trainer is built
+        update, metrics = run_steps(
+            trainer.step, adapter, config, prepared, epsilon=epsilon, server_round=server_round, started=started
+        )
         events = audits.finish() if audits is not None else None  # before the swarm connection closes
     if events is not None:
         metrics = metrics.model_copy(update={"audits": len(events)})

@@ -23,6 +23,7 @@ from corolla.errors import CorollaError
 from corolla.federation.messages import KeysQuery, KeysReply, RecordError, UnmaskOrder, UnmaskReply
 from corolla.federation.site.env import SiteEnv
 from corolla.pki import NodeIdentity
+from corolla.secure_agg.roster import verify_members
 
 __all__ = ["STATE_DIR", "SecureSite", "SecureSiteError"]
 
@@ -86,15 +87,21 @@ class SecureSite:
             proof=proof,
         )
 
-    def check(self, announcement: bytes, weights: Mapping[str, np.ndarray]) -> secure_agg.VerifiedRound:
+    def check(
+        self, announcement: bytes, weights: Mapping[str, np.ndarray], *, server_round: int
+    ) -> secure_agg.VerifiedRound:
         """Refuse, before training, a round whose announcement the upload would refuse: bad
         signatures or certificates, another run, a roster without this site or with keys that
         are not its own, a threshold below this site's policy, another length than the
-        weights, or a round it has already uploaded for."""
+        weights, another round than the message's, or a round it has already uploaded for."""
         verified = secure_agg.check_announcement(
             announcement, self.keys, self.identity.verifier(), policy=secure_agg.SitePolicy(), run_id=self.run_key
         )
         ann = verified.announcement
+        if ann.round != server_round:
+            raise secure_agg.RefusedRequest(
+                f"the announcement is for round {ann.round}; the message is for {server_round}"
+            )
         size = sum(int(np.size(w)) for w in weights.values())
         if ann.length != size:
             raise secure_agg.RefusedRequest(
@@ -113,6 +120,9 @@ class SecureSite:
         were clipped into the encoding's range."""
         if not np.all(np.isfinite(update)):
             raise RecordError("the site's update holds NaN or infinite values")
+        # Training took a while: a member revoked since `check` must not get this site's shares.
+        # The certificates are checked again against the CRL as it is now (the roster is not re-read).
+        verify_members(verified.announcement.members, self.identity.verifier())
         result = secure_agg.upload_round(verified, update, self.keys)
         self.store.save(result.state)  # one upload per round: a replayed announcement is refused here
         if result.clipped:

@@ -7,6 +7,12 @@
   announced throughput, scaled by the requests this client already has in flight
   there, with a little jitter so that equal replicas share the work.
 - A server that fails is banned with exponential backoff; success clears its record.
+  Bans are keyed on the node id of the record that was routed to, never on an endpoint:
+  a member's record may name any address, and a lie about another node's endpoint must
+  cost the liar, not the node that really serves there.
+- A server that misrepresented itself (`MISREPRESENTATION`: it does not serve the span or
+  the model its record claims, or its certificate is not its record's node) is banned
+  like a failure, and `on_misrepresentation` (a hook for a reputation book) is told.
 - Records an `exclude` predicate rejects (nodes the ledger or this client's spot checker
   quarantined) are dropped whenever the records are fetched; `invalidate()` makes the next
   route fetch again, so a quarantine takes effect on this client's very next route.
@@ -23,9 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from corolla.inference.discovery import ServerRecord
-from corolla.inference.errors import RoutingError
+from corolla.inference.errors import AccessDeniedError, InferenceError, RemoteError, RoutingError, SpanNotServedError
 
 log = logging.getLogger(__name__)
+
+# A server's answer that contradicts its own record (blocks it does not hold, another model)
+# or a certificate that is not its record's node: the record lied, and a replica serves instead.
+MISREPRESENTATION: tuple[type[InferenceError], ...] = (SpanNotServedError, AccessDeniedError)
+# What a client retries on another server: unreachable or faulty servers, and liars.
+FAILOVER: tuple[type[InferenceError], ...] = (RemoteError, SpanNotServedError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +52,13 @@ class Hop:
     def endpoint(self) -> str:
         return self.record.endpoint
 
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
 
 class BanList:
-    """Exponential backoff per endpoint: `base * 2**(failures-1)` seconds, at most `cap`."""
+    """Exponential backoff per node id: `base * 2**(failures-1)` seconds, at most `cap`."""
 
     def __init__(self, *, base: float = 1.0, cap: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.base = base
@@ -52,22 +68,22 @@ class BanList:
         self._until: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def ban(self, endpoint: str) -> float:
+    def ban(self, node_id: str) -> float:
         with self._lock:
-            failures = self._failures.get(endpoint, 0) + 1
-            self._failures[endpoint] = failures
+            failures = self._failures.get(node_id, 0) + 1
+            self._failures[node_id] = failures
             duration = min(self.cap, self.base * 2 ** (failures - 1))
-            self._until[endpoint] = self.clock() + duration
+            self._until[node_id] = self.clock() + duration
             return duration
 
-    def succeeded(self, endpoint: str) -> None:
+    def succeeded(self, node_id: str) -> None:
         with self._lock:
-            self._failures.pop(endpoint, None)
-            self._until.pop(endpoint, None)
+            self._failures.pop(node_id, None)
+            self._until.pop(node_id, None)
 
-    def is_banned(self, endpoint: str) -> bool:
+    def is_banned(self, node_id: str) -> bool:
         with self._lock:
-            return self._until.get(endpoint, 0.0) > self.clock()
+            return self._until.get(node_id, 0.0) > self.clock()
 
 
 def shortest_chain(
@@ -137,6 +153,8 @@ class Router:
         self._rng = rng or random.Random()
         self.jitter = jitter  # +-fraction of random cost noise, so equal replicas share load
         self.exclude = exclude  # True for records never to route to (e.g. quarantined nodes); asked at each fetch
+        # told of each record whose server contradicted it (after the ban); e.g. a reputation book's entry
+        self.on_misrepresentation: Callable[[ServerRecord, InferenceError], None] | None = None
         self._records: list[ServerRecord] = []
         self._fetched_at = -float("inf")
         self._in_flight: dict[str, int] = {}
@@ -149,7 +167,7 @@ class Router:
                 exclude = self.exclude
                 self._records = [r for r in self._source() if exclude is None or not exclude(r)]
                 self._fetched_at = time.monotonic()
-            return [r for r in self._records if not self.bans.is_banned(r.endpoint)]
+            return [r for r in self._records if not self.bans.is_banned(r.node_id)]
 
     def invalidate(self) -> None:
         """Forget the fetched records: the next route fetches (and filters) them again."""
@@ -178,14 +196,44 @@ class Router:
             return shortest_chain(self.records(refresh=True), start, end, cost)
 
     def report_failure(self, hop: Hop, exc: Exception, *, failures: int, max_retries: int) -> None:
-        """Ban the hop's server (exponential backoff) and log it; after more than
+        """Ban the node of the hop's record (exponential backoff) and log it; a record the
+        server contradicted is also reported as misrepresentation. After more than
         `max_retries` failures of one request, give up with `RoutingError`."""
-        duration = self.bans.ban(hop.endpoint)
-        log.warning(
-            "server %s failed on blocks %d:%d (%s); banned for %.1f s", hop.endpoint, hop.start, hop.end, exc, duration
-        )
+        if isinstance(exc, MISREPRESENTATION):
+            self.report_misrepresentation(hop.record, exc)
+        else:
+            duration = self.bans.ban(hop.node_id)
+            log.warning(
+                "server %s (node %s) failed on blocks %d:%d (%s); banned for %.1f s",
+                hop.endpoint,
+                hop.node_id,
+                hop.start,
+                hop.end,
+                exc,
+                duration,
+            )
         if failures > max_retries:
             raise RoutingError(f"blocks {hop.start}:{hop.end} failed {failures} times; last error: {exc}") from exc
+
+    def report_misrepresentation(self, record: ServerRecord, exc: InferenceError) -> None:
+        """The server behind `record` is not what the record says: ban the record's node
+        (whoever signed it), never the endpoint it names, and tell `on_misrepresentation`."""
+        duration = self.bans.ban(record.node_id)
+        log.warning(
+            "node %s misrepresented itself in its record (%s, blocks %d:%d): %s; banned for %.1f s",
+            record.node_id,
+            record.endpoint,
+            record.start,
+            record.end,
+            exc,
+            duration,
+        )
+        hook = self.on_misrepresentation
+        if hook is not None:
+            try:
+                hook(record, exc)
+            except Exception:  # a reporting hook must not break routing
+                log.exception("on_misrepresentation hook failed")
 
     def begin(self, endpoint: str) -> None:
         with self._lock:

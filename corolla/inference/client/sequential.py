@@ -1,9 +1,10 @@
 """Parallel forward and backward through the swarm, with failover and autograd.
 
 `RemoteSequential(hidden)` runs blocks `[start, end)` remotely hop by hop; if a server
-fails, it is banned and the rest of the chain is routed again, so one dead replica
-costs one retry, not the request. With `hidden.requires_grad`, the call is an autograd
-function: backward sends each hop its input and the output gradient, in reverse.
+fails, or does not hold the blocks its record claimed, its node is banned and the rest
+of the chain is routed again, so one dead or lying replica costs one retry, not the
+request. With `hidden.requires_grad`, the call is an autograd function: backward sends
+each hop its input and the output gradient, in reverse.
 
 With an adapter (`RemoteSequential.adapter`), every hop applies the client's LoRA
 weights, and `backward_through` can also bring back what DP-SGD needs for them:
@@ -21,7 +22,7 @@ import torch
 
 from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.auditor import WorkAuditor
-from corolla.inference.client.routing import Hop
+from corolla.inference.client.routing import FAILOVER, Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.errors import RemoteError, RoutingError, StepNotFoundError
 from corolla.inference.wire.backward import AdapterGrads, BackwardResult
@@ -69,7 +70,7 @@ class RemoteSequential:
             hop = self.swarm.router.forward_route(at, end)[0]
             try:
                 y = self._forward(hop, x)
-            except RemoteError as exc:
+            except FAILOVER as exc:
                 failures = self._failed(hop, exc, failures)
                 continue
             trace.append((hop, x))
@@ -118,7 +119,7 @@ class RemoteSequential:
                 try:
                     sums.update(self.swarm.stub(item.hop.endpoint).clip_sum(item.step_id, clip_factors))
                     continue
-                except RemoteError as exc:  # the server is gone: ban it
+                except FAILOVER as exc:  # the server is gone (or lied): ban it
                     failures = self._failed(item.hop, exc, failures)
                 except StepNotFoundError:  # it is up but lost the gradients (restart, expiry): no ban
                     failures += 1
@@ -162,7 +163,7 @@ class RemoteSequential:
             hop_step = f"{step_id}@{hop.start}:{hop.end}" if step_id else ""
             try:
                 result = self._backward(hop, x, grad, adapter_grads, hop_step, grad_input)
-            except RemoteError as exc:
+            except FAILOVER as exc:
                 failures = self._failed(hop, exc, failures)
                 hop = None
                 continue
@@ -237,7 +238,7 @@ class RemoteSequential:
             out = run()
         finally:
             router.finish(hop.endpoint)
-        router.bans.succeeded(hop.endpoint)
+        router.bans.succeeded(hop.node_id)
         return out
 
     def _failed(self, hop: Hop, exc: Exception, failures: int) -> int:

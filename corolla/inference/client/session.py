@@ -4,7 +4,8 @@ Each hop of the chain holds a server-side KV cache. The client keeps, per hop, e
 input it sent, so when a server dies mid-generation its blocks are routed again (to
 one or several servers), the kept inputs are replayed there to rebuild the caches,
 and the step goes on: the tokens that come out are the ones the dead server would
-have produced.
+have produced. A server that turns out not to hold the blocks (or the model) its record
+claimed is treated the same way, and its node is reported as a liar (`Router.report_failure`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 
 from corolla.inference.client.adapter_sync import AdapterSync
 from corolla.inference.client.auditor import WorkAuditor
-from corolla.inference.client.routing import Hop
+from corolla.inference.client.routing import FAILOVER, Hop
 from corolla.inference.client.swarm import Swarm
 from corolla.inference.client.transport import SessionStream
-from corolla.inference.errors import MaxLengthExceededError, RemoteError, RoutingError
+from corolla.inference.errors import InferenceError, MaxLengthExceededError, RoutingError
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ class InferenceSession:
             link = self._links[i]
             try:
                 y = link.stream.step(x, self.position, wire_dtype=self.wire_dtype)
-            except RemoteError as exc:
+            except FAILOVER as exc:
                 failures += 1
                 self._replace(i, exc, failures)
                 continue  # retry the same blocks on the replacement links
-            self.swarm.router.bans.succeeded(link.hop.endpoint)
+            self.swarm.router.bans.succeeded(link.hop.node_id)
             if self.spot_checker is not None:
                 self.spot_checker.step_done(
                     self.swarm,
@@ -125,7 +126,7 @@ class InferenceSession:
             with ThreadPoolExecutor(max_workers=len(route)) as pool:
                 opened = list(pool.map(self._try_open, route))
             failed = [
-                (hop, result) for hop, result in zip(route, opened, strict=True) if isinstance(result, RemoteError)
+                (hop, result) for hop, result in zip(route, opened, strict=True) if isinstance(result, InferenceError)
             ]
             if not failed:
                 return [_Link(hop, stream) for hop, stream in zip(route, opened, strict=True)]  # type: ignore[arg-type]
@@ -136,10 +137,10 @@ class InferenceSession:
                 failures += 1
                 self._ban(hop, exc, failures)
 
-    def _try_open(self, hop: Hop) -> SessionStream | RemoteError:
+    def _try_open(self, hop: Hop) -> SessionStream | InferenceError:
         try:
             return self._open(hop)
-        except RemoteError as exc:
+        except FAILOVER as exc:
             return exc
 
     def _open(self, hop: Hop) -> SessionStream:
@@ -186,7 +187,7 @@ class InferenceSession:
                         x = y
                         done += 1
                 break
-            except RemoteError as exc2:
+            except FAILOVER as exc2:
                 for link in links:
                     link.stream.close()
                 failures += 1

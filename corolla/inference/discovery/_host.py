@@ -31,6 +31,23 @@ _DIALABLE = {"ip4", "ip6", "dns", "dns4", "dns6"}
 # (`libp2p/kad_dht/kad_dht.py`, `_do_handle_stream`).
 _KAD_LOGGER = "libp2p.kad_dht.kad_dht"
 _KAD_EOF_MESSAGE = "Failed to read DHT message from stream: "
+# Expected churn: py-libp2p logs at WARNING every request to a peer that has left (a
+# client that generated and went, a restarted server) for as long as the peer stays in
+# its routing table: when it replicates a value or provider record, or answers a
+# lookup. Kademlia tolerates a dead peer by design, so these go to DEBUG. Our own code
+# still warns when an outcome suffers (an announce that fails or times out, a lookup
+# that times out, an unreachable bootstrap peer). Keyed by logger, message prefixes.
+_CHURN_MESSAGES: dict[str, tuple[str, ...]] = {
+    "libp2p.kad_dht.value_store": ("Failed to store value at peer ", "Failed to get value from peer "),
+    "libp2p.kad_dht.provider_store": (
+        "Error sending ADD_PROVIDER to ",
+        "Failed to send ADD_PROVIDER to ",
+        "Failed to get providers from ",
+        "Error getting providers from ",
+    ),
+    "libp2p.kad_dht.peer_routing": ("Failed to open stream to ",),
+    _KAD_LOGGER: ("Incomplete DHT message from stream: ",),
+}
 
 
 def make_host(key_pair: KeyPair | None = None, psk: bytes | None = None) -> IHost:
@@ -103,8 +120,30 @@ class _StreamEofFilter(logging.Filter):
         return record.getMessage() != _KAD_EOF_MESSAGE
 
 
+class _ChurnFilter(logging.Filter):
+    """Demote py-libp2p's warnings about requests to departed peers to DEBUG.
+
+    A logger filter runs after the logger's level check, so the record is re-checked
+    against DEBUG: it shows with `-vv` and is dropped otherwise."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not record.getMessage().startswith(self._prefixes):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def quiet_stream_eof_warnings() -> None:
-    """Install `_StreamEofFilter` on py-libp2p's DHT logger once; other warnings stay."""
+    """Install `_StreamEofFilter` and the `_ChurnFilter`s on py-libp2p's DHT loggers once;
+    every other warning of theirs stays a warning."""
     kad_logger = logging.getLogger(_KAD_LOGGER)
     if not any(isinstance(f, _StreamEofFilter) for f in kad_logger.filters):
         kad_logger.addFilter(_StreamEofFilter())
+    for name, prefixes in _CHURN_MESSAGES.items():
+        churn_logger = logging.getLogger(name)
+        if not any(isinstance(f, _ChurnFilter) for f in churn_logger.filters):
+            churn_logger.addFilter(_ChurnFilter(prefixes))

@@ -392,7 +392,33 @@ class DhtNode:
     async def _keep_providing(self) -> None:
         while True:
             await trio.sleep(KEEPER_PERIOD_S)
+            await self._prune_departed()
             await self._provide_due()
+
+    async def _prune_departed(self) -> None:
+        """Drop routing-table peers that have left: no connection to them, and a dial fails.
+
+        Otherwise py-libp2p keeps replicating records and provider entries to them (and
+        routing lookups through them) until its hourly refresh, each attempt a failed
+        dial. A live peer whose connection merely closed is dialled again and stays.
+        """
+        host, dht = self._dht_or_fail()
+        network, peerstore = host.get_network(), host.get_peerstore()
+
+        async def check(peer: ID) -> None:
+            if network.get_connections(peer):
+                return
+            try:
+                with trio.fail_after(_host.DIAL_TIMEOUT_S):
+                    await host.connect(PeerInfo(peer, peerstore.addrs(peer)))
+            except Exception as exc:  # dial errors come in many types, the peerstore's too
+                dht.routing_table.remove_peer(peer)
+                logger.debug("dropped departed DHT peer %s: %r", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in dht.routing_table.get_peer_ids():
+                if peer != host.get_id():
+                    nursery.start_soon(check, peer)
 
     async def _provide_due(self) -> None:
         """Provide the slots of every unexpired announced model that are due.

@@ -71,10 +71,27 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def init_tiny(directory: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a random-initialised checkpoint of `spec` and its tokenizer into `directory`."""
+def init_tiny(directory: str | Path, spec: TinySpec | None = None, *, overwrite: bool = True) -> Path:
+    """Write a random-initialised checkpoint of `spec` and its tokenizer into `directory`;
+    with `overwrite=False` a directory that already holds a checkpoint is refused
+    (`ModelLoadError`), as is one that cannot be written."""
     spec = spec or TinySpec()
     out = Path(directory).expanduser()
+    if not overwrite and out.is_dir() and any((out / name).exists() for name in _CHECKPOINT_FILES):
+        raise ModelLoadError(f"{str(out)!r} already holds a checkpoint; give --force to overwrite it")
+    try:
+        _write_tiny(out, spec)
+    except OSError as exc:
+        where = exc.filename or out
+        raise ModelLoadError(f"cannot write a checkpoint to {str(where)!r}: {exc.strerror or exc}") from None
+    return out
+
+
+# Files whose presence means a directory already holds a checkpoint.
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _write_tiny(out: Path, spec: TinySpec) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(spec.vocab_size)
     vocab = len(tokenizer)
@@ -116,4 +133,3 @@ def init_tiny(directory: str | Path, spec: TinySpec | None = None) -> Path:
         final_norm.weight.fill_(1.0 / (config.initializer_range * spec.hidden_size**0.5))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out

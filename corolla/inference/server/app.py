@@ -31,6 +31,7 @@ from corolla.inference.wire.tensors import DTYPES
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+_STOP_SLACK_S = 1.0  # stop() waits this long past its grace for streams to end
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
@@ -50,7 +51,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB  # largest gRPC message in or out
     max_sessions: int = 32  # open inference sessions at once
     cache_budget_bytes: int = 1024 * MiB  # KV cache memory for all sessions together
-    max_length: int = 4096  # longest inference session, tokens
+    max_length: int = 4096  # longest inference session, and longest sequence in a forward/backward, tokens
+    max_calls_per_peer: int = 16  # calls one peer may have open at once; below max_sessions + 16 (the worker threads)
+    open_timeout: float = 5.0  # seconds an inference stream may take to send its open message
+    revocation_check_interval: float = 1.0  # seconds between CRL re-checks of a call's peer while the call runs
     announce_ttl: float = 30.0  # seconds a DHT record stays valid without a refresh
     model_id: str | None = None  # override the checkpoint's fingerprinted id
     tls: TlsConfig | None = None  # mutual TLS, signed records, private DHT; None = plaintext (dev only)
@@ -67,6 +71,14 @@ class ServerConfig:
         for name in ("max_message_bytes", "max_sessions", "cache_budget_bytes", "max_length"):
             if getattr(self, name) < 1:
                 raise BadRequestError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 1 <= self.max_calls_per_peer < self.max_sessions + 16:
+            raise BadRequestError(
+                f"max_calls_per_peer={self.max_calls_per_peer} must be at least 1 and below max_sessions + 16 "
+                f"= {self.max_sessions + 16} (the worker threads), so one peer never holds them all"
+            )
+        for name in ("open_timeout", "revocation_check_interval"):
+            if not 0 < getattr(self, name) <= 600:
+                raise BadRequestError(f"{name}={getattr(self, name)} must be a number of seconds in (0, 600]")
         if self.announce_ttl <= 0:
             raise BadRequestError(f"announce_ttl={self.announce_ttl} must be positive")
         if self.inject_fault is not None and not isinstance(self.inject_fault, FaultSpec):
@@ -137,11 +149,15 @@ class BlockServer:
             max_sessions=cfg.max_sessions,
             cache_budget_bytes=cfg.cache_budget_bytes,
             max_length=cfg.max_length,
+            max_calls_per_peer=cfg.max_calls_per_peer,
+            open_timeout=cfg.open_timeout,
+            revocation_check_interval=cfg.revocation_check_interval,
         )
         self.servicer = BlockServicer(
             self.backend,
             limits=limits,
             stats=NodeStats(node_id=node_id, throughput=throughput, step_ms_per_block=step_ms),
+            tls=cfg.tls,
         )
         # each open inference stream holds a worker thread for its lifetime
         workers = cfg.max_sessions + 16
@@ -167,11 +183,28 @@ class BlockServer:
         return self
 
     def stop(self, grace: float = 0.5) -> None:
+        """Stop promptly: refuse new calls at once, end open sessions after `grace` seconds,
+        and leave the DHT meanwhile (its peers see the connection close; the record expires
+        on its own). Idempotent."""
         self._stop.set()
+        leaving = None
+        if self.dht is not None:  # leaving the DHT needs no gRPC: do both at once
+            leaving = threading.Thread(target=self.dht.stop, name="corolla-dht-stop", daemon=True)
+            leaving.start()
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
-        if self.dht is not None:
-            self.dht.stop()
+            self._grpc.stop(grace).wait(grace + _STOP_SLACK_S)
+        if self.servicer is not None:
+            # Cancelled streams release their sessions in their own worker threads.
+            deadline = time.monotonic() + _STOP_SLACK_S
+            while self.servicer.sessions.open_sessions and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if leaving is not None:
+            leaving.join()
+
+    @property
+    def open_sessions(self) -> int:
+        """Inference sessions open now (each holds a KV cache reservation)."""
+        return self.servicer.sessions.open_sessions if self.servicer is not None else 0
 
     def wait(self) -> None:
         while not self._stop.wait(1.0):

@@ -3,11 +3,20 @@
 Requests may name any sub-span `[start, end)` of the served span. Inputs arrive in the
 client's dtype and are computed in the server's (`--dtype`); outputs go back in the
 dtype they came in, so a client never has to know how a server computes.
+
+Work stops between blocks when the call it is for ends: the service runs each call's
+computation `watched` by a check (caller gone, deadline passed, peer revoked) that runs
+before every block and raises to stop.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from corolla.inference.errors import BadRequestError, MaxLengthExceededError, SpanNotServedError
 from corolla.inference.models.kv_cache import SpanCache
@@ -22,6 +31,21 @@ def clip_sum(per_sample: dict[str, torch.Tensor], clip_factors: torch.Tensor) ->
     return {name: torch.einsum("i,i...", clip_factors, g) for name, g in per_sample.items()}
 
 
+_watch = threading.local()  # `.check`: what this thread runs before each block, if anything
+
+
+@contextmanager
+def watched(check: Callable[[], None]) -> Iterator[None]:
+    """Run `check` on this thread before every block computed inside the `with` body;
+    an exception it raises stops the computation and leaves the body."""
+    previous = getattr(_watch, "check", None)
+    _watch.check = check
+    try:
+        yield
+    finally:
+        _watch.check = previous
+
+
 class SpanBackend:
     def __init__(self, span: Span, *, model_id: str, hidden_size: int, dtype: torch.dtype, quant: str | None):
         self.span = span
@@ -29,6 +53,15 @@ class SpanBackend:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.quant = quant
+        self.blocks_computed = 0  # blocks started, every call together: a work counter
+        for block in span.blocks:
+            block.register_forward_pre_hook(self._before_block)
+
+    def _before_block(self, module: nn.Module, args: object) -> None:
+        check = getattr(_watch, "check", None)
+        if check is not None:
+            check()
+        self.blocks_computed += 1
 
     @property
     def start(self) -> int:
@@ -84,6 +117,7 @@ class SpanBackend:
             raise BadRequestError(
                 f"grad_output: shape {tuple(grad_output.shape)} differs from hidden {tuple(hidden.shape)}"
             )
+        self.check_hidden(grad_output, "grad_output")
         if adapter_grads != AdapterGrads.NONE and adapter is None:
             raise BadRequestError("adapter gradients were asked for without an adapter")
         batch = hidden.shape[0]

@@ -3,31 +3,42 @@
 Every handler turns a Corolla error into its gRPC status with a message that names
 the error class (the client maps it back to the same class), and any unexpected
 exception into INTERNAL after logging it: a bad request never takes the server down.
+
+Every call holds one of its peer's call slots (`PeerCalls`) while it runs, and its
+computation is watched between blocks: it stops when the caller goes away or its
+deadline passes, and a call (a long stream above all) from a peer revoked meanwhile
+ends with PERMISSION_DENIED. An inference stream must send its open message within
+`open_timeout` seconds.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import torch
 
 from corolla.inference.errors import (
     BadRequestError,
+    CallAbandonedError,
     InferenceError,
     MaxLengthExceededError,
     MessageTooLargeError,
     SessionNotFoundError,
+    StreamTimeoutError,
 )
 from corolla.inference.models.kv_cache import SpanCache
 from corolla.inference.models.lora import SpanAdapter
+from corolla.inference.security import PeerWatch, TlsConfig, peer_key
 from corolla.inference.server.adapters import AdapterStore, GradStore, check_adapter
-from corolla.inference.server.backend import SpanBackend, clip_sum
-from corolla.inference.server.sessions import SessionRegistry
+from corolla.inference.server.backend import SpanBackend, clip_sum, watched
+from corolla.inference.server.sessions import PeerCalls, SessionRegistry
 from corolla.inference.wire import blocks_pb2 as pb
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.adapters import named_tensors, parse_adapter
@@ -50,6 +61,9 @@ class ServiceLimits:
     adapter_budget_bytes: int = 256 * MiB  # LoRA adapters held for clients, all together
     grad_budget_bytes: int = 512 * MiB  # per-sample gradients waiting for ClipSum, all together
     grad_ttl: float = 120.0  # seconds per-sample gradients wait for ClipSum
+    max_calls_per_peer: int = 16  # calls one peer may have open here at once (streams included)
+    open_timeout: float = 5.0  # seconds an inference stream may take to send its open message
+    revocation_check_interval: float = 1.0  # seconds between CRL checks of a call's peer while it runs
 
 
 @dataclass(slots=True)
@@ -74,11 +88,16 @@ class _Session:
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
-    def __init__(self, backend: SpanBackend, *, limits: ServiceLimits, stats: NodeStats) -> None:
+    def __init__(
+        self, backend: SpanBackend, *, limits: ServiceLimits, stats: NodeStats, tls: TlsConfig | None = None
+    ) -> None:
+        """With `tls`, every call's client certificate is re-checked against the CRL while it runs."""
         self.backend = backend
         self.limits = limits
         self.stats = stats
+        self.tls = tls
         self.sessions = SessionRegistry(max_sessions=limits.max_sessions, cache_budget_bytes=limits.cache_budget_bytes)
+        self.calls = PeerCalls(max_per_peer=limits.max_calls_per_peer)
         # adapters are refreshed every optimizer step; one left unused for an hour is gone
         self.adapters = AdapterStore(budget_bytes=limits.adapter_budget_bytes, ttl=3600.0)
         self.grads = GradStore(budget_bytes=limits.grad_budget_bytes, ttl=limits.grad_ttl)
@@ -86,6 +105,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     # -- unary -----------------------------------------------------------------------------
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        return self._serve(self._info, context)
+
+    def _info(self) -> pb.InfoResponse:
         b = self.backend
         return pb.InfoResponse(
             node_id=self.stats.node_id,
@@ -105,17 +127,17 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         def run() -> pb.ForwardResponse:
             self.backend.check_request(request.model_id, request.start, request.end)
-            hidden = self._hidden(request.hidden, "hidden")
+            hidden = self._hidden(request.hidden, "hidden", whole_sequence=True)
             adapter = self._adapter(request.adapter)
             out = self.backend.forward(hidden, request.start, request.end, adapter=adapter)
             return pb.ForwardResponse(hidden=serialize(out))
 
-        return _guard(run, context)
+        return self._serve(run, context)
 
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
         def run() -> pb.BackwardResponse:
             self.backend.check_request(request.model_id, request.start, request.end)
-            hidden = self._hidden(request.hidden, "hidden")
+            hidden = self._hidden(request.hidden, "hidden", whole_sequence=True)
             grad_output = self._hidden(request.grad_output, "grad_output")
             try:
                 mode = AdapterGrads(request.adapter_grads)
@@ -152,7 +174,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 response.squared_norms.CopyFrom(serialize(result.squared_norms))
             return response
 
-        return _guard(run, context)
+        return self._serve(run, context)
 
     def PutAdapter(self, request: pb.PutAdapterRequest, context: grpc.ServicerContext) -> pb.PutAdapterResponse:
         def run() -> pb.PutAdapterResponse:
@@ -162,7 +184,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             self.adapters.put(digest, check_adapter(b.span, scaling, tensors))
             return pb.PutAdapterResponse(hash=digest)
 
-        return _guard(run, context)
+        return self._serve(run, context)
 
     def ClipSum(self, request: pb.ClipSumRequest, context: grpc.ServicerContext) -> pb.ClipSumResponse:
         def run() -> pb.ClipSumResponse:
@@ -173,21 +195,34 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             self.grads.pop(request.step_id)
             return pb.ClipSumResponse(adapter_grads=named_tensors(clip_sum(grads, factors)))
 
-        return _guard(run, context)
+        return self._serve(run, context)
 
     # -- streaming ---------------------------------------------------------------------------
 
     def Inference(
         self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.InferenceResponse]:
-        first = next(request_iterator, None)
+        with _aborting(context), self._call(context) as check:
+            requests = _Requests(request_iterator)
+            try:
+                yield from self._session(requests, check)
+            finally:
+                requests.close()
+
+    def _session(self, requests: _Requests, check: Callable[[], None]) -> Iterator[pb.InferenceResponse]:
+        try:
+            first = requests.get(timeout=self.limits.open_timeout)
+        except TimeoutError:
+            raise StreamTimeoutError(
+                f"the stream sent no open message within this server's open timeout of {self.limits.open_timeout:g} s"
+            ) from None
         if first is None:
             return
-        opened = _guard(lambda: self._check_open(first), context)
+        opened = self._check_open(first)
         nbytes = self.backend.cache_bytes(
             opened.start, opened.end, batch_size=opened.batch_size, max_length=opened.max_length
         )
-        _guard(lambda: self.sessions.reserve(first.session_id, nbytes), context)
+        self.sessions.reserve(first.session_id, nbytes)
         try:  # from here on the reservation is ours: released however the stream ends
             session = _Session(
                 session_id=first.session_id,
@@ -196,13 +231,23 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 cache=self.backend.new_cache(
                     opened.start, opened.end, batch_size=opened.batch_size, max_length=opened.max_length
                 ),
-                adapter=_guard(lambda: self._adapter(opened.adapter), context),
+                adapter=self._adapter(opened.adapter),
             )
             yield pb.InferenceResponse(session_id=session.session_id, length=0)
-            for request in request_iterator:
-                yield _guard(functools.partial(self._step, session, request), context)
+            while (request := self._next_step(requests, check)) is not None:
+                with watched(check):  # no yield inside: the check is this thread's only while it computes
+                    response = self._step(session, request)
+                yield response
         finally:
             self.sessions.release(first.session_id)
+
+    def _next_step(self, requests: _Requests, check: Callable[[], None]) -> pb.InferenceRequest | None:
+        """The stream's next request (None at its end), re-checking the call while it idles."""
+        while True:
+            try:
+                return requests.get(timeout=self.limits.revocation_check_interval)
+            except TimeoutError:
+                check()
 
     def _step(self, session: _Session, request: pb.InferenceRequest) -> pb.InferenceResponse:
         if request.session_id != session.session_id:
@@ -228,6 +273,35 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _serve(self, run: Callable[[], T], context: grpc.ServicerContext) -> T:
+        """A unary call: `run` in one of the peer's call slots, its blocks watched."""
+
+        def scoped() -> T:
+            with self._call(context) as check, watched(check):
+                return run()
+
+        return _guard(scoped, context)
+
+    @contextmanager
+    def _call(self, context: grpc.ServicerContext) -> Iterator[Callable[[], None]]:
+        """Hold a call slot of the calling peer; yields the check that ends the call's
+        work early (`CallAbandonedError`, or `AccessDeniedError` once the peer is revoked)."""
+        peer: PeerWatch | None = None
+        if self.tls is not None:
+            peer = self.tls.watch_client(context, interval=self.limits.revocation_check_interval)
+
+        def check() -> None:
+            if not context.is_active():
+                raise CallAbandonedError("the caller went away; the server stopped its work")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise CallAbandonedError("the caller's deadline passed; the server stopped its work")
+            if peer is not None:
+                peer.check()
+
+        with self.calls.slot(peer_key(context)):
+            yield check
+
     def _check_open(self, request: pb.InferenceRequest) -> pb.OpenSession:
         if request.WhichOneof("kind") != "open":
             raise SessionNotFoundError(
@@ -248,19 +322,83 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def _adapter(self, digest: str) -> SpanAdapter | None:
         return self.adapters.get(digest) if digest else None
 
-    def _hidden(self, message: pb.Tensor, name: str) -> torch.Tensor:
+    def _hidden(self, message: pb.Tensor, name: str, *, whole_sequence: bool = False) -> torch.Tensor:
+        """A `(B, T, H)` tensor; with `whole_sequence` (Forward, Backward), `T` is at most
+        the server's `max_length`, so one request's attention work is bounded too."""
         max_elements = self.limits.max_message_bytes // 2
-        return deserialize(message, name=name, shape=(None, None, self.backend.hidden_size), max_elements=max_elements)
+        hidden = deserialize(
+            message, name=name, shape=(None, None, self.backend.hidden_size), max_elements=max_elements
+        )
+        if whole_sequence and hidden.shape[1] > self.limits.max_length:
+            raise MaxLengthExceededError(
+                f"{name}: {hidden.shape[1]} tokens exceed this server's max_length {self.limits.max_length}; "
+                "send shorter sequences"
+            )
+        return hidden
 
 
-def _guard(run: Callable[[], T], context: grpc.ServicerContext) -> T:
-    """Run a handler body; a Corolla error aborts the call with its status, anything
+class _Requests:
+    """A stream's requests, read on a thread of their own so that the handler can wait
+    for the next one with a timeout (gRPC's request iterator waits without one). At
+    most one request is read ahead: a client cannot queue work here faster than it is done."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[pb.InferenceRequest]) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(iterator,), name="corolla-stream-reader", daemon=True)
+        self._thread.start()
+
+    def get(self, *, timeout: float) -> pb.InferenceRequest | None:
+        """The next request, or None once the client has ended the stream (or gone);
+        `TimeoutError` if none came within `timeout` seconds."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if item is self._END:
+            self._queue.put(item)  # every later get sees the end too
+            return None
+        return cast(pb.InferenceRequest, item)
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _read(self, iterator: Iterator[pb.InferenceRequest]) -> None:
+        try:
+            for request in iterator:
+                if not self._put(request):
+                    return
+        except Exception:  # the call was cancelled or ended: the stream is over
+            pass
+        self._put(self._END)
+
+    def _put(self, item: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+@contextmanager
+def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
+    """Abort the call with the status of a Corolla error raised in the body; anything
     else is logged and reported as INTERNAL. `context.abort` raises, ending the call."""
     try:
-        return run()
+        yield
     except InferenceError as exc:
         context.abort(exc.grpc_code, f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a bug, not the client's fault: keep serving others
         log.exception("unexpected error while serving a request")
         context.abort(grpc.StatusCode.INTERNAL, f"InternalError: {type(exc).__name__}: {exc}")
+
+
+def _guard(run: Callable[[], T], context: grpc.ServicerContext) -> T:
+    """Run a handler body under `_aborting`."""
+    with _aborting(context):
+        return run()
     raise AssertionError("unreachable: context.abort raises")

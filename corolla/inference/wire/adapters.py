@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 _DOMAIN = b"corolla-lora-adapter-v1\x00"
-_NAME = re.compile(r"(\d{1,6})\.([A-Za-z_][A-Za-z0-9_.]{0,127})\.(lora_A|lora_B)")
+# one spelling per tensor: ASCII digits without leading zeros (`\d` alone also takes "٣" and
+# "03", two more names for block 3 that would slip past the duplicate check)
+_NAME = re.compile(r"(0|[1-9][0-9]{0,5})\.([A-Za-z_][A-Za-z0-9_.]{0,127})\.(lora_A|lora_B)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ def parse_adapter(message: pb.Adapter, *, max_elements: int) -> tuple[str, float
             raise BadRequestError(f"adapter: {item.name!r} contains NaN or infinite values")
         tensors[item.name] = tensor
     expected = adapter_hash(tensors, scaling)
-    if not hmac.compare_digest(expected, message.hash):
+    # bytes: compare_digest raises TypeError on a str with non-ASCII characters
+    if not hmac.compare_digest(expected.encode(), message.hash.encode("utf-8", "surrogatepass")):
         raise BadRequestError("adapter: the hash does not match the weights sent (corrupted or mislabelled)")
     return expected, scaling, tensors

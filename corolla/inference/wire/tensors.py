@@ -21,6 +21,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_RANK = 8  # the wire carries at most 3-D tensors; torch itself refuses more than 64 dims
+_MAX_EXTENT = (1 << 63) - 1  # torch computes strides and byte sizes in int64
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -53,6 +55,8 @@ def deserialize(
     that axis); `name` says which field, for the error message."""
     dtype = dtype_from_name(message.dtype)
     got = tuple(int(d) for d in message.shape)
+    if len(got) > MAX_RANK:
+        raise BadRequestError(f"{name}: rank {len(got)} exceeds the limit of {MAX_RANK}")
     if any(d < 0 for d in got):
         raise BadRequestError(f"{name}: negative dimension in shape {got}")
     if shape is not None and (
@@ -60,12 +64,19 @@ def deserialize(
     ):
         expected = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
         raise BadRequestError(f"{name}: shape {got} does not match the expected {expected}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # a zero-size shape holds no data, but torch still computes its strides in int64:
+    # (0, 2**62, 2) would fail inside torch with a RuntimeError, not as a bad request
+    extent = itemsize
+    for d in got:
+        extent *= max(d, 1)
+    if extent > _MAX_EXTENT:
+        raise BadRequestError(f"{name}: shape {got} is too large to address in int64 bytes")
     elements = 1
     for d in got:
         elements *= d
     if max_elements is not None and elements > max_elements:
         raise BadRequestError(f"{name}: {elements} elements exceed the limit of {max_elements}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
     if len(message.data) != elements * itemsize:
         raise BadRequestError(
             f"{name}: {len(message.data)} bytes of data for shape {got} and dtype {message.dtype} "

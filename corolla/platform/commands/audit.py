@@ -1,12 +1,13 @@
 """`platform audit`: the verification ledger's report, its chain check, and re-admission.
 
-    platform audit report  [--ledger URL] [--format html|json|md] [--out FILE] [--public-key FILE]
-    platform audit verify  [--ledger URL] [--public-key FILE]
+    platform audit report  [--ledger URL] [--format html|json|md] [--out FILE] [--public-key FILE] [--witness FILE]
+    platform audit verify  [--ledger URL] [--public-key FILE] [--witness FILE]
     platform audit readmit NODE_ID --model-id ID --blocks START:END --reason TEXT [--ledger URL]
     platform audit calibrate --out FILE [--model DIR] [--samples N] [--seed N] [--threads T]
 
 The ledger defaults to the workspace's SQLite file and the public key to the public part of
-the workspace's ledger key (`corolla.verify.ledger_paths`).
+the workspace's ledger key (`corolla.verify.ledger_paths`). `report` and `verify` open the
+ledger read-only (`Ledger.open_readonly`): checking a ledger never changes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from corolla.platform.commands.serve import parse_span
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.errors import LedgerError, LedgerTamperedError, VerifyError
 from corolla.verify.events import ReadmitEvent, Subject
-from corolla.verify.ledger import Ledger, LedgerKey, LedgerPublicKey
+from corolla.verify.ledger import ChainCheck, Ledger, LedgerKey, LedgerPublicKey, Witness
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
 from corolla.verify.reputation import ReputationBook, ReputationPolicy
 
@@ -78,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
             metavar="FILE",
             help="ledger public key: PEM, certificate or 64 hex characters (default: the workspace ledger key's)",
         )
+        p.add_argument(
+            "--witness",
+            metavar="FILE",
+            help="a signed head seen earlier (a site's ledger-witness.json): fail if the ledger is older or forked",
+        )
 
 
 # -- shared ----------------------------------------------------------------------------------
@@ -125,6 +131,15 @@ def _no_key_message(workspace: Path) -> str:
     )
 
 
+def _witness(args: argparse.Namespace) -> Witness | None:
+    return Witness.load(Path(args.witness)) if args.witness else None
+
+
+def _named(ledger: Ledger, exc: LedgerTamperedError) -> LedgerTamperedError:
+    """The same error (same type, same seq), its one line naming the ledger."""
+    return type(exc)(f"{ledger.where}: {exc}", seq=exc.seq)
+
+
 def reputation_book(ledger: Ledger, policy: ReputationPolicy | None = None) -> ReputationBook:
     """The ledger replayed through the reputation policy (what routing acts on)."""
     return ReputationBook.replay((stored.event for stored in ledger.events()), policy)
@@ -154,12 +169,17 @@ def _write(path: Path, text: str) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from corolla.verify.report import ledger_report, render_html, render_json, render_markdown
+    from corolla.verify.report import chain_status, ledger_report, render_html, render_json, render_markdown
 
     url, workspace = _ledger_url(args)
     fmt = _report_format(args)
     public_key = _public_key(args, workspace)
-    with open_existing_ledger(url) as ledger:
+    witness = _witness(args)
+    if witness is not None:
+        if public_key is None:
+            raise LedgerError(f"--witness needs the ledger's public key to check it; {_no_key_message(workspace)}")
+        witness.check(public_key)
+    with Ledger.open_readonly(url) as ledger:
         total = ledger.count()
         loud = total > _PROGRESS_OVER
         if public_key is None:
@@ -174,6 +194,14 @@ def run_report(args: argparse.Namespace) -> int:
         report = ledger_report(
             ledger, public_key, progress=progress if loud else None, progress_every=max(10_000, total // 10)
         )
+        if witness is not None and report.chain.state == "verified" and report.chain.head_seq is not None:
+            check = ChainCheck(
+                events=report.chain.events or 0, head_seq=report.chain.head_seq, head_hash=report.chain.head_hash or ""
+            )
+            try:
+                ledger.check_witness(check, witness)
+            except LedgerTamperedError as exc:  # rolled back or forked: the report says so, as verify does
+                report = report.model_copy(update={"chain": chain_status(exc)})
     text = {"html": render_html, "json": render_json, "md": render_markdown}[fmt](report)
     t = report.totals
     if args.out == "-":
@@ -203,9 +231,15 @@ def run_verify(args: argparse.Namespace) -> int:
     public_key = _public_key(args, workspace)
     if public_key is None:
         raise LedgerError(_no_key_message(workspace))
-    with open_existing_ledger(url) as ledger:
-        check = ledger.verify(public_key)  # LedgerTamperedError: exit 14, naming the first bad event
-    print(f"ok: {check.events} events, head {check.head_seq} {check.head_hash}")
+    witness = _witness(args)
+    with Ledger.open_readonly(url) as ledger:  # writes nothing; an emptied file is LedgerTamperedError
+        try:
+            # LedgerTamperedError (exit 14): the first bad event, the head, or a rollback past the witness
+            check = ledger.verify(public_key, witness=witness)
+        except LedgerTamperedError as exc:
+            raise _named(ledger, exc) from None
+    against = f"; holds the witness's head {witness.seq}" if witness is not None else ""
+    print(f"ok: {check.events} events, head {check.head_seq} {check.head_hash}{against}")
     return 0
 
 

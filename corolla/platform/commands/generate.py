@@ -123,13 +123,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.audit_rate:
             print("platform generate: note: --tolerances has no effect without --audit-rate", file=sys.stderr)
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
+    checkpoint = Checkpoint.open(model_dir)  # before any server starts: a bad checkpoint is one line (exit 4)
     if args.adapter_dir:  # before any server starts: a bad directory is a quick, clear error
-        LoraAdapter.load_peft(args.adapter_dir, Checkpoint.open(model_dir))
+        LoraAdapter.load_peft(args.adapter_dir, checkpoint)
     with contextlib.ExitStack() as stack:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
             # The embedded default: a throwaway CA, so even the local swarm is mutual TLS.
-            blocks = Checkpoint.open(model_dir).num_blocks
+            blocks = checkpoint.num_blocks
             print(
                 f"starting an embedded swarm of {args.local_servers} servers on {model_dir} (throwaway CA) ...",
                 file=sys.stderr,

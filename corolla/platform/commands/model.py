@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     tiny.add_argument("--kv-heads", type=int, default=2, help="Llama key/value heads (default 2)")
     tiny.add_argument("--intermediate", type=int, default=None, help="Llama MLP width (default 2 x hidden)")
     tiny.add_argument("--seed", type=int, default=0, metavar="N", help="weight initialisation seed")
+    tiny.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIRECTORY")
     tiny.set_defaults(run=run_init_tiny)
 
 
@@ -32,6 +33,6 @@ def run_init_tiny(args: argparse.Namespace) -> int:
         intermediate_size=args.intermediate or 2 * args.hidden,
         seed=args.seed,
     )
-    path = init_tiny(args.directory, spec)
+    path = init_tiny(args.directory, spec, overwrite=args.force)  # exit 4: exists, or cannot be written
     print(f"wrote a tiny {args.arch} checkpoint ({args.layers} blocks, hidden {args.hidden}) to {path}")
     return 0

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from corolla.inference.errors import BadRequestError
+from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
 from corolla.inference.server.faults import FaultSpec
 from corolla.pki import Role, WorkspaceError
 from corolla.platform.commands._flags import add_renamed
-from corolla.platform.identity_args import add_identity_options, tls_from_args
+from corolla.platform.identity_args import add_identity_options, check_port, tls_from_args
+from corolla.platform.launch.servers import LaunchError
+
+SHUTDOWN_GRACE_S = 0.5
+"""On SIGTERM/SIGINT, open inference sessions get this long before they are cancelled."""
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -43,9 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--quant", choices=("int8", "nf4"), help="bitsandbytes weight quantization")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="gRPC listen address")
-    p.add_argument("--port", type=int, default=0, metavar="N", help="gRPC port (default: any free port)")
+    p.add_argument("--port", type=int, default=0, metavar="N", help="gRPC port 1-65535 (default 0: any free port)")
     p.add_argument("--announce-host", help="address to announce, if not --host")
-    p.add_argument("--dht-port", type=int, default=0, metavar="N", help="libp2p port (default: any free port)")
+    p.add_argument(
+        "--dht-port", type=int, default=0, metavar="N", help="libp2p port 1-65535 (default 0: any free port)"
+    )
     add_renamed(
         p,
         "--peers",
@@ -56,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="DHT peer to join (repeatable); none = be a bootstrap peer",
     )
     p.add_argument("--no-dht", action="store_true", help="serve by address only, without the DHT")
-    p.add_argument("--announce-port", type=int, help="port to announce, if not --port (e.g. behind a proxy)")
+    p.add_argument("--announce-port", type=int, help="port 1-65535 to announce, if not --port (e.g. behind a proxy)")
     add_identity_options(p, role_hint="server")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
@@ -70,12 +82,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
 
 def run(args: argparse.Namespace) -> int:
-    tls = tls_from_args(args, "serve")
+    check_port(args.port, "--port", listen=True)  # exit 2 before anything else
+    check_port(args.dht_port, "--dht-port", listen=True)
+    check_port(args.announce_port, "--announce-port", listen=False)
+    tls = tls_from_args(args, "serve")  # an expired or revoked certificate of our own stops here (exit 8)
     if tls is not None and tls.identity.role != Role.SERVER:
         raise WorkspaceError(
-            f"platform serve: node {tls.identity.name!r} has role {tls.identity.role}; serving needs a certificate "
+            f"node {tls.identity.name!r} has role {tls.identity.role}; serving needs a certificate "
             "issued with --role server"
         )
+    Checkpoint.open(Path(args.model))  # a bad checkpoint is one line (exit 4) before anything listens
+    _check_free(args.host, args.port, "--port")
+    if not args.no_dht:
+        _check_free(args.host, args.dht_port, "--dht-port")
     try:
         config = ServerConfig(
             model=Path(args.model),
@@ -109,10 +128,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    server = BlockServer(config).start()
     stopped = threading.Event()
+    # Installed before loading, so a SIGTERM while starting also stops cleanly (below).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
+    try:
+        server = BlockServer(config).start()
+    except RuntimeError as exc:  # grpc's bind failure, should the port be taken between check and bind
+        raise LaunchError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     record = server.record()
     dht = server.dht.addrs[0] if server.dht is not None else "-"
     # One machine-readable line (launchers wait for it), then the human one.
@@ -126,5 +149,45 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     stopped.wait()
-    server.stop()
-    return 0
+    # Shutdown: refuse new calls, give open sessions a short grace, leave the DHT without
+    # waiting for its timeouts; exit 0 (a signal is the normal way to stop a server).
+    began, sessions = time.monotonic(), server.open_sessions
+    server.stop(grace=SHUTDOWN_GRACE_S)
+    print(
+        f"stopped: closed {sessions} open session(s) ({server.open_sessions} left) in {time.monotonic() - began:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    _exit_now(0)
+    return 0  # not reached
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: everything the server opened is closed by
+    now, and unloading torch, grpc and libp2p takes 1.5-2 s on a busy machine, which
+    service managers and launchers would wait for after SIGTERM."""
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _check_free(host: str, port: int, flag: str) -> None:
+    """A port that another process listens on is one clear line (exit 7), not a bind traceback
+    from inside grpc or libp2p; 0 (any free port) needs no check."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LaunchError(f"--host {host!r}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise LaunchError(f"{flag} {port}: {host}:{port} is already in use by another process") from None
+            raise LaunchError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror})") from None

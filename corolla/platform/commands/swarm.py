@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ from pydantic import ValidationError
 
 from corolla.inference.client.routing import block_ranges
 from corolla.inference.discovery import DhtNode, ServerRecord
+from corolla.inference.errors import AccessDeniedError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.platform.commands._flags import add_renamed
-from corolla.platform.identity_args import add_identity_options, tls_from_args
+from corolla.platform.identity_args import add_identity_options, check_port, tls_from_args
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.events import Subject
 from corolla.verify.reputation import ReputationBook
@@ -29,7 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     boot = swarm_sub.add_parser("bootstrap", help="run a bare DHT peer that others can join through")
     boot.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="libp2p listen address")
     add_renamed(
-        boot, "--dht-port", "--port", type=int, default=0, metavar="N", help="libp2p port (default: any free port)"
+        boot,
+        "--dht-port",
+        "--port",
+        type=int,
+        default=0,
+        metavar="N",
+        help="libp2p port 1-65535 (default 0: any free port)",
     )
     add_renamed(
         boot,
@@ -57,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
 
 def run_bootstrap(args: argparse.Namespace) -> int:
+    check_port(args.dht_port, "--dht-port", listen=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -81,8 +90,23 @@ def run_status(args: argparse.Namespace) -> int:
     tls = tls_from_args(args, "swarm status")
     with DhtNode(bootstrap=args.peers, **dht_security(tls)) as node:
         records = node.find_servers(model_id)
-    print(format_status(model_id, records, num_blocks, reputation=ledger_reputation(args.ledger, args.workspace)))
+    refused = tls_refusals(tls, records) if tls is not None else {}
+    reputation = ledger_reputation(args.ledger, args.workspace)
+    print(format_status(model_id, records, num_blocks, reputation=reputation, refused=refused))
     return 0
+
+
+def tls_refusals(tls: TlsConfig, records: list[ServerRecord]) -> dict[str, str]:
+    """endpoint -> why this node's TLS check refuses the server there (the handshake fails, or
+    its certificate is expired, revoked, of another CA or not the one its record names): a
+    client would never route through it, so it is no coverage."""
+    refused: dict[str, str] = {}
+    for r in records:
+        try:
+            tls.verify_server(r.endpoint, node_id=r.node_id, fingerprint=r.tls_fingerprint)
+        except AccessDeniedError as exc:
+            refused[r.endpoint] = str(exc).removeprefix(f"{r.endpoint}: ")
+    return refused
 
 
 def ledger_reputation(url: str | None, workspace: str | None) -> ReputationBook | None:
@@ -129,13 +153,21 @@ def dht_security(tls: TlsConfig | None) -> dict[str, Any]:
 
 
 def format_status(
-    model_id: str, records: list[ServerRecord], num_blocks: int | None, *, reputation: ReputationBook | None = None
+    model_id: str,
+    records: list[ServerRecord],
+    num_blocks: int | None,
+    *,
+    reputation: ReputationBook | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> str:
     """The status table; `reputation` (the ledger replayed) fills the reputation column:
     score/refereed audits of the server's (node, model, span), QUARANTINED when routing
-    leaves the node out, "-" without a ledger."""
+    leaves the node out, "-" without a ledger. Servers in `refused` (endpoint -> why) are
+    marked REFUSED and not counted as coverage."""
+    refused = refused or {}
     now = time.time()
-    lines = [f"model {model_id}: {len(records)} server(s)"]
+    n_refused = sum(1 for r in records if r.endpoint in refused)
+    lines = [f"model {model_id}: {len(records)} server(s)" + (f", {n_refused} refused by TLS" if n_refused else "")]
     header = (
         f"{'endpoint':<22} {'blocks':>9} {'dtype':>9} {'quant':>5} {'tok/s/blk':>10} {'ms/step/blk':>11} "
         f"{'free cache':>11} {'expires':>8} {'reputation':>22}  node"
@@ -147,11 +179,13 @@ def format_status(
         lines.append(
             f"{r.endpoint:<22} {f'{r.start}:{r.end}':>9} {r.dtype:>9} {r.quant or '-':>5} {r.throughput:>10.0f} "
             f"{r.step_ms_per_block:>11.3f} {r.free_cache_bytes / 2**20:>9.0f}Mi {r.expires_at - now:>7.0f}s"
-            f" {rep:>22}  {r.node_id}"
+            f" {rep:>22}  {r.node_id}" + (f"  REFUSED: {refused[r.endpoint]}" if r.endpoint in refused else "")
         )
     total = num_blocks if num_blocks is not None else max((r.end for r in records), default=0)
     covered = [0] * total
     for r in records:
+        if r.endpoint in refused:
+            continue
         for i in range(r.start, min(r.end, total)):
             covered[i] += 1
     missing = [i for i, n in enumerate(covered) if n == 0]

@@ -89,7 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     where.add_argument(
         "--data", nargs="+", type=Path, metavar="JSONL", help="one JSONL per site, or one directory of them"
     )
-    where.add_argument("--test-data", type=Path, metavar="JSONL", help="held-out records the coordinator scores")
+    where.add_argument(
+        "--test-data",
+        type=Path,
+        metavar="JSONL",
+        help="held-out records the coordinator scores (with --data or --superlink; alone it is a usage error)",
+    )
     add_renamed(
         where,
         "--out-dir",
@@ -214,6 +219,12 @@ def _check_tolerances(args: argparse.Namespace, config: TrainConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     checked = config_from_args(args, model="-", out_dir="-")  # bad flags fail here, before anything starts
+    # Without --data a local run trains on synthetic notes: --test-data would be ignored, silently.
+    if args.test_data and not args.data and not args.superlink:
+        raise TrainConfigError(
+            f"--test-data {str(args.test_data)!r} needs --data: give the sites' JSONL files too "
+            "(without --data, sites and held-out records are synthetic)"
+        )
     _check_tolerances(args, checked)
     workspace = resolve_workspace(args.workspace)
     root = workspace / "train-local"

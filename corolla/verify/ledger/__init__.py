@@ -9,6 +9,10 @@ on SQLite (a file; the default) or PostgreSQL (a consortium's shared database):
         check = ledger.verify(key.public_key())
         scan = ledger.scan(key.public_key())  # the events, the chain checked as they are read
         events, outcome = list(scan), scan.chain  # outcome: verify's ChainCheck, or the error it raises
+        witness = ledger.witness()  # the signed head, for others to keep
+
+    with Ledger.open_readonly(workspace / "ledger.db") as ledger:  # an auditor: writes nothing
+        ledger.verify(public_key, witness=witness)  # LedgerRolledBackError: older than the witness, or forked
 
 `chain` documents the exact bytes hashed and signed; `schema` holds the tables.
 """
@@ -17,6 +21,7 @@ from corolla.verify.ledger.chain import GENESIS_HASH
 from corolla.verify.ledger.scan import LedgerScan
 from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey, SignatureError
 from corolla.verify.ledger.store import AnyEvent, ChainCheck, Ledger, StoredEvent
+from corolla.verify.ledger.witness import LedgerRolledBackError, Witness, WitnessError, newer_witness
 
 __all__ = [
     "GENESIS_HASH",
@@ -25,7 +30,11 @@ __all__ = [
     "Ledger",
     "LedgerKey",
     "LedgerPublicKey",
+    "LedgerRolledBackError",
     "LedgerScan",
     "SignatureError",
     "StoredEvent",
+    "Witness",
+    "WitnessError",
+    "newer_witness",
 ]

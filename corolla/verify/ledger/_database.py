@@ -18,6 +18,8 @@ race to create it. Alembic is imported only when the schema is not current.
 
 from __future__ import annotations
 
+import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,10 +28,19 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
-from corolla.verify.errors import LedgerError
-from corolla.verify.ledger.schema import SCHEMA_REVISION, VERSION_TABLE
+from corolla.verify.errors import LedgerError, LedgerTamperedError
+from corolla.verify.ledger.schema import EVENTS_TABLE, HEAD_TABLE, SCHEMA_REVISION, VERSION_TABLE
 
-__all__ = ["WRITE", "create_ledger_engine", "normalise_url", "prepare_schema", "reason", "retryable"]
+__all__ = [
+    "WRITE",
+    "check_schema",
+    "create_ledger_engine",
+    "create_readonly_engine",
+    "normalise_url",
+    "prepare_schema",
+    "reason",
+    "retryable",
+]
 
 WRITE: Final = "corolla_ledger_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 
@@ -96,6 +107,101 @@ def create_ledger_engine(url: URL) -> Engine:
             f"cannot connect to the ledger at {url.render_as_string(hide_password=True)}: {reason(exc)}"
         ) from exc
     return engine
+
+
+def create_readonly_engine(url: str) -> tuple[Engine, str]:
+    """An engine that cannot write to the ledger at `url`, and how to name the ledger in errors.
+
+    SQLite: the file must exist; nothing is created beside it (no directory, no WAL mode
+    switched on). With no `-wal` file (no writer has it open) it is opened `immutable=1`,
+    which reads the file alone and creates no `-wal`/`-shm`; a writer that starts meanwhile
+    is not seen (verify a quiet ledger). With a `-wal` file (a writer is live, or crashed)
+    it is opened `mode=ro`, which reads the WAL's committed transactions through the
+    existing files. PostgreSQL: every transaction is READ ONLY (`default_transaction_read_only`).
+    """
+    parsed = _parse_url(url) if "://" in url else None
+    if parsed is not None and parsed.get_backend_name() == "postgresql":
+        parsed = normalise_url(url)
+        where = parsed.render_as_string(hide_password=True)
+        engine = create_engine(
+            parsed,
+            connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S, "options": "-c default_transaction_read_only=on"},
+            pool_pre_ping=True,
+            pool_size=2,
+            max_overflow=4,
+        )
+        _connect_once(engine, where)
+        return engine, where
+    if parsed is not None and parsed.get_backend_name() != "sqlite":
+        normalise_url(url)  # raises, naming the schemes allowed
+    if parsed is not None and parsed.database in (None, "", ":memory:"):
+        raise LedgerError("an in-memory SQLite ledger cannot be verified from outside its process")
+    path = Path(parsed.database if parsed is not None and parsed.database else url).expanduser()
+    where = str(path)
+    if not path.is_file():
+        raise LedgerError(f"no ledger at {where} (nothing has been audited there yet; give --ledger URL)")
+    mode = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?{mode}"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, timeout=_SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+        conn.isolation_level = None  # SQLAlchemy emits BEGIN (below): one snapshot across pages
+        return conn
+
+    engine = create_engine("sqlite+pysqlite://", creator=connect)
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    _connect_once(engine, where)
+    return engine, where
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise LedgerError(f"not a database URL: {url!r}") from None
+
+
+def _connect_once(engine: Engine, where: str) -> None:
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise LedgerError(f"cannot connect to the ledger at {where}: {reason(exc)}") from exc
+
+
+def check_schema(engine: Engine, where: str) -> None:
+    """Without writing: the database holds the ledger's schema at this code's revision.
+
+    LedgerTamperedError for an empty or schema-less database (an emptied file, or not a
+    database at all): a ledger once written always has its schema. LedgerError for a
+    schema at another revision (open it with a writer to migrate).
+    """
+    try:
+        with engine.connect() as conn:
+            current = _stamped(conn)
+            tables = set(inspect(conn).get_table_names())
+    except DBAPIError as exc:
+        if isinstance(exc.orig, sqlite3.DatabaseError) and "not a database" in str(exc.orig):
+            raise LedgerTamperedError(f"{where}: not a ledger (not an SQLite database)", seq=None) from None
+        raise LedgerError(f"cannot read the ledger at {where}: {reason(exc)}") from exc
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"cannot read the ledger at {where}: {reason(exc)}") from exc
+    if not current:
+        what = "empty" if not tables else "without the ledger's schema"
+        raise LedgerTamperedError(f"{where}: the database is {what}: no ledger, not even a signed head", seq=None)
+    if current != (SCHEMA_REVISION,):
+        raise LedgerError(
+            f"{where}: the ledger's schema is at revision {', '.join(current)}, this code reads {SCHEMA_REVISION}: "
+            "open it with a writer to migrate, or use the matching version of Corolla"
+        )
+    missing = {EVENTS_TABLE, HEAD_TABLE} - tables
+    if missing:
+        raise LedgerTamperedError(f"{where}: the ledger has no table {', '.join(sorted(missing))}", seq=None)
 
 
 def _sqlite_transactions(engine: Engine, *, wal: bool) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Row, select
 
 from corolla.verify.errors import LedgerTamperedError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, canonical_json, parse_event
-from corolla.verify.ledger.chain import GENESIS_HASH, event_hash, head_message
+from corolla.verify.ledger.chain import event_hash, head_message
 from corolla.verify.ledger.schema import HEAD_ID, EventRow, HeadRow
 from corolla.verify.ledger.signing import LedgerPublicKey, SignatureError
 
@@ -129,9 +129,10 @@ def verify_head(public_key: LedgerPublicKey, seq: int, head_hash: str, signature
 
 def check_head(head: HeadState, public_key: LedgerPublicKey) -> None:
     if head.signature is None:
-        if head.seq == 0 and isinstance(head.head_hash, str) and same(head.head_hash, GENESIS_HASH):
-            return  # never opened by a writer: nothing was ever signed, and there must be no events
-        raise LedgerTamperedError(f"the ledger head (seq {head.seq}) is not signed", seq=None)
+        # Even at seq 0: a writer signs the genesis head when it first opens the ledger, so an
+        # unsigned head is either a ledger no writer ever opened or one emptied behind its back.
+        what = "genesis head (seq 0, no events)" if head.seq == 0 else f"head (seq {head.seq})"
+        raise LedgerTamperedError(f"the ledger {what} is not signed", seq=None)
     if head.key_id != public_key.key_id:
         raise LedgerTamperedError(
             f"the ledger head names key {head.key_id}, not the key given ({public_key.key_id})", seq=None

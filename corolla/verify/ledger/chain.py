@@ -24,7 +24,7 @@ of the body (node, model, span, ...) are checked against the body when verifying
 field before the body has a fixed width or a length prefix, so no two rows hash the same.
 
 What the chain cannot show on its own: a ledger cut back to an older head that the key
-did sign. Keep the latest (seq, head hash) somewhere else (a report, a peer) to catch that.
+did sign. A witness (`witness.py`: the latest signed head, kept by others) catches that.
 """
 
 from __future__ import annotations

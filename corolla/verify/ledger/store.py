@@ -22,7 +22,9 @@ bounded number of times with jittered backoff. An `event_id` already in the ledg
 written again: its existing seq is returned, so resending a batch is harmless. Reading
 (`events`, `verify`) pages through the table by seq (keyset pagination), so memory stays
 bounded however long the ledger is; `verify` and `scan` (reading every event while checking
-the chain, for reports) do it inside one snapshot.
+the chain, for reports) do it inside one snapshot. `Ledger.open_readonly` is for auditors:
+it writes nothing at all (see `_database.create_readonly_engine`). `witness()` is the signed
+head for others to keep; `verify(..., witness=)` catches a ledger rolled back behind one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+import pydantic
 from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -42,7 +45,9 @@ from corolla.verify.errors import LedgerError, LedgerTamperedError
 from corolla.verify.events import canonical_json
 from corolla.verify.ledger._database import (
     WRITE,
+    check_schema,
     create_ledger_engine,
+    create_readonly_engine,
     normalise_url,
     prepare_schema,
     reason,
@@ -55,6 +60,7 @@ from corolla.verify.ledger._rows import (
     HeadState,
     StoredEvent,
     parse_body,
+    read_head,
     row_values,
     same,
     stored_event,
@@ -64,6 +70,7 @@ from corolla.verify.ledger.chain import GENESIS_HASH, event_hash, head_message
 from corolla.verify.ledger.scan import LedgerScan
 from corolla.verify.ledger.schema import HEAD_ID, EventRow, HeadRow
 from corolla.verify.ledger.signing import LedgerKey, LedgerPublicKey, SignatureError
+from corolla.verify.ledger.witness import Witness
 
 __all__ = ["AnyEvent", "ChainCheck", "Ledger", "LedgerScan", "StoredEvent"]
 
@@ -77,8 +84,17 @@ _WRITER_MAX: Final = 128  # the writer column's width
 class Ledger:
     """The event ledger on SQLite or PostgreSQL. Open with `Ledger.open(url, key=...)`."""
 
-    def __init__(self, engine: Engine, *, key: LedgerKey | None, writer: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        key: LedgerKey | None,
+        writer: str,
+        clock: Callable[[], float],
+        where: str | None = None,
+    ) -> None:
         """Use `Ledger.open`; this wraps an engine already configured and migrated."""
+        self.where = where or engine.url.render_as_string(hide_password=True)  # the ledger, for messages
         self._engine = engine
         self._key = key
         self._writer = writer
@@ -117,6 +133,23 @@ class Ledger:
             raise
         return ledger
 
+    @classmethod
+    def open_readonly(cls, url: str | os.PathLike[str]) -> Ledger:
+        """Open an existing ledger to read and verify it, without writing anything: no schema
+        created or migrated, no head signed, and for SQLite no file created beside it.
+
+        LedgerError when there is no ledger at `url` (a missing file, an unreachable server)
+        or its schema is at another revision; LedgerTamperedError when the database is empty
+        or holds no ledger (an emptied file). Appending to it raises LedgerError.
+        """
+        engine, where = create_readonly_engine(os.fspath(url))
+        try:
+            check_schema(engine, where)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, key=None, writer="", clock=time.time, where=where)
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -129,7 +162,7 @@ class Ledger:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Ledger({self._engine.url.render_as_string(hide_password=True)!r}, writer={self._writer!r})"
+        return f"Ledger({self.where!r}, writer={self._writer!r})"
 
     # ------------------------------------------------------------------ writing
 
@@ -319,13 +352,18 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
 
-    def verify(self, public_key: LedgerPublicKey, *, batch: int = 1000) -> ChainCheck:
-        """Check the whole chain and the head signature against `public_key`, in one snapshot.
+    def verify(self, public_key: LedgerPublicKey, *, witness: Witness | None = None, batch: int = 1000) -> ChainCheck:
+        """Check the whole chain and the head signature against `public_key`, in one snapshot,
+        and, given a `witness` (a signed head seen earlier), that the ledger still holds it.
 
         Raises LedgerTamperedError naming the first event that does not verify (a missing
-        event is named by its seq), or seq=None when the head itself is wrong: unsigned,
-        signed by another key, or its signature does not verify.
+        event is named by its seq), or seq=None when the head itself is wrong: unsigned (the
+        genesis head included), signed by another key, or its signature does not verify;
+        LedgerRolledBackError when the ledger is older than the witness or forked from it;
+        WitnessError when the witness is not signed by `public_key`.
         """
+        if witness is not None:
+            witness.check(public_key)
         scan = self.scan(public_key, batch=batch)
         for _ in scan:  # the same walk as a report's: one implementation of the checks
             pass
@@ -334,7 +372,48 @@ class Ledger:
             raise outcome
         if outcome is None:  # cannot happen: a scan with a public key always has an outcome
             raise LedgerError("the chain check gave no outcome")
+        if witness is not None:
+            self.check_witness(outcome, witness)
         return outcome
+
+    def check_witness(self, check: ChainCheck, witness: Witness) -> None:
+        """After `check` (a verified chain): LedgerRolledBackError if the ledger is older than
+        `witness` or holds another event at its seq. Rows are append-only, so the event at the
+        witness's seq read now is the one the verified chain held. Check the witness's
+        signature first (`witness.check`)."""
+        if witness.seq > check.head_seq:
+            witness.check_ledger(check.head_seq, None)
+            return
+        witness.check_ledger(check.head_seq, self.hash_at(witness.seq))
+
+    def hash_at(self, seq: int) -> str | None:
+        """The event_hash of event `seq` (seq 0: the genesis hash); None if there is no such event."""
+        if seq == 0:
+            return GENESIS_HASH
+        try:
+            with self._read() as conn:
+                value = conn.execute(select(EventRow.event_hash).where(EventRow.seq == seq)).scalar_one_or_none()
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
+        return value if isinstance(value, str) else None
+
+    def witness(self) -> Witness:
+        """The ledger's current signed head as a witness, for others to keep. Its signature is
+        not checked here (an auditor checks it with the public key); LedgerTamperedError when
+        the head is missing or unsigned."""
+        try:
+            with self._read() as conn:
+                head = read_head(conn)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot read the ledger: {reason(exc)}") from exc
+        if head is None:
+            raise LedgerTamperedError("the ledger has no head row", seq=None)
+        if head.signature is None or head.key_id is None:
+            raise LedgerTamperedError(f"the ledger head (seq {head.seq}) is not signed", seq=None)
+        try:
+            return Witness(seq=head.seq, head_hash=head.head_hash, key_id=head.key_id, signature=head.signature)
+        except pydantic.ValidationError:  # SQLite stores any type in any column
+            raise LedgerTamperedError(f"the ledger head (seq {head.seq!r}) is malformed", seq=None) from None
 
     def scan(self, public_key: LedgerPublicKey | None, *, batch: int = 1000) -> LedgerScan:
         """Every event, in seq order, with the chain checked as it is read: one pass instead of

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corolla.inference.client.routing import BanList, Router, shortest_chain
+from corolla.inference.client.routing import BanList, Hop, Router, shortest_chain
 from corolla.inference.discovery import ServerRecord
-from corolla.inference.errors import RoutingError
+from corolla.inference.errors import InferenceError, RoutingError, ServerUnavailableError, SpanNotServedError
 
 
 def rec(port: int, start: int, end: int, *, step_ms: float = 1.0, throughput: float = 1000.0) -> ServerRecord:
@@ -103,9 +103,9 @@ def test_bans_back_off_exponentially_and_clear_on_success() -> None:
 def test_router_skips_banned_servers_and_spreads_load() -> None:
     records = [rec(1, 0, 4), rec(2, 0, 4)]
     router = Router(lambda: records, rtt_ms=lambda r: 1.0, rng=random.Random(0))
-    router.bans.ban("127.0.0.1:1")
+    router.bans.ban(records[0].node_id)
     assert {router.generation_route(0, 4)[0].endpoint for _ in range(5)} == {"127.0.0.1:2"}
-    router.bans.succeeded("127.0.0.1:1")
+    router.bans.succeeded(records[0].node_id)
     router.begin("127.0.0.1:1")  # one request in flight there: the other replica is cheaper
     assert router.forward_route(0, 4)[0].endpoint == "127.0.0.1:2"
     router.finish("127.0.0.1:1")
@@ -130,3 +130,35 @@ def test_excluded_records_are_dropped_at_each_fetch_and_invalidate_refetches() -
     assert [r.endpoint for r in router.records()] == ["127.0.0.1:2"]
     assert fetches[0] == 2
     assert {router.generation_route(0, 4)[0].endpoint for _ in range(5)} == {"127.0.0.1:2"}
+
+
+def test_a_ban_takes_out_the_node_of_the_record_not_every_record_at_its_endpoint() -> None:
+    """A liar's record names an honest server's endpoint: banning the liar leaves the
+    honest server's own record (same endpoint, its own node id) routable."""
+    honest = rec(1, 0, 4)
+    liar = honest.model_copy(update={"node_id": "QmLiar", "end": 4})
+    router = Router(lambda: [honest, liar], rtt_ms=lambda r: 1.0)
+    router.report_failure(Hop(liar, 0, 4), SpanNotServedError("no"), failures=1, max_retries=4)
+    assert router.bans.is_banned("QmLiar")
+    assert not router.bans.is_banned(honest.node_id)
+    assert router.records() == [honest]
+    assert router.generation_route(0, 4)[0].record == honest
+
+
+def test_misrepresentation_is_reported_to_the_hook_and_plain_failures_are_not() -> None:
+    records = [rec(1, 0, 4), rec(2, 0, 4)]
+    router = Router(lambda: records, rtt_ms=lambda r: 1.0)
+    told: list[tuple[str, type[InferenceError]]] = []
+    router.on_misrepresentation = lambda record, exc: told.append((record.node_id, type(exc)))
+    router.report_failure(Hop(records[0], 0, 4), ServerUnavailableError("gone"), failures=1, max_retries=4)
+    router.report_failure(Hop(records[1], 0, 4), SpanNotServedError("lied"), failures=1, max_retries=4)
+    assert told == [(records[1].node_id, SpanNotServedError)]
+    assert router.bans.is_banned(records[0].node_id) and router.bans.is_banned(records[1].node_id)
+
+    def broken(record: ServerRecord, exc: InferenceError) -> None:
+        raise ValueError("a hook's bug")
+
+    router.on_misrepresentation = broken  # a failing hook does not break routing
+    router.report_misrepresentation(records[0], SpanNotServedError("lied"))
+    with pytest.raises(RoutingError, match="failed 5 times"):
+        router.report_failure(Hop(records[0], 0, 4), SpanNotServedError("lied"), failures=5, max_retries=4)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from sqlalchemy import event
 
-from corolla.verify.errors import LedgerError
+from corolla.verify.errors import LedgerError, LedgerTamperedError
 from corolla.verify.events import canonical_json
 from corolla.verify.ledger import GENESIS_HASH, AnyEvent, Ledger, LedgerKey, StoredEvent
 from corolla.verify.ledger.chain import event_hash
@@ -94,8 +94,8 @@ def test_another_writer_key_is_refused(ledger_url: str, key: LedgerKey) -> None:
 
 
 def test_the_empty_head_is_signed_by_the_first_writer(ledger_url: str, key: LedgerKey) -> None:
-    with Ledger.open(ledger_url) as reader:
-        assert reader.verify(key.public_key()).head_seq == 0  # never written: nothing signed yet
+    with Ledger.open(ledger_url) as reader, pytest.raises(LedgerTamperedError, match=r"genesis head .* not signed"):
+        reader.verify(key.public_key())  # never opened by a writer: nothing vouches for it (nor for an emptied one)
     Ledger.open(ledger_url, key=key).close()
     with Ledger.open(ledger_url) as reader:
         check = reader.verify(key.public_key())
