@@ -75,10 +75,10 @@ def test_parallel_forward_retries_on_replica(tiny_llama: Path) -> None:
         with torch.no_grad():
             hidden = model.client_parts.embed(ids)
             first, trace = model.blocks.forward_with_trace(hidden, 0, 4)
-            used = trace[0][0].endpoint
+            used, used_node = trace[0][0].endpoint, trace[0][0].node_id
             swarm.kill(swarm.endpoints.index(used), signal.SIGKILL)
             second, trace = model.blocks.forward_with_trace(hidden, 0, 4)
-        assert model.swarm.router.bans.is_banned(used), "the dead server was never tried"
+        assert model.swarm.router.bans.is_banned(used_node), "the dead server was never tried"
         assert trace[0][0].endpoint != used
         want = local.model(ids).last_hidden_state.detach()
     # the local model applies the final norm to its last hidden state; compare through it

@@ -3,14 +3,14 @@
 Three real `platform serve` processes serve a client that generates and then leaves
 (its DHT node stops, its peer id goes dead). Expected churn (the departed client in
 the servers' routing tables, failed dials to it, its negative-cache entry) must not be
-logged as warnings: over the window every server logs no WARNING or ERROR line. The
+logged as warnings: over the window no server logs a WARNING or ERROR line (any
+line at all, at the default verbosity). The
 issue asked for 5 minutes (`slow`); the default suite watches a shorter window that
 still spans a re-provide round (`REPROVIDE_S`) and several announce refreshes.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -23,12 +23,14 @@ from corolla.platform.launch.servers import LocalServers
 
 pytestmark = pytest.mark.e2e
 
-_NOISE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
-
 
 def _watch_idle_swarm(model_dir: Path, window_s: float) -> dict[int, list[str]]:
-    """Start 3 servers, let a client generate and leave, and return each server's
-    WARNING/ERROR lines logged from the client's departure to the end of the window."""
+    """Start 3 servers, let a client generate and leave, and return each server's stderr
+    lines from the client's departure to the end of the window.
+
+    A server at the default verbosity prints only warnings and errors there, ours with
+    "WARNING"/"ERROR" and py-libp2p's as bare messages (its "libp2p" logger does not
+    propagate; `logging.lastResort` prints them), so an idle server prints nothing."""
     with LocalServers(
         model_dir, [(0, 2), (2, 4), (0, 4)], torch_threads=1, extra_args=["--announce-ttl", "15"]
     ) as swarm:
@@ -39,7 +41,7 @@ def _watch_idle_swarm(model_dir: Path, window_s: float) -> dict[int, list[str]]:
         for server in swarm.servers:
             assert server.process.poll() is None, "".join(server.output[-20:])
         return {
-            i: [line.rstrip() for line in server.output[start:] if _NOISE.search(line)]
+            i: [line.rstrip() for line in server.output[start:]]
             for i, (server, start) in enumerate(zip(swarm.servers, left, strict=True))
         }
 
@@ -50,6 +52,7 @@ def test_idle_swarm_logs_no_warnings_after_its_client_leaves(tiny_llama: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the window alone is 300 s: pytest-timeout's default
 def test_idle_swarm_logs_no_warnings_for_5_minutes(tiny_llama: Path) -> None:
     noise = _watch_idle_swarm(tiny_llama, window_s=300.0)
     assert noise == {0: [], 1: [], 2: []}

@@ -46,5 +46,5 @@ def test_the_local_run_writes_the_federated_schema(tiny_llama: Path, tmp_path: P
 def test_a_site_that_fails_fails_the_local_run(tiny_llama: Path, tmp_path: Path) -> None:
     """The operator is the caller: a site's error is raised (and exits with its code), not recorded."""
     sites, test = _data(tmp_path, bad_site=True)
-    with pytest.raises(DataError, match="site-1.jsonl"):
+    with pytest.raises(DataError, match=r"site-1\.jsonl"):
         run_local(_config(tiny_llama, tmp_path), sites, test, echo=False)

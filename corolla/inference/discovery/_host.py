@@ -34,7 +34,7 @@ _KAD_EOF_MESSAGE = "Failed to read DHT message from stream: "
 # Expected churn: py-libp2p logs at WARNING every request to a peer that has left (a
 # client that generated and went, a restarted server) for as long as the peer stays in
 # its routing table: when it replicates a value or provider record, or answers a
-# lookup. Kademlia tolerates a dead peer by design, so these go to DEBUG. Our own code
+# lookup, or dials it. Kademlia tolerates a dead peer by design, so these go to DEBUG. Our own code
 # still warns when an outcome suffers (an announce that fails or times out, a lookup
 # that times out, an unreachable bootstrap peer). Keyed by logger, message prefixes.
 _CHURN_MESSAGES: dict[str, tuple[str, ...]] = {
@@ -47,6 +47,8 @@ _CHURN_MESSAGES: dict[str, tuple[str, ...]] = {
     ),
     "libp2p.kad_dht.peer_routing": ("Failed to open stream to ",),
     _KAD_LOGGER: ("Incomplete DHT message from stream: ",),
+    # Logged at ERROR before the dial error is raised to its caller, which decides.
+    "libp2p.transport.tcp.tcp": ("Failed to open TCP stream: ",),
 }
 
 

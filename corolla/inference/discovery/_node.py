@@ -59,6 +59,9 @@ KEEPER_PERIOD_S = 10.0
 """How often the background task checks for due provider announcements."""
 STOP_TIMEOUT_S = 10.0
 """How long `stop` waits for the DHT thread to finish."""
+LEAVE_GRACE_S = 1.0
+"""On `stop`, operations still in flight are cancelled after this long (then connections
+close at once), so stopping never waits for an announce's or a lookup's timeouts."""
 _START_GRACE_S = 5.0  # start() waits this much past start_timeout for the thread to report
 
 
@@ -269,6 +272,8 @@ class DhtNode:
         """On the trio thread: leave gracefully if running, abort if still starting."""
         if self._stop_event is not None and self._ready.is_set():
             self._stop_event.set()
+            if self._scope is not None:  # an operation in flight (an announce) gets this long
+                self._scope.deadline = min(self._scope.deadline, trio.current_time() + LEAVE_GRACE_S)
         elif self._scope is not None:
             self._scope.cancel()
 

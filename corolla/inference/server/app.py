@@ -199,7 +199,7 @@ class BlockServer:
             while self.servicer.sessions.open_sessions and time.monotonic() < deadline:
                 time.sleep(0.01)
         if leaving is not None:
-            leaving.join()
+            leaving.join(_STOP_SLACK_S)  # DhtNode.stop is bounded too; a daemon thread past this
 
     @property
     def open_sessions(self) -> int:

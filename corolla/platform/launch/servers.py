@@ -19,6 +19,10 @@ from pathlib import Path
 
 from corolla.inference.errors import InferenceError
 
+_STOP_TIMEOUT_S = 5.0
+"""`stop` kills a server still running this long after SIGTERM (it exits within ~2 s:
+`platform serve` closes its sessions and leaves the DHT without waiting on it)."""
+
 
 class LaunchError(InferenceError):
     """A local server process failed to start."""
@@ -166,7 +170,7 @@ class LocalServers:
                 server.process.terminate()
         for server in self.servers:
             try:
-                server.process.wait(timeout=10)
+                server.process.wait(timeout=_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait()

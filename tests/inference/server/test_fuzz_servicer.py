@@ -225,11 +225,33 @@ def test_forward_fuzz_long(
 # -- Backward, then ClipSum ------------------------------------------------------------------
 
 
+def clip_factors(batch: int) -> st.SearchStrategy[pb.Tensor]:
+    """Mostly valid (B,) factors in [0, 2]; else NaN, inf, negative, or any tensor at all."""
+    return mostly(
+        st.lists(st.floats(0, 2, width=32), min_size=batch, max_size=batch).map(
+            lambda xs: serialize(torch.tensor(xs, dtype=torch.float32))
+        ),
+        st.one_of(
+            tensor_messages(),
+            st.sampled_from([float("nan"), float("inf"), -1.0]).map(
+                lambda x: serialize(torch.full((batch,), x, dtype=torch.float32))
+            ),
+        ),
+    )
+
+
+def _forget(raw: pb_grpc.BlockServiceStub, step_id: str, batch: int) -> None:
+    """Take any gradients a NORMS backward left under `step_id`, so that cases stay independent."""
+    clip = pb.ClipSumRequest(step_id=step_id, clip_factors=serialize(torch.ones(batch)))
+    outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT))
+
+
 def check_backward(server: BlockServer, raw: pb_grpc.BlockServiceStub, digest: str, data: st.DataObject) -> None:
+    # everything is drawn before the first call: a draw may end the case, and the server keeps state
     hidden = data.draw(hidden_tensors())
     # the same (B, T) as hidden, when hidden has one small enough to build a tensor of
-    same = len(hidden.shape) == 3 and all(0 <= d <= 8 for d in hidden.shape[:2])
-    same = same and data.draw(mostly(st.just(True), st.just(False)))
+    small = len(hidden.shape) == 3 and all(1 <= d <= 8 for d in hidden.shape[:2])
+    same = small and data.draw(mostly(st.just(True), st.just(False)))
     grad_output = data.draw(hidden_tensors(hidden.shape[0], hidden.shape[1]) if same else hidden_tensors())
     start, end = data.draw(spans)
     req = pb.BackwardRequest(
@@ -243,35 +265,29 @@ def check_backward(server: BlockServer, raw: pb_grpc.BlockServiceStub, digest: s
         step_id=data.draw(step_ids),
         skip_grad_input=data.draw(st.booleans()),
     )
+    batch = hidden.shape[0] if small else 1
+    clip = pb.ClipSumRequest(
+        step_id=data.draw(mostly(st.just(req.step_id), st.just(req.step_id + "x"))),
+        clip_factors=data.draw(clip_factors(batch)),
+    )
     response = outcome(lambda: raw.Backward(req, timeout=TIMEOUT))
-    if response is not None:
-        if not req.skip_grad_input:
-            assert list(response.grad_input.shape) == list(hidden.shape)
-        if req.adapter_grads == pb.ADAPTER_GRADS_NORMS and req.adapter:
-            batch = hidden.shape[0]
-            assert list(response.squared_norms.shape) == [batch]
-            factors = data.draw(
-                st.one_of(
-                    st.lists(st.floats(0, 2, width=32), min_size=batch, max_size=batch).map(
-                        lambda xs: serialize(torch.tensor(xs, dtype=torch.float32))
-                    ),
-                    tensor_messages(),
-                )
-            )
-            clip = pb.ClipSumRequest(
-                step_id=data.draw(st.sampled_from([req.step_id, req.step_id + "x"])), clip_factors=factors
-            )
-            event("ClipSum after a NORMS backward")
-            summed = outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT))
-            if summed is not None:
-                assert {item.name for item in summed.adapter_grads} == {
-                    tensor_name(b, m, p)
-                    for b in range(req.start, req.end)
-                    for m in _lora_shapes(server)
-                    for p in ("lora_A", "lora_B")
-                }
-            else:
-                _drain(raw, req.step_id, batch)
+    try:
+        if response is not None:
+            if not req.skip_grad_input:
+                assert list(response.grad_input.shape) == list(hidden.shape)
+            if req.adapter_grads == pb.ADAPTER_GRADS_NORMS and req.adapter:
+                assert list(response.squared_norms.shape) == [batch]
+                event("ClipSum after a NORMS backward")
+                summed = outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT))
+                if summed is not None:
+                    assert {item.name for item in summed.adapter_grads} == {
+                        tensor_name(b, m, p)
+                        for b in range(req.start, req.end)
+                        for m in _lora_shapes(server)
+                        for p in ("lora_A", "lora_B")
+                    }
+    finally:
+        _forget(raw, req.step_id, batch)
     still_serving(server, raw)
 
 
@@ -303,37 +319,21 @@ def check_clip_sum(server: BlockServer, raw: pb_grpc.BlockServiceStub, digest: s
         step_id=step_id,
         skip_grad_input=True,
     )
-    held = outcome(lambda: raw.Backward(backward, timeout=TIMEOUT)) is not None
-    factors = data.draw(
-        mostly(
-            st.lists(st.floats(0, 2, width=32), min_size=batch, max_size=batch).map(
-                lambda xs: serialize(torch.tensor(xs, dtype=torch.float32))
-            ),
-            st.one_of(
-                tensor_messages(),
-                st.sampled_from([float("nan"), float("inf"), -1.0]).map(
-                    lambda x: serialize(torch.full((batch,), x, dtype=torch.float32))
-                ),
-            ),
-        )
+    clip = pb.ClipSumRequest(
+        step_id=data.draw(mostly(st.just(step_id), step_ids)), clip_factors=data.draw(clip_factors(batch))
     )
-    clip = pb.ClipSumRequest(step_id=data.draw(mostly(st.just(step_id), step_ids)), clip_factors=factors)
-    summed = outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT))
-    if summed is not None:
-        assert held and clip.step_id == step_id, "ClipSum summed gradients no backward left"
-        shapes = _lora_shapes(server)
-        names = {tensor_name(b, m, p) for b in range(START, END) for m in shapes for p in ("lora_A", "lora_B")}
-        assert {item.name for item in summed.adapter_grads} == names
-        assert outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT)) is None  # consumed
-    elif held:  # a refused ClipSum leaves the gradients in place
-        _drain(raw, step_id, batch)
+    held = outcome(lambda: raw.Backward(backward, timeout=TIMEOUT)) is not None
+    try:
+        summed = outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT))
+        if summed is not None:
+            assert held and clip.step_id == step_id, "ClipSum summed gradients no backward left"
+            shapes = _lora_shapes(server)
+            names = {tensor_name(b, m, p) for b in range(START, END) for m in shapes for p in ("lora_A", "lora_B")}
+            assert {item.name for item in summed.adapter_grads} == names
+            assert outcome(lambda: raw.ClipSum(clip, timeout=TIMEOUT)) is None  # consumed
+    finally:
+        _forget(raw, step_id, batch)
     still_serving(server, raw)
-
-
-def _drain(raw: pb_grpc.BlockServiceStub, step_id: str, batch: int) -> None:
-    """Take the gradients a NORMS backward left under `step_id`, so that cases stay independent."""
-    ones = serialize(torch.ones(batch))
-    raw.ClipSum(pb.ClipSumRequest(step_id=step_id, clip_factors=ones), timeout=TIMEOUT)
 
 
 @FAST
@@ -463,12 +463,22 @@ def streams(draw: st.DrawFn, server: BlockServer, digest: str) -> list[pb.Infere
     return messages
 
 
-def check_inference(server: BlockServer, raw: pb_grpc.BlockServiceStub, messages: list[pb.InferenceRequest]) -> None:
+cancels = mostly(st.none(), st.integers(0, 2))
+
+
+def check_inference(
+    server: BlockServer, raw: pb_grpc.BlockServiceStub, messages: list[pb.InferenceRequest], cancel_after: int | None
+) -> None:
+    """One stream; the client hangs up after `cancel_after` + 1 answers when that is not None."""
     responses: list[pb.InferenceResponse] = []
 
     def run() -> list[pb.InferenceResponse]:
-        for response in raw.Inference(iter(messages), timeout=TIMEOUT):
+        call = raw.Inference(iter(messages), timeout=TIMEOUT)
+        for response in call:
             responses.append(response)
+            if cancel_after is not None and len(responses) > cancel_after:
+                call.cancel()
+                break
         return responses
 
     outcome(run)
@@ -487,7 +497,7 @@ def check_inference(server: BlockServer, raw: pb_grpc.BlockServiceStub, messages
 @FAST
 @given(data=st.data())
 def test_inference_fuzz(server: BlockServer, raw: pb_grpc.BlockServiceStub, digest: str, data: st.DataObject) -> None:
-    check_inference(server, raw, data.draw(streams(server, digest)))
+    check_inference(server, raw, data.draw(streams(server, digest)), data.draw(cancels))
 
 
 @pytest.mark.slow
@@ -496,7 +506,7 @@ def test_inference_fuzz(server: BlockServer, raw: pb_grpc.BlockServiceStub, dige
 def test_inference_fuzz_long(
     server: BlockServer, raw: pb_grpc.BlockServiceStub, digest: str, data: st.DataObject
 ) -> None:
-    check_inference(server, raw, data.draw(streams(server, digest)))
+    check_inference(server, raw, data.draw(streams(server, digest)), data.draw(cancels))
 
 
 def test_still_serves_a_client_after_fuzzing(server: BlockServer, raw: pb_grpc.BlockServiceStub) -> None:

@@ -153,7 +153,8 @@ def test_deserialize_decodes_or_refuses_long(
     ids=["zero-size-stride-overflow", "zero-size-int64-max", "rank-over-limit", "rank-65-zero-size"],
 )
 def test_shapes_torch_cannot_hold_are_bad_requests(got: list[int]) -> None:
-    """Found by the fuzzer: these raised torch's RuntimeError before (INTERNAL on a server)."""
+    """Found by the fuzzer: zero-size shapes past int64 raised torch's RuntimeError (INTERNAL
+    on a server). Ranks past MAX_RANK decoded, into tensors torch cannot compute on past 64 dims."""
     with pytest.raises(BadRequestError, match=r"too large|rank"):
         deserialize(pb.Tensor(dtype="float32", shape=got, data=b""), name="x")
 
