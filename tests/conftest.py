@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from corolla.inference.discovery import DhtNode
 from corolla.inference.models.tiny import TinySpec, init_tiny
 from corolla.inference.server.app import BlockServer, ServerConfig
 
@@ -44,3 +45,19 @@ def start_server() -> Iterator[Callable[..., BlockServer]]:
     yield start
     for server in servers:
         server.stop(grace=0)
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[..., DhtNode]]:
+    """Start nodes on demand; every node is stopped at teardown, whatever happened."""
+    nodes: list[DhtNode] = []
+
+    def make(**kwargs: object) -> DhtNode:
+        node = DhtNode(**kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        node.start()
+        return node
+
+    yield make
+    for node in reversed(nodes):
+        node.stop()

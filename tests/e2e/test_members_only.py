@@ -98,10 +98,14 @@ def _self_signed_node(directory: Path, swarm_key: bytes) -> None:
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("members")
     ca = ConsortiumCA.init(root / "ws", consortium="members")
+    rogue_dirs: dict[str, Path] = {"revoked": ca.issue("revoked", "server").directory}
+    ca.revoke("revoked")  # rotates the swarm key: every node issued from now on holds the new epoch's
     nodes = {name: ca.issue(name, "server") for name in ("server-0", "server-1", "bootstrap")}
     nodes["site"] = ca.issue("site", "site")
     swarm_key = nodes["site"].swarm_key
-    rogue_dirs: dict[str, Path] = {}
+    # Each rogue holds the current swarm key (leaked to it by a member), so its records reach the DHT.
+    (rogue_dirs["revoked"] / "swarm.key").write_bytes(swarm_key.hex().encode())
+    (rogue_dirs["revoked"] / "swarm.epoch").write_bytes((nodes["site"].directory / "swarm.epoch").read_bytes())
     _self_signed_node(root / "self-signed", swarm_key)
     rogue_dirs["self-signed"] = root / "self-signed"
     other = ConsortiumCA.init(root / "other-ws", consortium="members").issue("other-ca", "server")
@@ -109,9 +113,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     rogue_dirs["other-ca"] = other.directory
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     rogue_dirs["expired"] = ca.issue("expired", "server", days=1, now=past).directory
-    rogue_dirs["revoked"] = ca.issue("revoked", "server").directory
     rogue_dirs["wrong-role"] = ca.issue("wrong-role", "site").directory
-    ca.revoke("revoked")
     return {"ca": ca, "nodes": nodes, "rogues": rogue_dirs, "root": root}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,19 +34,9 @@ def consortium(tmp_path: Path) -> ConsortiumCA:
     return ca
 
 
-@pytest.fixture
-def make_node() -> Iterator[Callable[..., DhtNode]]:
-    nodes: list[DhtNode] = []
-
-    def make(identity: NodeIdentity, **kwargs: object) -> DhtNode:
-        node = DhtNode(key_pair=identity.libp2p_key_pair(), psk=identity.swarm_key, start_timeout=8.0, **kwargs)  # type: ignore[arg-type]
-        nodes.append(node)
-        node.start()
-        return node
-
-    yield make
-    for node in reversed(nodes):
-        node.stop()
+def _member(make_node: Callable[..., DhtNode], identity: NodeIdentity, **kwargs: object) -> DhtNode:
+    """A DHT node with a member's libp2p key and its current swarm key."""
+    return make_node(key_pair=identity.libp2p_key_pair(), psk=identity.swarm_key, start_timeout=8.0, **kwargs)
 
 
 def _record(node: DhtNode) -> ServerRecord:
@@ -114,8 +104,8 @@ def test_a_corrupt_epoch_file_is_reported(consortium: ConsortiumCA) -> None:
 def test_old_epoch_key_cannot_reach_the_dht(consortium: ConsortiumCA, make_node: Callable[..., DhtNode]) -> None:
     revoked = consortium.node("site-x")  # what the revoked site holds: its epoch-0 key
     consortium.revoke("site-x")
-    server_a = make_node(consortium.node("server-a"))
-    server_b = make_node(consortium.node("server-b"), bootstrap=server_a.addrs)
+    server_a = _member(make_node, consortium.node("server-a"))
+    server_b = _member(make_node, consortium.node("server-b"), bootstrap=server_a.addrs)
     server_b.announce(_record(server_b))
 
     # A current member still reads the swarm ...

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from corolla.federation.coordinator.audits import CoordinatorAudits
 from corolla.platform.launch.federation import local_consortium
+from corolla.training.config import TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +29,19 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("consortium")
     local_consortium(root, servers=0, sites=4)
     return root
+
+
+@pytest.fixture
+def audits(tmp_path: Path) -> Iterator[CoordinatorAudits]:
+    """The coordinator's spot-check ledger for a run, in `tmp_path` (audit rate 0.05)."""
+    config = TrainConfig(
+        model="m",
+        out_dir=str(tmp_path / "out"),
+        audit_rate=0.05,
+        ledger=str(tmp_path / "ledger.db"),
+        ledger_key=str(tmp_path / "ledger.key"),
+    )
+    made = CoordinatorAudits.for_config(config)
+    assert made is not None
+    yield made
+    made.close()

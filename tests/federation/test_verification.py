@@ -95,21 +95,6 @@ def _orders(audits: CoordinatorAudits) -> AuditOrders:
     return AuditOrders.from_record(audits.orders().to_record())
 
 
-@pytest.fixture
-def audits(tmp_path: Path) -> CoordinatorAudits:
-    config = TrainConfig(
-        model="m",
-        out_dir=str(tmp_path / "out"),
-        audit_rate=0.05,
-        ledger=str(tmp_path / "ledger.db"),
-        ledger_key=str(tmp_path / "ledger.key"),
-    )
-    made = CoordinatorAudits.for_config(config)
-    assert made is not None
-    yield made
-    made.close()
-
-
 def test_site_audits_go_to_the_ledger_and_a_failure_quarantines(audits: CoordinatorAudits, tmp_path: Path) -> None:
     assert _accept(audits, _reply(audit("bad-node", Verdict.PASS), audit("honest-1", Verdict.PASS))) == 2
     assert audits.round_info() == AuditInfo(audits=2, quarantined=[])

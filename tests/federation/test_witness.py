@@ -4,7 +4,6 @@ older or forked one before its privacy ledger is charged."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from corolla.federation.messages import SITE_FAILED, SITE_REFUSED, VERIFY, Audit
 from corolla.federation.site.env import SiteRefused, SiteResult
 from corolla.federation.site.handlers import WITNESS_FILE, handle_train
 from corolla.federation.site.round import train_site_round
-from corolla.training.config import TrainConfig
 from corolla.verify.ledger import Ledger, LedgerKey, Witness
 from corolla.verify.ledger.witness import WITNESS_FORMAT
 from tests.federation.test_budget_after_checks import Site, _arrays, _train
@@ -75,21 +73,6 @@ def test_orders_carry_the_witness_and_check_it_on_read(tmp_path: Path) -> None:
     bad["witness"] = 7
     with pytest.raises(RecordError, match="witness must be a JSON string"):
         AuditOrders.from_record(bad)
-
-
-@pytest.fixture
-def audits(tmp_path: Path) -> Iterator[CoordinatorAudits]:
-    config = TrainConfig(
-        model="m",
-        out_dir=str(tmp_path / "out"),
-        audit_rate=0.05,
-        ledger=str(tmp_path / "ledger.db"),
-        ledger_key=str(tmp_path / "ledger.key"),
-    )
-    made = CoordinatorAudits.for_config(config)
-    assert made is not None
-    yield made
-    made.close()
 
 
 def test_the_coordinator_hands_out_its_current_signed_head(audits: CoordinatorAudits, tmp_path: Path) -> None:

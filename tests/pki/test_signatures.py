@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corolla.pki import CertificateError, SignatureError, _x509
+from tests.signature_edits import flip
 
 RFC8032_TEST_1 = json.loads((Path(__file__).parents[1] / "vectors" / "ed25519_rfc8032.json").read_text())["vectors"][0]
 OPAQUE = r"^a signature check failed$"
@@ -35,12 +36,6 @@ def _tlv(tag: int, content: bytes) -> bytes:
 def _signed(tbs: bytes, signature: bytes) -> bytes:
     """A Certificate or CertificateList (RFC 5280): SEQUENCE { tbs, Ed25519, BIT STRING signature }."""
     return _tlv(0x30, tbs + ED25519_ALGORITHM + _tlv(0x03, b"\x00" + signature))
-
-
-def _flip(data: bytes, bit: int) -> bytes:
-    out = bytearray(data)
-    out[bit // 8] ^= 1 << (bit % 8)
-    return bytes(out)
 
 
 def _ca(key: ed25519.Ed25519PrivateKey) -> x509.Certificate:
@@ -103,7 +98,7 @@ def test_certificate_edits_are_the_one_error(data: st.DataObject) -> None:
     tbs_bit = data.draw(st.integers(8 * subject_key, 8 * (subject_key + 32) - 1), label="signed bit")
     signature_bit = data.draw(st.integers(0, 8 * len(signature) - 1), label="signature bit")
     cut = data.draw(st.integers(0, len(signature) - 1), label="signature length")
-    for der in (_signed(_flip(tbs, tbs_bit), signature), _signed(tbs, _flip(signature, signature_bit))):
+    for der in (_signed(flip(tbs, tbs_bit), signature), _signed(tbs, flip(signature, signature_bit))):
         with pytest.raises(SignatureError, match=OPAQUE):
             _x509.verify_certificate(CA, _x509.cert_from_der(der))
     with pytest.raises(SignatureError, match=OPAQUE):
@@ -122,8 +117,8 @@ def test_revocation_list_edits_are_the_one_error(data: st.DataObject) -> None:
     signature_bit = data.draw(st.integers(0, 8 * len(signature) - 1), label="signature bit")
     cut = data.draw(st.integers(0, len(signature) - 1), label="signature length")
     for der in (
-        _signed(_flip(tbs, tbs_bit), signature),
-        _signed(tbs, _flip(signature, signature_bit)),
+        _signed(flip(tbs, tbs_bit), signature),
+        _signed(tbs, flip(signature, signature_bit)),
         _signed(tbs, signature[:cut]),
     ):
         with pytest.raises(SignatureError, match=OPAQUE):

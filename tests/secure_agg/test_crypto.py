@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import corolla
 from corolla.secure_agg import _crypto
 from corolla.secure_agg.errors import CryptoError
 from tests.secure_agg import make_vectors
+from tests.signature_edits import edits, signature_cases
 
 VECTORS = Path(__file__).parents[1] / "vectors"
 KDF = json.loads((VECTORS / "secure_agg_kdf.json").read_text())
@@ -145,19 +146,8 @@ def test_signature_known_answers(vector: dict[str, str]) -> None:
     _crypto.verify(public, message, signature)
 
 
-def _flip(data: bytes, bit: int) -> bytes:
-    out = bytearray(data)
-    out[bit // 8] ^= 1 << (bit % 8)
-    return bytes(out)
-
-
 @settings(max_examples=50, deadline=None)
-@given(
-    seed=st.binary(min_size=32, max_size=32),
-    other=st.binary(min_size=32, max_size=32),
-    message=st.binary(min_size=1, max_size=100),
-    data=st.data(),
-)
+@signature_cases
 def test_verify_refuses_every_edit_with_one_opaque_error(
     seed: bytes, other: bytes, message: bytes, data: st.DataObject
 ) -> None:
@@ -165,14 +155,7 @@ def test_verify_refuses_every_edit_with_one_opaque_error(
     each is the one `CryptoError`, with the one message."""
     public, signature = _crypto.ed25519_public(seed), _crypto.sign(seed, message)
     _crypto.verify(public, message, signature)
-    message_bit = data.draw(st.integers(0, 8 * len(message) - 1), label="message bit")
-    signature_bit = data.draw(st.integers(0, 8 * _crypto.SIGNATURE_BYTES - 1), label="signature bit")
-    cut = data.draw(st.integers(0, _crypto.SIGNATURE_BYTES - 1), label="signature length")
-    refused = [
-        (public, _flip(message, message_bit), signature),
-        (public, message, _flip(signature, signature_bit)),
-        (public, message, signature[:cut]),
-    ]
+    refused = [(public, signed, sig) for signed, sig in edits(message, signature, data)]
     if other != seed:
         refused.append((_crypto.ed25519_public(other), message, signature))
     for key, signed, sig in refused:

@@ -159,9 +159,15 @@ def run_rounds(
         started = clock()
         want = config.sites if server_round == 1 else 1
         nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
-        result = _train_round(
-            grid, nodes, weights, server_round, config.round_timeout, state, secure, audits, aggregate
+        this = _Round(
+            grid=grid,
+            weights=weights,
+            server_round=server_round,
+            timeout=config.round_timeout,
+            state=state,
+            audits=audits,
         )
+        result = _train_round(this, nodes, secure, aggregate)
         kept = result.delta is None
         if result.delta is not None:
             _check_aggregate(result.delta, weights)
@@ -197,6 +203,18 @@ def run_rounds(
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Round:
+    """One round as the loop runs it: where the messages go, what they carry, what is recorded."""
+
+    grid: Exchange
+    weights: Weights  # the round's starting weights
+    server_round: int
+    timeout: float  # seconds to wait for the round's replies (also the messages' TTL)
+    state: _RunState
+    audits: AuditsLike | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class _RoundResult:
     delta: Weights | None  # the mean update, None when there is none
     aggregated: int  # how many sites it averages
@@ -204,23 +222,14 @@ class _RoundResult:
     secure: SecureAggInfo | None = None  # what secure aggregation reports; None when it is off
 
 
-def _train_round(
-    grid: Exchange,
-    nodes: list[int],
-    weights: Weights,
-    server_round: int,
-    timeout: float,
-    state: _RunState,
-    secure: SecureRounds | None,
-    audits: AuditsLike | None,
-    aggregate: Aggregate,
-) -> _RoundResult:
+def _train_round(this: _Round, nodes: list[int], secure: SecureRounds | None, aggregate: Aggregate) -> _RoundResult:
     if secure is None:
-        plain = _PlainRound(weights)
-        outcomes = _exchange(grid, nodes, weights, server_round, timeout, state, plain, audits, {})
+        plain = _PlainRound(this.weights)
+        outcomes = _exchange(this, nodes, plain, {})
         delta = aggregate(plain.updates) if plain.updates else None
         return _RoundResult(delta=delta, aggregated=len(plain.updates), outcomes=outcomes)
 
+    grid, weights, server_round, timeout = this.grid, this.weights, this.server_round, this.timeout
     pruned = secure.prune(nodes)  # a node whose certificate no longer holds sits the round out
     failed = {**pruned, **secure.enroll(grid, [node for node in nodes if node not in pruned], timeout)}
     members = [node for node in nodes if node in secure.members]
@@ -237,7 +246,7 @@ def _train_round(
         )
     reporters = {node: secure.members[node].node_id for node in members}  # audits must come from these ids
     rnd = _SecureExchange(secure_round)
-    exchanged = _exchange(grid, members, weights, server_round, timeout, state, rnd, audits, reporters)
+    exchanged = _exchange(this, members, rnd, reporters)
     outcomes = {node: failed[node] if node in failed else exchanged[node] for node in nodes}
     if not secure_round.uploads:
         info = SecureAggInfo(uploads=0, threshold=secure_round.aggregator.threshold)
@@ -321,23 +330,14 @@ class _SecureExchange:
         self.round.accept(node, reply.upload)
 
 
-def _exchange(
-    grid: Exchange,
-    nodes: list[int],
-    weights: Weights,
-    server_round: int,
-    timeout: float,
-    state: _RunState,
-    kind: _RoundKind,
-    audits: AuditsLike | None,
-    reporters: Mapping[int, str],
-) -> dict[int, SiteOutcome]:
+def _exchange(this: _Round, nodes: list[int], kind: _RoundKind, reporters: Mapping[int, str]) -> dict[int, SiteOutcome]:
     """Send the round to `nodes`, hand every reply's update to `kind` and its audit report to
-    `audits`; each node's outcome."""
+    the round's audits; each node's outcome."""
     if not nodes:
         return {}
+    grid, server_round, timeout, state, audits = this.grid, this.server_round, this.timeout, this.state, this.audits
     order = TrainOrder(
-        weights=weights,
+        weights=this.weights,
         server_round=server_round,
         announcement=kind.announcement,
         audits=audits.orders() if audits is not None else None,

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -39,22 +39,6 @@ def make_record(
     }
     fields.update(extra)
     return ServerRecord(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def make_node() -> Iterator[Callable[..., DhtNode]]:
-    """Start nodes on demand; every node is stopped at teardown, whatever happened."""
-    nodes: list[DhtNode] = []
-
-    def make(**kwargs: object) -> DhtNode:
-        node = DhtNode(**kwargs)  # type: ignore[arg-type]
-        nodes.append(node)
-        node.start()
-        return node
-
-    yield make
-    for node in reversed(nodes):
-        node.stop()
 
 
 @dataclass

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -81,15 +82,22 @@ def _idle_requests(release: threading.Event) -> Iterator[pb.InferenceRequest]:
 # -- revocation of open streams --------------------------------------------------------------
 
 
+def _site_a_stream(
+    start_server: Callable[..., BlockServer], tiny_llama: Path, ids: dict[str, NodeIdentity]
+) -> tuple[BlockServer, Any, Any]:
+    """A TLS server re-checking its peers every 0.5 s, and an open session of site-a's on it."""
+    server = _serve_tls(start_server, tiny_llama, ids["server"], revocation_check_interval=0.5)
+    stub = _stub(server, ids["site-a"])
+    return server, stub, _open(stub)
+
+
 def test_revocation_ends_a_stepping_stream(
     consortium: tuple[ConsortiumCA, dict[str, NodeIdentity]],
     tiny_llama: Path,
     start_server: Callable[..., BlockServer],
 ) -> None:
     ca, ids = consortium
-    server = _serve_tls(start_server, tiny_llama, ids["server"], revocation_check_interval=0.5)
-    stub = _stub(server, ids["site-a"])
-    session = _open(stub)
+    server, stub, session = _site_a_stream(start_server, tiny_llama, ids)
     token = torch.randn(1, 1, HIDDEN)
     for _ in range(5):
         session.step(token, 0)  # position 0 again and again: rewinding is allowed
@@ -117,9 +125,7 @@ def test_revocation_ends_an_idle_stream(
     start_server: Callable[..., BlockServer],
 ) -> None:
     ca, ids = consortium
-    server = _serve_tls(start_server, tiny_llama, ids["server"], revocation_check_interval=0.5)
-    stub = _stub(server, ids["site-a"])
-    session = _open(stub)
+    server, stub, session = _site_a_stream(start_server, tiny_llama, ids)
     session.step(torch.randn(1, 1, HIDDEN), 0)
     assert server.servicer.sessions.open_sessions == 1  # type: ignore[union-attr]
     ca.revoke("site-a")

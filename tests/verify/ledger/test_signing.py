@@ -16,11 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from corolla.verify.errors import LedgerError
 from corolla.verify.ledger import LedgerKey, LedgerPublicKey, SignatureError
+from tests.signature_edits import edits, signature_cases
 
 ED25519 = json.loads((Path(__file__).parents[2] / "vectors" / "ed25519_rfc8032.json").read_text())["vectors"]
 OPAQUE = r"^a signature check failed$"
@@ -28,12 +29,6 @@ OPAQUE = r"^a signature check failed$"
 
 def _key(seed: bytes) -> LedgerKey:
     return LedgerKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
-
-
-def _flip(data: bytes, bit: int) -> bytes:
-    out = bytearray(data)
-    out[bit // 8] ^= 1 << (bit % 8)
-    return bytes(out)
 
 
 def test_sign_and_verify() -> None:
@@ -63,12 +58,7 @@ def test_signature_known_answers(vector: dict[str, str]) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    seed=st.binary(min_size=32, max_size=32),
-    other=st.binary(min_size=32, max_size=32),
-    message=st.binary(min_size=1, max_size=100),
-    data=st.data(),
-)
+@signature_cases
 def test_verify_refuses_every_edit_with_one_opaque_error(
     seed: bytes, other: bytes, message: bytes, data: st.DataObject
 ) -> None:
@@ -77,14 +67,7 @@ def test_verify_refuses_every_edit_with_one_opaque_error(
     key = _key(seed)
     public, signature = key.public_key(), key.sign(message)
     public.verify(message, signature)
-    message_bit = data.draw(st.integers(0, 8 * len(message) - 1), label="message bit")
-    signature_bit = data.draw(st.integers(0, 8 * len(signature) - 1), label="signature bit")
-    cut = data.draw(st.integers(0, len(signature) - 1), label="signature length")
-    refused = [
-        (public, _flip(message, message_bit), signature),
-        (public, message, _flip(signature, signature_bit)),
-        (public, message, signature[:cut]),
-    ]
+    refused = [(public, signed, sig) for signed, sig in edits(message, signature, data)]
     if other != seed:
         refused.append((_key(other).public_key(), message, signature))
     for by, signed, sig in refused:
