@@ -14,6 +14,7 @@ Real servers, over mutual TLS where the peer's identity matters.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +140,21 @@ def test_revocation_ends_an_idle_stream(
 # -- idle streams, per-peer limits ----------------------------------------------------------
 
 
+def _victim_rounds(victim: ServerStub, n: int) -> list[float]:
+    """Seconds each of `n` rounds of another member's calls took: Info, a forward, a session step."""
+    latencies: list[float] = []
+    for i in range(n):
+        began = time.monotonic()
+        assert victim.info(timeout=10).end == 4
+        out = victim.forward(torch.randn(1, 4, HIDDEN), model_id="", start=0, end=4)
+        assert torch.isfinite(out).all()
+        session = _open(victim, f"victim-{i}-{began}")
+        session.step(torch.randn(1, 1, HIDDEN), 0)
+        session.close()
+        latencies.append(time.monotonic() - began)
+    return latencies
+
+
 def test_idle_streams_from_one_peer_leave_others_served(
     consortium: tuple[ConsortiumCA, dict[str, NodeIdentity]],
     tiny_llama: Path,
@@ -148,6 +164,8 @@ def test_idle_streams_from_one_peer_leave_others_served(
     # 4 sessions + 16 = 20 worker threads; a peer may hold 16 of them
     server = _serve_tls(start_server, tiny_llama, ids["server"], max_sessions=4, open_timeout=60.0)
     per_peer = server.config.max_calls_per_peer
+    victim = _stub(server, ids["site-b"])
+    normal = _victim_rounds(victim, 5)  # site-b's latency on the server before the attack
     release = threading.Event()
     channel = _raw_channel(server, ids["site-a"])
     attacker = pb_grpc.BlockServiceStub(channel)
@@ -159,18 +177,9 @@ def test_idle_streams_from_one_peer_leave_others_served(
         assert any(call.details().startswith("CallLimitError: ") for call in refused)
         time.sleep(0.5)
         assert sum(not call.done() for call in calls) == per_peer  # held, idle, still open
-        victim = _stub(server, ids["site-b"])
-        latencies: list[float] = []
-        for _ in range(3):
-            began = time.monotonic()
-            assert victim.info(timeout=10).end == 4
-            out = victim.forward(torch.randn(1, 4, HIDDEN), model_id="", start=0, end=4)
-            assert torch.isfinite(out).all()
-            session = _open(victim, f"victim-{len(latencies)}")
-            session.step(torch.randn(1, 1, HIDDEN), 0)
-            session.close()
-            latencies.append(time.monotonic() - began)
-        assert max(latencies) < 3.0, latencies
+        during = _victim_rounds(victim, 5)
+        # served within its normal latency: the median round at most twice the one before (+ 50 ms of jitter)
+        assert statistics.median(during) <= 2 * statistics.median(normal) + 0.05, (normal, during)
         victim.close()
     finally:
         release.set()
