@@ -244,6 +244,19 @@ def test_generation_fails_over_from_a_false_span_claim(
     assert told == [(record.node_id, SpanNotServedError)]
 
 
+def _forward_until_the_liar_is_tried(
+    model: RemoteModelForCausalLM, record: ServerRecord, ids: torch.Tensor, expected: torch.Tensor
+) -> None:
+    """Forwards spread over replicas: repeat one until the route has taken the liar (its
+    node id is then banned), every output equal to `expected`."""
+    for _ in range(20):
+        if model.swarm.router.bans.is_banned(record.node_id):
+            return
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
+    assert model.swarm.router.bans.is_banned(record.node_id), "the forward never tried the liar"
+
+
 def test_forward_and_backward_fail_over_from_a_false_span_claim(
     span_swarm: tuple[_Honest, BlockServer], consortium: dict[str, NodeIdentity], tiny_llama: Path
 ) -> None:
@@ -253,14 +266,7 @@ def test_forward_and_backward_fail_over_from_a_false_span_claim(
     ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(33))
     with _client(span_swarm, site, tiny_llama) as model:
         record = _liar_record(model, liar)
-        expected = local(ids).logits
-        for _ in range(20):  # training forwards spread over replicas: repeat until the route took the liar
-            with torch.no_grad():
-                logits = model(ids).logits
-            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-            if model.swarm.router.bans.is_banned(record.node_id):
-                break
-        assert model.swarm.router.bans.is_banned(record.node_id), "the parallel forward never tried the liar"
+        _forward_until_the_liar_is_tried(model, record, ids, local(ids).logits)
 
         # backward whose trace names the liar's hop (as if its forward had been accepted):
         # the backward goes to the replicas instead, with the local gradient
@@ -293,11 +299,8 @@ def test_adapter_calls_fail_over_from_a_false_span_claim(
         record = _liar_record(model, liar)
         with torch.no_grad():
             first = model(ids).logits
-            for _ in range(20):  # forwards spread over replicas: repeat until the route took the liar
-                if model.swarm.router.bans.is_banned(record.node_id):
-                    break
-                torch.testing.assert_close(model(ids).logits, first, rtol=0, atol=1e-5)
-            assert model.swarm.router.bans.is_banned(record.node_id), "the forward never tried the liar"
+        _forward_until_the_liar_is_tried(model, record, ids, first)
+        with torch.no_grad():
             again = model(ids).logits  # the liar is banned: the replicas only
             model.use_adapter(None)
             base = model(ids).logits
