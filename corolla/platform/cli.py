@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from corolla.errors import CorollaError
-from corolla.platform.commands import audit, generate, keys, model, serve, swarm, train
+from corolla.platform import node_config
+from corolla.platform.commands import audit, config, generate, keys, model, serve, swarm, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,15 +48,26 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="platform", description="Corolla: a consortium's shared language model")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"this node's corolla.toml (default: ${node_config.ENV}); flags override it"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (keys, model, serve, swarm, generate, train, audit):
+    for module in (keys, model, serve, swarm, generate, train, audit, config):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        found = node_config.NodeConfig.find(_config_flag(words))
+        if found is not None:
+            node_config.apply(parser, words, found)
+    except CorollaError as exc:  # the file is read before the command runs: its errors are usage errors
+        print(f"platform: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(words)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -68,6 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _config_flag(words: Sequence[str]) -> str | None:
+    """`--config FILE` (or `--config=FILE`) before the command, without parsing the rest."""
+    for index, word in enumerate(words):
+        if not word.startswith("-"):
+            return None  # the command: global flags come before it
+        if word.startswith("--config="):
+            return word.split("=", 1)[1]
+        if word == "--config" and index + 1 < len(words):
+            return words[index + 1]
+    return None
 
 
 def _one_line(message: str) -> str:
