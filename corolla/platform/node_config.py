@@ -3,7 +3,7 @@
     [node]                      # settings any command takes where it has the flag
     role = "server"             # bootstrap | server | site | coordinator | client (documentation and checks)
     workspace = "/var/lib/corolla"
-    name = "server-a"           # --node: this node's identity in the workspace
+    node = "server-a"           # --node: this node's identity in the workspace
     model = "/models/smollm2"
     peers = ["/ip4/10.0.0.2/tcp/31338/p2p/12D3..."]
     ledger = "postgresql://corolla@db/ledger"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic import ValidationError
 
 from corolla.inference.client.routing import block_ranges
@@ -18,8 +20,10 @@ from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import AccessDeniedError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
+from corolla.metrics import Readiness
 from corolla.platform.commands._flags import add_renamed
 from corolla.platform.identity_args import add_identity_options, check_port, tls_from_args
+from corolla.platform.metrics_args import add_metrics_options, start_metrics
 from corolla.platform.workspace import resolve_workspace
 from corolla.verify.events import Subject
 from corolla.verify.reputation import ReputationBook
@@ -49,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="DHT peer to join (repeatable); none = the first peer of a new swarm",
     )
     add_identity_options(boot, role_hint="server")
+    add_metrics_options(boot)
     boot.set_defaults(run=run_bootstrap)
     status = swarm_sub.add_parser("status", help="servers of a model, their spans, and uncovered blocks")
     status.add_argument(
@@ -70,7 +75,15 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     tls = tls_from_args(args, "swarm bootstrap")
-    with DhtNode(host=args.host, port=args.dht_port, bootstrap=args.peers, **dht_security(tls)) as node:
+    readiness = Readiness()
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+    endpoint = start_metrics(args, registry, readiness)
+    with (
+        contextlib.closing(endpoint) if endpoint is not None else contextlib.nullcontext(),
+        DhtNode(host=args.host, port=args.dht_port, bootstrap=args.peers, **dht_security(tls)) as node,
+    ):
+        readiness.ready()
         print(f"READY dht={node.addrs[0]}", flush=True)
         print(
             f"bootstrap peer {node.peer_id} listening; join with --peers {node.addrs[0]}",
