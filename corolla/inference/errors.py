@@ -121,3 +121,10 @@ class DiscoveryError(InferenceError):
 
     exit_code = 6
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeviceError(InferenceError):
+    """The device asked for (`--device cuda`) is not on this machine, or cannot compute in the dtype asked for."""
+
+    exit_code = 15
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION

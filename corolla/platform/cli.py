@@ -22,6 +22,7 @@ Exit codes (docs/cli.md has the same table, with examples):
     12   secure aggregation
     13   verification/ledger
     14   ledger does not verify (tampered)
+    15   device: --device cuda without CUDA, a dtype the device cannot compute in
     130  interrupted
 """
 

@@ -153,7 +153,7 @@ def command_path(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[
         rest = rest[rest.index(chosen) + 1 :]
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:  # type: ignore[type-arg]
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action

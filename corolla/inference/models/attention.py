@@ -35,8 +35,8 @@ def causal_attention(
     elif kv_len == q_len:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        rows = torch.arange(q_len).unsqueeze(1) + (kv_len - q_len)
-        mask = torch.arange(kv_len).unsqueeze(0) <= rows  # (T, kv_len), True = may attend
+        rows = torch.arange(q_len, device=query.device).unsqueeze(1) + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=query.device).unsqueeze(0) <= rows  # (T, kv_len), True = may attend
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
     batch = out.shape[0]
     return out.transpose(1, 2).reshape(batch, q_len, -1)

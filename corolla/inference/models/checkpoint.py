@@ -14,9 +14,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from corolla.inference.errors import ModelLoadError
@@ -48,6 +50,13 @@ _POSITIVE_FIELDS = (
     "max_position_embeddings",
     "n_positions",
 )
+
+
+class BlockQuantizer(Protocol):
+    """Replaces, in place, a block's linear layers by quantized ones on `device` and moves the
+    rest of the block there (the server's `quantization.block_quantizer`)."""
+
+    def __call__(self, block: nn.Module, device: torch.device) -> object: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,8 +102,11 @@ class Checkpoint:
                 digest.update(handle.read(1 << 16))
         return f"{self.path.name}-{digest.hexdigest()[:12]}"
 
-    def read(self, keys: Iterable[str], *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, each read on its own from its shard."""
+    def read(
+        self, keys: Iterable[str], *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors, each read on its own from its shard and copied to `device`
+        (floating-point ones cast to `dtype`)."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             if key not in self.key_files:
@@ -105,36 +117,58 @@ class Checkpoint:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     for key in file_keys:
-                        tensor = handle.get_tensor(key)
-                        out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                        tensor = handle.get_tensor(key)  # backed by the file's memory map
+                        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                        # A copy of our own: a tensor left on the map would keep the whole file mapped,
+                        # and every page of it ever read would count in the process's resident memory.
+                        out[key] = tensor.to(device=device, dtype=cast, copy=True)
             except (SafetensorError, OSError) as exc:  # changed or removed since `open` checked it
                 raise ModelLoadError(f"cannot read tensors from {str(file)!r}: {exc}") from exc
         return out
 
-    def load_span(self, start: int, end: int, *, dtype: torch.dtype = torch.float32) -> Span:
+    def load_span(
+        self,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        quantize: BlockQuantizer | None = None,
+    ) -> Span:
+        """Blocks `[start, end)` with their weights in `dtype` on `device`, built one block at a
+        time. With `quantize`, each block is built on cpu and handed to it at once (it replaces
+        the block's linear layers and moves the block to `device`), so the float weights of at
+        most one block are held at a time: a quantized span never holds the float span."""
         if not 0 <= start < end <= self.num_blocks:
             raise ModelLoadError(
                 f"span {start}:{end} is not within the model's {self.num_blocks} blocks (0:{self.num_blocks})"
             )
+        target = torch.device(device)
         blocks = []
         for index in range(start, end):
             prefix = self._block_prefix(index)
             keys = [k for k in self.key_files if k.startswith(prefix)]
-            state = {k[len(prefix) :]: v for k, v in self.read(keys, dtype=dtype).items()}
+            on = "cpu" if quantize is not None else target
+            state = {k[len(prefix) :]: v for k, v in self.read(keys, dtype=dtype, device=on).items()}
             try:
-                blocks.append(self.family.build_block(self.config, index, state))
+                block = self.family.build_block(self.config, index, state)
             except KeyError as exc:
                 raise ModelLoadError(f"block {index} of {str(self.path)!r} lacks tensor {exc}") from exc
+            del state  # the block holds what it needs; the rest goes now
+            if quantize is not None:
+                quantize(block.eval(), target)
+            blocks.append(block)
         span = Span(family=self.family, config=self.config, start=start, end=end, blocks=blocks)
         return span.eval().requires_grad_(False)
 
-    def load_client(self, *, dtype: torch.dtype = torch.float32) -> ClientParts:
+    def load_client(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ClientParts:
+        """Embeddings, final norm and LM head on `device` (a tied head shares the embedding's tensor)."""
         wanted: dict[str, str] = {}
         for name, candidates in self.family.client_keys().items():
             found = next((k for k in candidates if k in self.key_files), None)
             if found is not None:
                 wanted[name] = found
-        tensors = self.read(wanted.values(), dtype=dtype)
+        tensors = self.read(wanted.values(), dtype=dtype, device=device)
         try:
             client = self.family.build_client(self.config, {n: tensors[k] for n, k in wanted.items()})
         except KeyError as exc:

@@ -17,8 +17,8 @@ from transformers import PretrainedConfig
 from corolla.inference.models.kv_cache import LayerCache
 from corolla.inference.models.lora import BlockLora
 
-# (offset, length, dtype) -> (cos, sin), each (1, length, head_dim)
-PositionEncoder = Callable[[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+# (offset, length, dtype, device) -> (cos, sin), each (1, length, head_dim) on `device`
+PositionEncoder = Callable[[int, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Block(nn.Module, ABC):

@@ -109,7 +109,7 @@ class GPT2Client(ClientParts):
         self.max_positions = int(config.n_positions)
 
     def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        positions = torch.arange(offset, offset + input_ids.shape[1]).unsqueeze(0)
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return self.wte(input_ids) + self.wpe(positions)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

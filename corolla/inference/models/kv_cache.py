@@ -40,10 +40,13 @@ class SpanCache:
         head_dim: int,
         max_length: int,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """Allocated on `device`, the span's: the blocks write and read it there."""
         shape = (batch_size, n_kv_heads, max_length, head_dim)
         self.layers = [
-            LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(n_layers)
+            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(n_layers)
         ]
         self.max_length = max_length
         self.batch_size = batch_size

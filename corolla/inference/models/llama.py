@@ -9,6 +9,7 @@ Mistral's sliding window is not applied (it only matters past the window length)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +58,16 @@ class _Fused:
     """Several projections of the same input as one matmul (a decode step is a few
     dozen tiny kernels, so each one saved counts). The projections stay separate
     `nn.Linear` modules, with HF names, whose weights are views of the fused tensor:
-    no extra memory. If a module is replaced (quantization), the fused path is dropped."""
+    no extra memory. When a module is replaced (quantization) the fused tensor is
+    released at once (`release`, called by `_FusedOwner`), so a quantized block never
+    keeps its float weights; when the modules are moved or cast (`.to(device)`, which
+    copies each view on its own), `refuse` rebuilds the fused tensor from them."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], names: list[str]) -> None:
         weights = [state[f"{n}.weight"] for n in names]
         biases = [state.get(f"{n}.bias") for n in names]
         self.sizes = [w.shape[0] for w in weights]
-        self.weight = torch.cat(weights)
+        self.weight: torch.Tensor | None = torch.cat(weights)
         self.bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
         self.fusable = all(b is None for b in biases) or self.bias is not None
         self.modules: list[nn.Linear] = []
@@ -74,14 +78,55 @@ class _Fused:
             start += size
 
     def __call__(self, x: torch.Tensor, current: list[nn.Module]) -> list[torch.Tensor]:
-        if self.fusable and all(a is b for a, b in zip(current, self.modules, strict=True)):
+        if self.fusable and self.weight is not None and all(a is b for a, b in zip(current, self.modules, strict=True)):
             return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
-        self.fusable = False  # modules were swapped: free the fused tensor's extra reference
-        self.weight = self.bias = None  # type: ignore[assignment]
+        self.release()
         return [m(x) for m in current]
 
+    def release(self) -> None:
+        """Stop fusing and drop every reference to the original modules and their weights."""
+        self.fusable = False
+        self.weight = self.bias = None
+        self.modules = []
 
-class LlamaAttention(nn.Module):
+    def refuse(self) -> None:
+        """Make the modules' weights views of one fused tensor again, after `.to()` split them."""
+        if not self.fusable:
+            return
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in self.modules])
+            for module, view in zip(self.modules, self.weight.split(self.sizes), strict=True):
+                module.weight.data = view
+            if self.bias is not None:
+                self.bias = torch.cat([m.bias.detach() for m in self.modules if m.bias is not None])
+                for module, view in zip(self.modules, self.bias.split(self.sizes), strict=True):
+                    module.bias.data = view
+
+
+class _FusedOwner(nn.Module):
+    """A module holding `_Fused` groups: replacing one of their modules releases the group,
+    and `.to()` / `.cuda()` / `.half()` rebuild each group's fused tensor on the new device."""
+
+    _FUSED: ClassVar[dict[str, str]] = {}  # module attribute -> the attribute of its `_Fused` group
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        fused = self.__dict__.get(self._FUSED.get(name, ""))
+        if isinstance(fused, _Fused) and fused.modules and not any(value is m for m in fused.modules):
+            fused.release()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _FusedOwner:
+        super()._apply(fn, recurse)
+        for group in set(self._FUSED.values()):
+            fused = self.__dict__.get(group)
+            if isinstance(fused, _Fused):
+                fused.refuse()
+        return self
+
+
+class LlamaAttention(_FusedOwner):
+    _FUSED: ClassVar[dict[str, str]] = {"q_proj": "_qkv", "k_proj": "_qkv", "v_proj": "_qkv"}
+
     def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.n_heads = int(config.num_attention_heads)
@@ -117,7 +162,9 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(_FusedOwner):
+    _FUSED: ClassVar[dict[str, str]] = {"gate_proj": "_gate_up", "up_proj": "_gate_up"}
+
     def __init__(self, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self._gate_up = _Fused(state, ["mlp.gate_proj", "mlp.up_proj"])
@@ -223,26 +270,31 @@ class LlamaFamily(ModelFamily):
     def position_encoder(self, config: PretrainedConfig) -> PositionEncoder:
         rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]  # Hugging Face's: it knows every rope scaling type
 
-        def encode(offset: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(
+            offset: int, length: int, dtype: torch.dtype, device: torch.device
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             positions = torch.arange(offset, offset + length).unsqueeze(0)
-            cos, sin = rotary(torch.empty(0, dtype=dtype), positions)  # each (1, T, D)
-            return cos, sin
+            cos, sin = rotary(torch.empty(0, dtype=dtype), positions)  # each (1, T, D), computed on cpu
+            return cos.to(device), sin.to(device)
 
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type in _LENGTH_DEPENDENT_ROPE:
             return encode
         # Static rope types: one table for every position, sliced per call (a decode step
         # then costs two slices instead of a dozen small kernels).
-        tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         max_positions = int(config.max_position_embeddings)
 
-        def lookup(offset: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def lookup(
+            offset: int, length: int, dtype: torch.dtype, device: torch.device
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if offset + length > max_positions:
-                return encode(offset, length, dtype)
-            if dtype not in tables:  # a plain tensor even if first asked for in inference mode (backward saves it)
+                return encode(offset, length, dtype, device)
+            key = (dtype, device)
+            if key not in tables:  # a plain tensor even if first asked for in inference mode (backward saves it)
                 with torch.inference_mode(False), torch.no_grad():
-                    tables[dtype] = encode(0, max_positions, dtype)
-            cos, sin = tables[dtype]
+                    tables[key] = encode(0, max_positions, dtype, device)
+            cos, sin = tables[key]
             return cos[:, offset : offset + length], sin[:, offset : offset + length]
 
         return lookup

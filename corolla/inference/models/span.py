@@ -25,7 +25,13 @@ class Span(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self._encode_positions = family.position_encoder(config)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks' weights live (every block on one device)."""
+        return next(p.device for p in self.parameters())
+
     def new_cache(self, *, start: int, end: int, batch_size: int, max_length: int, dtype: torch.dtype) -> SpanCache:
+        """A KV cache for blocks `[start, end)`, on the span's device."""
         n_kv, head_dim = self.family.kv_heads_and_dim(self.config)
         return SpanCache(
             n_layers=end - start,
@@ -34,6 +40,7 @@ class Span(nn.Module):
             head_dim=head_dim,
             max_length=max_length,
             dtype=dtype,
+            device=self.device,
         )
 
     def cache_bytes(self, *, start: int, end: int, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
@@ -64,7 +71,7 @@ class Span(nn.Module):
         end = self.end if end is None else end
         rope = None
         if self._encode_positions is not None:
-            rope = self._encode_positions(offset, hidden.shape[1], hidden.dtype)
+            rope = self._encode_positions(offset, hidden.shape[1], hidden.dtype, hidden.device)
         for i, block in enumerate(self.blocks[start - self.start : end - self.start]):
             layer_cache = cache.layers[i] if cache is not None else None
             lora = adapter.block(start + i) if adapter is not None else None

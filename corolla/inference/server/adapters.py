@@ -51,14 +51,14 @@ def check_adapter(span: Span, scaling: float, tensors: Mapping[str, torch.Tensor
             raise BadRequestError(f"adapter: {block}.{module} needs both lora_A and lora_B")
         layer: Any = span.blocks[block - span.start].get_submodule(module)  # nn.Linear or a bitsandbytes layer
         in_features, out_features = int(layer.in_features), int(layer.out_features)
-        a, b = parts["lora_A"].float(), parts["lora_B"].float()
+        a, b = parts["lora_A"].float(), parts["lora_B"].float()  # on the cpu, as they came off the wire
         rank = a.shape[0]
         if not 1 <= rank <= MAX_RANK or a.shape != (rank, in_features) or b.shape != (out_features, rank):
             raise BadRequestError(
                 f"adapter: {block}.{module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected "
                 f"(r, {in_features}) and ({out_features}, r) with 1 <= r <= {MAX_RANK}"
             )
-        pairs[(block, module)] = (a, b)
+        pairs[(block, module)] = (a.to(span.device), b.to(span.device))  # kept where the blocks compute
     return SpanAdapter.from_pairs(pairs, scaling)
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+import torch
 
+from corolla.inference.device import DeviceKind, check_dtype, resolve_device
 from corolla.inference.discovery import DhtNode, ServerRecord
 from corolla.inference.errors import BadRequestError, ModelLoadError
 from corolla.inference.grpc_tuning import tune_for_latency
@@ -21,12 +23,15 @@ from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.inference.server.backend import SpanBackend
 from corolla.inference.server.faults import FaultInjectingBackend, FaultKind, FaultSpec, other_weights_span
+from corolla.inference.server.loading import load_served_span
+from corolla.inference.server.metering import MeteringInterceptor
 from corolla.inference.server.service import BlockServicer, NodeStats, ServiceLimits
 from corolla.inference.server.span_choice import choose_span
 from corolla.inference.server.throughput import measure
 from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.channel import grpc_options
 from corolla.inference.wire.tensors import DTYPES
+from corolla.metrics import Readiness, ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,9 @@ class ServerConfig:
     model: Path  # local Hugging Face checkpoint directory
     blocks: tuple[int, int] | None = None  # span [start, end); None = choose by announced throughput
     num_blocks: int | None = None  # span length when choosing; None = half the model, rounded up
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; float16 on cuda only
     quant: Literal["int8", "nf4"] | None = None  # bitsandbytes weight quantization
+    device: DeviceKind = DeviceKind.AUTO  # where weights, KV caches and compute live; auto = cuda if available
     host: str = "127.0.0.1"  # gRPC listen address
     port: int = 0  # gRPC port; 0 = any free port
     announce_host: str | None = None  # address put in the DHT record; None = host
@@ -62,8 +68,12 @@ class ServerConfig:
     inject_fault: FaultSpec | None = None  # TESTS AND BENCHMARKS ONLY: corrupt a fraction of outputs (faults.py)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise BadRequestError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise BadRequestError(f"dtype={self.dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+        if not isinstance(self.device, DeviceKind):
+            raise BadRequestError(
+                f"device={self.device!r} must be a DeviceKind ({', '.join(k.value for k in DeviceKind)})"
+            )
         if self.quant not in (None, "int8", "nf4"):
             raise BadRequestError(f"quant={self.quant!r} must be None, 'int8' or 'nf4'")
         if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1]:
@@ -88,10 +98,15 @@ class ServerConfig:
 class BlockServer:
     """One `platform serve` process's worth of serving; `start()` returns once it serves."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, metrics: ServerMetrics | None = None) -> None:
+        """With `metrics`, every RPC, session and forward is recorded there, and `readiness`
+        turns ready once the server serves (and is announced)."""
         self.config = config
+        self.metrics = metrics
+        self.readiness = Readiness()
         self.dht: DhtNode | None = None
         self.backend: SpanBackend | None = None
+        self.device: torch.device | None = None  # resolved from config.device at start
         self.servicer: BlockServicer | None = None
         self._grpc: grpc.Server | None = None
         self._port = 0
@@ -103,6 +118,10 @@ class BlockServer:
     def start(self) -> BlockServer:
         tune_for_latency()
         cfg = self.config
+        device = resolve_device(cfg.device)  # before anything starts: no cuda is one line (exit 15)
+        dtype = DTYPES[cfg.dtype]
+        check_dtype(device, dtype)
+        self.device = device
         checkpoint = Checkpoint.open(cfg.model)
         model_id = cfg.model_id or checkpoint.model_id
         if cfg.dht:
@@ -122,21 +141,17 @@ class BlockServer:
         else:
             node_id = "Static" + "".join(secrets.choice(_BASE58) for _ in range(20))
         start, end = self._pick_span(checkpoint, model_id)
-        dtype = DTYPES[cfg.dtype]
-        span = checkpoint.load_span(start, end, dtype=dtype)
-        if cfg.quant is not None:
-            from corolla.inference.server.quantization import quantize_linears  # imports bitsandbytes
-
-            quantize_linears(span, cfg.quant, compute_dtype=dtype)
+        span = load_served_span(checkpoint, start, end, dtype=dtype, device=device, quant=cfg.quant)
         self.backend = SpanBackend(
             span, model_id=model_id, hidden_size=checkpoint.hidden_size, dtype=dtype, quant=cfg.quant
         )
         throughput, step_ms = measure(self.backend)
         log.info(
-            "serving %s blocks %d:%d (%s%s): %.0f tok/s/block, %.3f ms/step/block",
+            "serving %s blocks %d:%d (%s, %s%s): %.0f tok/s/block, %.3f ms/step/block",
             model_id,
             start,
             end,
+            device,
             cfg.dtype,
             f", {cfg.quant}" if cfg.quant else "",
             throughput,
@@ -158,14 +173,21 @@ class BlockServer:
             limits=limits,
             stats=NodeStats(node_id=node_id, throughput=throughput, step_ms_per_block=step_ms),
             tls=cfg.tls,
+            metrics=self.metrics,
         )
+        interceptors: list[grpc.ServerInterceptor] = []
+        if cfg.tls is not None:
+            interceptors.append(cfg.tls.server_interceptor())
+        if self.metrics is not None:
+            self._meter(self.metrics, self.servicer)
+            interceptors.append(MeteringInterceptor(self.metrics))
         # each open inference stream holds a worker thread for its lifetime
         workers = cfg.max_sessions + 16
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corolla-rpc"),
             options=grpc_options(cfg.max_message_bytes),
             maximum_concurrent_rpcs=workers,
-            interceptors=[cfg.tls.server_interceptor()] if cfg.tls else None,
+            interceptors=interceptors or None,
         )
         pb_grpc.add_BlockServiceServicer_to_server(self.servicer, self._grpc)
         address = f"{cfg.host}:{cfg.port}"
@@ -180,13 +202,21 @@ class BlockServer:
             self.announce()
             self._announcer = threading.Thread(target=self._announce_loop, name="corolla-announce", daemon=True)
             self._announcer.start()
+        self.readiness.ready()
         return self
+
+    def _meter(self, metrics: ServerMetrics, servicer: BlockServicer) -> None:
+        budget = float(self.config.cache_budget_bytes)
+        metrics.kv_cache_capacity.set(budget)
+        metrics.sessions_open.set_function(lambda: float(servicer.sessions.open_sessions))
+        metrics.kv_cache_used.set_function(lambda: budget - float(servicer.sessions.free_bytes))
 
     def stop(self, grace: float = 0.5) -> None:
         """Stop promptly: refuse new calls at once, end open sessions after `grace` seconds,
         and leave the DHT meanwhile (its peers see the connection close; the record expires
         on its own). Idempotent."""
         self._stop.set()
+        self.readiness.not_ready("stopping")
         leaving = None
         if self.dht is not None:  # leaving the DHT needs no gRPC: do both at once
             leaving = threading.Thread(target=self.dht.stop, name="corolla-dht-stop", daemon=True)
@@ -264,7 +294,13 @@ class BlockServer:
         if spec.kind == FaultKind.OTHER_WEIGHTS:
             seed = secrets.randbits(63) if spec.seed is None else spec.seed
             other = other_weights_span(
-                checkpoint, backend.start, backend.end, dtype=backend.dtype, quant=self.config.quant, seed=seed
+                checkpoint,
+                backend.start,
+                backend.end,
+                dtype=backend.dtype,
+                quant=self.config.quant,
+                seed=seed,
+                device=backend.device,
             )
         log.warning(
             "FAULT INJECTION: this server corrupts a fraction %g of its outputs (%s); for tests and benchmarks "

@@ -1,8 +1,9 @@
 """The computation a server offers on its span: forward, backward, cached inference steps.
 
-Requests may name any sub-span `[start, end)` of the served span. Inputs arrive in the
-client's dtype and are computed in the server's (`--dtype`); outputs go back in the
-dtype they came in, so a client never has to know how a server computes.
+Requests may name any sub-span `[start, end)` of the served span. Inputs arrive on the
+cpu (from the wire) in the client's dtype and are computed on the span's device (`--device`)
+in the server's dtype (`--dtype`); outputs go back to the cpu in the dtype they came in, so a
+client never has to know where or how a server computes. KV caches live on the device.
 
 Work stops between blocks when the call it is for ends: the service runs each call's
 computation `watched` by a check (caller gone, deadline passed, peer revoked) that runs
@@ -53,6 +54,7 @@ class SpanBackend:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.quant = quant
+        self.device = span.device
         self.blocks_computed = 0  # blocks started, every call together: a work counter
         for block in span.blocks:
             block.register_forward_pre_hook(self._before_block)
@@ -92,8 +94,12 @@ class SpanBackend:
     ) -> torch.Tensor:
         self.check_hidden(hidden)
         with torch.inference_mode():
-            out = self.span(hidden.to(self.dtype), start=start, end=end, adapter=adapter)
-        return out.to(hidden.dtype)
+            out = self.span(self._in(hidden), start=start, end=end, adapter=adapter)
+        return out.to("cpu", hidden.dtype)
+
+    def _in(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A request's tensor on the span's device, in the compute dtype."""
+        return hidden.to(self.device, self.dtype, non_blocking=hidden.is_pinned())
 
     def backward(
         self,
@@ -137,13 +143,14 @@ class SpanBackend:
         if not grad_input and not leaves:
             raise BadRequestError("nothing to compute: no input gradient and no adapter weights in these blocks")
         with torch.enable_grad():
-            inputs = hidden.to(self.dtype).detach().requires_grad_(grad_input)
+            inputs = self._in(hidden).detach().requires_grad_(grad_input)
             out = self.span(inputs, start=start, end=end, adapter=run_adapter)
             targets = ([inputs] if grad_input else []) + list(leaves.values())
-            grads = list(torch.autograd.grad(out, targets, grad_output.to(out.dtype), allow_unused=True))
-        g_in = grads.pop(0).to(hidden.dtype) if grad_input else None
+            grads = list(torch.autograd.grad(out, targets, self._in(grad_output).to(out.dtype), allow_unused=True))
+        g_in = grads.pop(0).to("cpu", hidden.dtype) if grad_input else None
+        # back to the cpu: they go on the wire or wait in the server's gradient store for ClipSum
         per_sample = {
-            name: torch.zeros_like(leaf) if g is None else g.float()
+            name: torch.zeros(leaf.shape) if g is None else g.to("cpu", torch.float32)
             for (name, leaf), g in zip(leaves.items(), grads, strict=True)
         }
         norms = None
@@ -180,5 +187,5 @@ class SpanBackend:
                 f"{position + hidden.shape[1]} tokens would exceed the session's max_length {cache.max_length}"
             )
         with torch.inference_mode():
-            out = self.span(hidden.to(self.dtype), start=start, end=end, offset=position, cache=cache, adapter=adapter)
-        return out.to(hidden.dtype)
+            out = self.span(self._in(hidden), start=start, end=end, offset=position, cache=cache, adapter=adapter)
+        return out.to("cpu", hidden.dtype)

@@ -104,11 +104,19 @@ _KINDS = ", ".join(k.value for k in FaultKind)
 
 
 def other_weights_span(
-    checkpoint: Checkpoint, start: int, end: int, *, dtype: torch.dtype, quant: QuantMode | None, seed: int
+    checkpoint: Checkpoint,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype,
+    quant: QuantMode | None,
+    seed: int,
+    device: torch.device | str = "cpu",
 ) -> Span:
     """Blocks `[start, end)` of `checkpoint` with every weight matrix redrawn from a seeded normal
-    of the same standard deviation (vectors, i.e. norms and biases, kept), quantized like a real span."""
-    span = checkpoint.load_span(start, end, dtype=dtype)
+    of the same standard deviation (vectors, i.e. norms and biases, kept), quantized like a real
+    span and placed on `device`."""
+    span = checkpoint.load_span(start, end, dtype=dtype)  # redrawn on the cpu: the same draws on every device
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(span.named_parameters()):
@@ -118,7 +126,9 @@ def other_weights_span(
     if quant is not None:
         from corolla.inference.server.quantization import quantize_linears  # imports bitsandbytes
 
-        quantize_linears(span, quant, compute_dtype=dtype)
+        quantize_linears(span, quant, compute_dtype=dtype, device=device)
+    else:
+        span.to(device)
     return span
 
 

@@ -1,6 +1,7 @@
 """A gRPC server interceptor that records every RPC into the server's `ServerMetrics`:
 requests by method and status code, and latency by method (a unary call as a whole, each
-response of a stream from the request it answers).
+response of a stream from the request it answers). A stream the client closes (that is how
+an inference session ends) counts as OK unless the server had set an error status.
 
 An interceptor, so that no handler has to remember to count itself, and a failing handler
 is counted with the status it ended with.
@@ -17,7 +18,7 @@ import grpc
 from corolla.metrics import ServerMetrics
 
 
-class MeteringInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class MeteringInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
 
@@ -57,6 +58,9 @@ class MeteringInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     for response in inner_stream(stamped(), context):
                         m.latency.labels(rpc=rpc).observe(time.perf_counter() - arrived[0])
                         yield response
+                except GeneratorExit:  # the client closed the stream: how a session ends
+                    m.requests.labels(rpc=rpc, code=_code(context, failed=False)).inc()
+                    raise
                 except BaseException:
                     m.requests.labels(rpc=rpc, code=_code(context, failed=True)).inc()
                     raise

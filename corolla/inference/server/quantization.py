@@ -1,4 +1,4 @@
-"""Serve a span's blocks with int8 or nf4 weights on CPU, through bitsandbytes 0.50.
+"""Serve a span's blocks with int8 or nf4 weights on CPU or CUDA, through bitsandbytes 0.50.
 
 `platform serve --quant int8|nf4` turns every `nn.Linear` of the served blocks into a bitsandbytes
 layer holding frozen quantized weights, so more blocks fit in memory; norms and the rest stay as
@@ -36,14 +36,18 @@ How the bitsandbytes layers are set up, and why:
   matmul; training mode dequantizes the whole weight on every call. Activations pass through
   float16 in eval, so a value beyond +-65504 overflows.
 
-Quantize after the block has its final dtype and device; bitsandbytes' parameters do not survive
-a later `.to(dtype)`.
+Quantize after the block has its final dtype, with its weights still on the cpu: they are
+quantized as they move to `device` (on cuda by bitsandbytes' CUDA kernels, the usual GPU path;
+the rest of the block moves beside them). bitsandbytes' parameters do not survive a later
+`.to(dtype)` or `.to(device)`, so nothing calls one on a quantized module. A server quantizes
+block by block as it loads (`Checkpoint.load_span(quantize=block_quantizer(...))`), so it never
+holds the whole float span (server/loading.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 from types import ModuleType
 from typing import Any, Literal, get_args
@@ -54,11 +58,12 @@ from torch import nn
 
 from corolla.inference.errors import ModelLoadError
 
-__all__ = ["QuantMode", "quantize_linears", "quantized_bytes"]
+__all__ = ["QuantMode", "block_quantizer", "quantize_linears", "quantized_bytes"]
 
 QuantMode = Literal["int8", "nf4"]
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+# compute dtypes, indexed by "is the device cuda": CPU kernels have no float16 path worth serving
+_COMPUTE_DTYPES = ((torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16, torch.float16))
 _INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8(): activation columns with |x| >= 6 skip int8
 _NF4_BLOCKSIZE = 64  # weights per nf4 scale; QLoRA's and bitsandbytes' default
 _PROBE_MAX_REL_ERROR = 0.25  # far above what working kernels give (table above)
@@ -71,23 +76,35 @@ class _DropInt8CastWarning(logging.Filter):
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-def quantize_linears(module: nn.Module, mode: QuantMode, *, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace, in place, every `nn.Linear` inside `module` by a bitsandbytes `mode` layer; return `module`.
+def quantize_linears(
+    module: nn.Module,
+    mode: QuantMode,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Replace, in place, every `nn.Linear` inside `module` by a bitsandbytes `mode` layer on
+    `device`, and move the module's other parameters and buffers there; return `module`.
 
-    Weights are quantized from their current values and frozen; biases are kept in `compute_dtype`;
-    bitsandbytes layers already there are kept. Nothing is replaced unless every layer quantizes.
-    Raises `ModelLoadError` naming the mode and the reason for bad arguments, for a Linear subclass
-    (it may bypass `forward`, as `nn.MultiheadAttention.out_proj` does), and when bitsandbytes
-    cannot run on this machine.
+    Weights (on cpu) are quantized from their current values as they move to `device` (on cuda by
+    bitsandbytes' CUDA kernels) and frozen; biases are kept in `compute_dtype`; bitsandbytes layers
+    already there are kept. Nothing is replaced unless every layer quantizes. Raises
+    `ModelLoadError` naming the mode and the reason for bad arguments, for a Linear subclass (it
+    may bypass `forward`, as `nn.MultiheadAttention.out_proj` does), and when bitsandbytes cannot
+    run on this machine.
     """
+    target = torch.device(device)
     if mode not in get_args(QuantMode):
         raise ModelLoadError(f"quantization mode {mode!r} is not supported; use one of {get_args(QuantMode)}")
-    if compute_dtype not in _COMPUTE_DTYPES:
-        raise ModelLoadError(f"{mode} compute_dtype {compute_dtype} is not supported; use one of {_COMPUTE_DTYPES}")
+    allowed = _COMPUTE_DTYPES[target.type == "cuda"]
+    if compute_dtype not in allowed:
+        raise ModelLoadError(
+            f"{mode} compute_dtype {compute_dtype} is not supported on {target.type}; use one of {allowed}"
+        )
     if type(module) is nn.Linear:
         raise ModelLoadError(f"cannot replace a bare nn.Linear by {mode} in place; pass the module holding it")
     bnb = _import_bitsandbytes(mode)
-    _probe(bnb, mode, compute_dtype)
+    _probe(bnb, mode, compute_dtype, target)
 
     new: dict[int, nn.Module] = {}  # id of an nn.Linear -> its replacement, so shared layers stay shared
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
@@ -103,12 +120,24 @@ def quantize_linears(module: nn.Module, mode: QuantMode, *, compute_dtype: torch
                 )
             if id(child) not in new:
                 bias = None if child.bias is None else child.bias.detach()
-                new[id(child)] = _quantize(bnb, mode, child.weight.detach(), bias, compute_dtype, where=path)
+                new[id(child)] = _quantize(
+                    bnb, mode, child.weight.detach(), bias, compute_dtype, device=target, where=path
+                )
                 new[id(child)].train(child.training)  # int8 picks its CPU path by training mode
             replacements.append((parent, name, new[id(child)]))
     for parent, name, layer in replacements:
         setattr(parent, name, layer)
+    _move_unquantized(module, target, bnb)
     return module
+
+
+def block_quantizer(mode: QuantMode, *, compute_dtype: torch.dtype) -> Callable[[nn.Module, torch.device], nn.Module]:
+    """`quantize_linears` in `mode` as `Checkpoint.load_span(quantize=...)` calls it, block by block."""
+
+    def quantize(block: nn.Module, device: torch.device) -> nn.Module:
+        return quantize_linears(block, mode, compute_dtype=compute_dtype, device=device)
+
+    return quantize
 
 
 def quantized_bytes(module: nn.Module) -> int:
@@ -135,28 +164,52 @@ def _import_bitsandbytes(mode: str) -> ModuleType:
     return bnb
 
 
-def _probe(bnb: ModuleType, mode: str, compute_dtype: torch.dtype) -> None:
+def _move_unquantized(module: nn.Module, device: torch.device, bnb: ModuleType) -> None:
+    """Every parameter and buffer outside the bitsandbytes layers to `device`. Not `module.to()`:
+    that would rebuild the quantized parameters (and bitsandbytes' state with them)."""
+    quantized = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, quantized):
+                continue
+            for name, param in sub.named_parameters(recurse=False):
+                if param.device != device:
+                    sub._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+            for name, buffer in sub.named_buffers(recurse=False):
+                if buffer.device != device:
+                    sub._buffers[name] = buffer.to(device)
+
+
+_probed: set[tuple[str, torch.dtype, torch.device]] = set()  # (mode, compute dtype, device) that passed
+
+
+def _probe(bnb: ModuleType, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
     """Run one small quantized layer forward and back, so broken kernels fail the load, not a request.
+    Once per process for each mode, dtype and device (a span quantizes block by block).
 
     Inputs are fixed rather than drawn from the caller's random generator.
     """
+    if (mode, compute_dtype, device) in _probed:
+        return
     with torch.inference_mode(False), torch.enable_grad():  # the caller may load under no_grad
         weight = torch.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64).T.contiguous()
-        x = torch.linspace(-2.0, 2.0, 4 * 64).reshape(4, 64).to(compute_dtype).requires_grad_()
-        layer = _quantize(bnb, mode, weight, torch.zeros(64), compute_dtype, where="a probe layer").eval()
+        x = torch.linspace(-2.0, 2.0, 4 * 64).reshape(4, 64).to(device, compute_dtype).requires_grad_()
+        bias = torch.zeros(64)
+        layer = _quantize(bnb, mode, weight, bias, compute_dtype, device=device, where="a probe layer").eval()
         try:
             out = layer(x)
             out.sum().backward()
         except (RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"bitsandbytes cannot run {mode} on this machine: {exc}") from exc
-    expected = F.linear(x.detach().float(), weight)
-    error = ((out.detach().float() - expected).norm() / expected.norm()).item()
+    expected = F.linear(x.detach().float().cpu(), weight)
+    error = ((out.detach().float().cpu() - expected).norm() / expected.norm()).item()
     grad_ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
     if not (error < _PROBE_MAX_REL_ERROR and grad_ok):
         raise ModelLoadError(
             f"bitsandbytes {mode} is wrong on this machine: relative error {error:.3g} (at most "
             f"{_PROBE_MAX_REL_ERROR}), input gradient {'finite' if grad_ok else 'missing or not finite'}"
         )
+    _probed.add((mode, compute_dtype, device))
 
 
 def _quantize(
@@ -166,9 +219,11 @@ def _quantize(
     bias: torch.Tensor | None,
     compute_dtype: torch.dtype,
     *,
+    device: torch.device,
     where: str,
 ) -> nn.Module:
-    """One bitsandbytes layer holding `weight` (out, in) quantized; built on meta, so no random init."""
+    """One bitsandbytes layer holding `weight` (out, in, on cpu) quantized on `device`; built on
+    meta, so no random init. bitsandbytes quantizes as the weight moves off the cpu (module docstring)."""
     out_features, in_features = weight.shape
     layer: Any  # a bitsandbytes class, reached through the untyped `bnb` module object
     try:
@@ -177,7 +232,7 @@ def _quantize(
                 in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                 threshold=_INT8_OUTLIER_THRESHOLD, device="meta",
             )  # fmt: skip
-            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
             layer.init_8bit_state()  # forward does this lazily, racing when two threads call it first
             if not torch.isfinite(layer.state.SCB).all():
                 raise ValueError("weights exceed the float16 range int8 quantization goes through")
@@ -189,12 +244,12 @@ def _quantize(
             layer.weight = bnb.nn.Params4bit(
                 weight, requires_grad=False, blocksize=_NF4_BLOCKSIZE, compress_statistics=True,
                 quant_type="nf4", module=layer,
-            ).to("cpu")  # fmt: skip
+            ).to(device)  # fmt: skip
             layer.support_avx512bf16_for_cpu = False  # no in-place repacking (module docstring)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"bitsandbytes cannot quantize {where} to {mode} on this machine: {exc}") from exc
     if bias is not None:
-        layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        layer.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
     quantized: nn.Module = layer
     return quantized
 

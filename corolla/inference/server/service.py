@@ -44,6 +44,7 @@ from corolla.inference.wire import blocks_pb2_grpc as pb_grpc
 from corolla.inference.wire.adapters import named_tensors, parse_adapter
 from corolla.inference.wire.backward import AdapterGrads
 from corolla.inference.wire.tensors import DTYPE_NAMES, deserialize, serialize
+from corolla.metrics import ServerMetrics
 
 MiB = 1 << 20
 
@@ -89,10 +90,18 @@ class _Session:
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
     def __init__(
-        self, backend: SpanBackend, *, limits: ServiceLimits, stats: NodeStats, tls: TlsConfig | None = None
+        self,
+        backend: SpanBackend,
+        *,
+        limits: ServiceLimits,
+        stats: NodeStats,
+        tls: TlsConfig | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
-        """With `tls`, every call's client certificate is re-checked against the CRL while it runs."""
+        """With `tls`, every call's client certificate is re-checked against the CRL while it runs;
+        with `metrics`, rows and tokens of every forward are counted there."""
         self.backend = backend
+        self.metrics = metrics
         self.limits = limits
         self.stats = stats
         self.tls = tls
@@ -130,6 +139,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             hidden = self._hidden(request.hidden, "hidden", whole_sequence=True)
             adapter = self._adapter(request.adapter)
             out = self.backend.forward(hidden, request.start, request.end, adapter=adapter)
+            self._count("Forward", hidden)
             return pb.ForwardResponse(hidden=serialize(out))
 
         return self._serve(run, context)
@@ -269,9 +279,16 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             adapter=session.adapter,
         )
         session.length = step.position + hidden.shape[1]
+        self._count("Inference", hidden)
         return pb.InferenceResponse(session_id=session.session_id, hidden=serialize(out), length=session.length)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _count(self, rpc: str, hidden: torch.Tensor) -> None:
+        """`hidden` (B, T, H): B rows through the span at once, B x T token positions."""
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(hidden.shape[0])
+            self.metrics.tokens.labels(rpc=rpc).inc(hidden.shape[0] * hidden.shape[1])
 
     def _serve(self, run: Callable[[], T], context: grpc.ServicerContext) -> T:
         """A unary call: `run` in one of the peer's call slots, its blocks watched."""

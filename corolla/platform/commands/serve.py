@@ -13,14 +13,20 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client import ProcessCollector
+
+from corolla.inference.device import DeviceKind, check_dtype, resolve_device
 from corolla.inference.errors import BadRequestError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.server.app import BlockServer, MiB, ServerConfig
 from corolla.inference.server.faults import FaultSpec
+from corolla.inference.wire.tensors import DTYPES
+from corolla.metrics import ServerMetrics
 from corolla.pki import Role, WorkspaceError
 from corolla.platform.commands._flags import add_renamed
 from corolla.platform.identity_args import add_identity_options, check_port, tls_from_args
 from corolla.platform.launch.servers import LaunchError
+from corolla.platform.metrics_args import add_metrics_options, start_metrics
 
 SHUTDOWN_GRACE_S = 0.5
 """On SIGTERM/SIGINT, open inference sessions get this long before they are cancelled."""
@@ -50,8 +56,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         "--blocks", type=parse_span, metavar="START:END", help="span START:END; default: the least-served span"
     )
     p.add_argument("--num-blocks", type=int, help="span length when --blocks is not given (default: half)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--quant", choices=("int8", "nf4"), help="bitsandbytes weight quantization")
+    p.add_argument(
+        "--device",
+        choices=[k.value for k in DeviceKind],
+        default=DeviceKind.AUTO.value,
+        help="where weights, KV caches and compute live (default auto: cuda if torch sees one, else cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="compute dtype (default float32); float16 on cuda only",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("int8", "nf4"),
+        help="bitsandbytes weight quantization. int8: fit for use (SmolLM2-135M: perplexity within ~3%% of "
+        "fp32, coherent text). nf4: NOT fit for use on small models (SmolLM2-135M: perplexity +20-50%%, "
+        "greedy text departs from fp32's at once and can repeat itself); see docs/inference.md",
+    )
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="gRPC listen address")
     p.add_argument("--port", type=int, default=0, metavar="N", help="gRPC port 1-65535 (default 0: any free port)")
     p.add_argument("--announce-host", help="address to announce, if not --host")
@@ -70,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument("--no-dht", action="store_true", help="serve by address only, without the DHT")
     p.add_argument("--announce-port", type=int, help="port 1-65535 to announce, if not --port (e.g. behind a proxy)")
     add_identity_options(p, role_hint="server")
+    add_metrics_options(p)
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-mb", type=int, default=1024, help="KV cache budget for all sessions, MiB")
     p.add_argument("--max-length", type=int, default=4096, metavar="N", help="longest inference session, tokens")
@@ -91,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             f"node {tls.identity.name!r} has role {tls.identity.role}; serving needs a certificate "
             "issued with --role server"
         )
+    device = resolve_device(args.device)  # no CUDA for --device cuda: one line (exit 15) before anything loads
+    check_dtype(device, DTYPES[args.dtype])
     Checkpoint.open(Path(args.model))  # a bad checkpoint is one line (exit 4) before anything listens
     _check_free(args.host, args.port, "--port")
     if not args.no_dht:
@@ -102,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             num_blocks=args.num_blocks,
             dtype=args.dtype,
             quant=args.quant,
+            device=DeviceKind(args.device),
             host=args.host,
             port=args.port,
             announce_host=args.announce_host,
@@ -132,19 +159,25 @@ def run(args: argparse.Namespace) -> int:
     # Installed before loading, so a SIGTERM while starting also stops cleanly (below).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
+    metrics = ServerMetrics()
+    ProcessCollector(registry=metrics.registry)  # resident memory, CPU seconds
+    server = BlockServer(config, metrics=metrics)
+    start_metrics(args, metrics.registry, server.readiness)  # /health answers 503 while the span loads
     try:
-        server = BlockServer(config).start()
+        server.start()
     except RuntimeError as exc:  # grpc's bind failure, should the port be taken between check and bind
         raise LaunchError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     record = server.record()
     dht = server.dht.addrs[0] if server.dht is not None else "-"
     # One machine-readable line (launchers wait for it), then the human one.
     print(
-        f"READY endpoint={server.endpoint} dht={dht} blocks={record.start}:{record.end} model_id={record.model_id}",
+        f"READY endpoint={server.endpoint} dht={dht} blocks={record.start}:{record.end} model_id={record.model_id} "
+        f"device={server.device}",
         flush=True,
     )
     print(
-        f"serving blocks {record.start}:{record.end} of {record.model_id} at {server.endpoint}; Ctrl-C to stop",
+        f"serving blocks {record.start}:{record.end} of {record.model_id} at {server.endpoint} on {server.device} "
+        f"({record.dtype}{', ' + record.quant if record.quant else ''}); Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )

@@ -36,6 +36,7 @@ class ServerProcess:
     blocks: tuple[int, int]
     endpoint: str = ""
     dht_addr: str = ""
+    device: str = ""  # where it computes, from its READY line ("cpu", "cuda:0")
     output: list[str] = field(default_factory=list)  # stderr lines, for error messages
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -147,6 +148,7 @@ class LocalServers:
                 if line.startswith("READY "):
                     fields = dict(part.split("=", 1) for part in line.split()[1:])
                     server.endpoint, server.dht_addr = fields["endpoint"], fields["dht"]
+                    server.device = fields.get("device", "")
                     server.ready.set()
 
         threading.Thread(target=read_stdout, daemon=True).start()
