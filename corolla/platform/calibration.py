@@ -18,45 +18,27 @@ through `quantize_linears`) honestly in every way an honest swarm may:
 
 Inputs are the real embeddings of random token ids (rows of 8 to 32 tokens), through tiny
 random Llama and GPT-2 checkpoints (`init_tiny`: 4 blocks, widths 64 and 128, two weight
-seeds; width 64 and seed 0 is the test suite's fixture model). Every output row
-is compared, as `tolerance.compare` does, with the same row from every other (setup, split),
-in both directions.
+seeds; width 64 and seed 0 is the test suite's fixture model), or through the checkpoint
+given with `--model` (the whole model as one span). Every output row is compared, with
+`tolerance.row_metrics`' scale-free per-position figures, with the same row from every other
+(setup, split), in both directions; each setup's cached steps are also compared with its own
+parallel forward (the cached-step gap of `corolla.verify.disagreements`).
 
 Then corruptions, each run by the primary in every setup and compared against every honest
 check: Gaussian noise of 1% of each row's RMS added to the output (`noise`), one block of
 the span skipped (`skip_block`), and blocks of a checkpoint of another seed
-(`other_weights`), and the lazy answer, the input returned unchanged (`identity`; for
-backward, the output gradient).
+(`other_weights`; for `--model`, the span's blocks in rotated order), and the lazy answer,
+the input returned unchanged (`identity`; for backward, the output gradient).
 
-The measurements become a table in `corolla.verify.tolerance` (`Disagreements.table`, pure
-maths): per pair and work kind the tolerance, max(T(a), T(b)) with T(p) = max(floor, 4 x the
-largest disagreement between a p run and a float32 run), and at least 4 x the largest
-disagreement measured for the pair directly; the smallest disagreement each corruption
-caused, and the fraction of corrupted outputs that the tolerance would let pass
-(`corruption_undetected`, 0 means every one was caught).
-
-The shipped table (2 archs x widths 64, 128 x 2 seeds, 2 batches of 8 rows each, 4 blocks;
-about 2 CPU-minutes), relative L2, largest over the three work kinds:
-
-    pair              honest max   tolerance   smallest corrupted: noise  skip   weights  identity
-    float32/float32   4e-7         1e-4 (floor)                   0.009  0.25   0.71     0.52
-    float16/float32   1.4e-3       5.7e-3                         0.009  0.25   0.71     0.52
-    bfloat16/float32  1.1e-2       4.5e-2                         0.010  0.25   0.71     0.52
-    bfloat16/int8     3.1e-2       1.2e-1                         0.013  0.25   0.71     0.52
-    float32/nf4       3.7e-1       1.5                            0.067  0.25   0.71     0.52
-
-So skipped blocks, other weights and lazy answers are caught, at least 2x beyond the tolerance,
-for every pair of float32, float16, bfloat16 and int8; 1% noise only between float32 and
-float16 (it is as large as honest bfloat16 or int8 rounding). nf4 on these random tiny models
-is unverifiable against anything: its honest error against float32 (37%) puts its tolerance
-above every corruption measured (`corruption_undetected` near 1). Trained weights quantize
-better; calibrate the deployed model before relying on nf4 servers.
-
-Limits, stated in the table's settings: the largest-difference tolerance is in the units of
-the model's activations (and, for backward, of gradients of a per-row mean loss), and
-disagreement grows with span length; for a deployed model, re-run with `--model DIR`
-(its checkpoint; `other_weights` then uses a copy of the span with its blocks rotated) and
-give the table to `platform train` or `platform generate` as `--tolerances FILE`.
+The measurements become one entry of a format-2 table (`Disagreements.table`, pure maths):
+per pair and work kind the tolerance, max(T(a), T(b)) with T(p) = max(floor, 4 x the largest
+disagreement between a p run and a float32 run), at least 4 x the largest disagreement
+measured for the pair directly, and for inference at least 4 x (step gap + forward
+disagreement); the smallest disagreement each corruption caused, and the fraction of
+corrupted outputs that the tolerance would let pass (`corruption_undetected`, 0 means every
+one was caught). The entry carries the widths and weight fingerprints measured, by which
+`tolerance_for` finds it; `merged` puts entries of several calibrations into one table (the
+shipped one holds `tiny` and `smollm2-135m-instruct`). Figures: docs/verification.md.
 """
 
 from __future__ import annotations
@@ -81,9 +63,10 @@ from corolla.inference.models.tiny import ARCHES, Arch, TinySpec, init_tiny
 from corolla.inference.server.backend import SpanBackend
 from corolla.inference.server.quantization import QuantMode
 from corolla.inference.wire.tensors import DTYPES
+from corolla.verify.disagreements import Disagreements, Margins
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import Work
-from corolla.verify.tolerance import PRECISIONS, Disagreements, Margins, Precision, ToleranceTable
+from corolla.verify.tolerance import PRECISIONS, ModelTolerances, Precision, ToleranceTable, fingerprint_of
 
 __all__ = [
     "CORRUPTIONS",
@@ -93,6 +76,7 @@ __all__ = [
     "Corruption",
     "Setup",
     "calibrate",
+    "merged",
     "summary",
 ]
 
@@ -144,10 +128,11 @@ class CalibrationSettings:
     steps: int = 4  # cached one-token inference steps after the prefill
     safety_factor: float = 4.0  # tolerance = safety_factor * largest honest disagreement
     rel_l2_floor: float = 1e-4  # smallest tolerance: below it, kernels on other hardware differ
-    max_abs_floor: float = 1e-4
+    max_abs_floor: float = 1e-3  # in units of a row's RMS (scale-free)
     noise: float = 0.01  # the noise corruption's std, as a fraction of each row's RMS
     seed: int = 0  # token ids, noise and skipped blocks
     model: Path | None = None  # calibrate this checkpoint instead of tiny ones (archs/seeds ignored)
+    name: str = ""  # the table entry's name (default: "tiny", or the model directory's name)
     setups: tuple[Setup, ...] = field(default=SETUPS)
     margins: Margins = field(init=False)  # safety_factor and the floors, validated by Margins
 
@@ -309,6 +294,7 @@ def _measure_checkpoint(
                 stp[setup, i] = _split_run(lambda x, b=backend: _steps(b, x, settings.steps, whole), split, hidden)
         last = slice(tokens - settings.steps, tokens)
         for (sa, ia), out_a in fwd.items():
+            m.add_step_gap(sa.precision, stp[sa, ia], out_a[:, last])  # the same server, cached vs parallel
             for (sb, ib), out_b in fwd.items():
                 if (sa, ia) != (sb, ib):
                     m.add_honest(Work.FORWARD, sa.precision, sb.precision, out_a, out_b)
@@ -361,26 +347,35 @@ def _tiny_specs(settings: CalibrationSettings) -> list[TinySpec]:
 def calibrate(
     settings: CalibrationSettings, *, workdir: Path | None = None, progress: Progress | None = None
 ) -> ToleranceTable:
-    """Run the whole procedure (module docstring) and return the table; tiny checkpoints go to
+    """Run the whole procedure (module docstring) and return a table of one entry, named
+    `settings.name` (default "tiny", or the model directory's name); tiny checkpoints go to
     `workdir` (default: a temporary directory); `progress` gets a line per checkpoint and sample."""
     say = progress or (lambda line: None)
     started = time.monotonic()
     gen = torch.Generator().manual_seed(settings.seed)
     m = Disagreements()
+    fingerprints: list[str] = []
     if settings.model is not None:
         checkpoint = Checkpoint.open(settings.model)  # ModelLoadError (exit 4) for a bad directory
         say(f"checkpoint 1/1: {settings.model} ({checkpoint.num_blocks} blocks; other weights: its blocks rotated)")
         _measure_checkpoint(checkpoint, None, settings, gen, m, say)
+        fingerprints.append(fingerprint_of(checkpoint.model_id))
+        hidden_sizes = [checkpoint.hidden_size]
+        name = settings.name or checkpoint.path.name
     else:
         specs = _tiny_specs(settings)
         with tempfile.TemporaryDirectory(prefix="corolla-calibration-") as tmp:
             root = workdir or Path(tmp)
             for i, spec in enumerate(specs, 1):
-                name = f"{spec.arch}-{spec.hidden_size}-{spec.seed}"
-                say(f"checkpoint {i}/{len(specs)}: tiny {name} ({spec.num_layers} blocks)")
-                path = init_tiny(root / name, spec)
-                other = init_tiny(root / f"{name}-other", _replace_seed(spec, spec.seed + 1000))
-                _measure_checkpoint(Checkpoint.open(path), Checkpoint.open(other), settings, gen, m, say)
+                label = f"{spec.arch}-{spec.hidden_size}-{spec.seed}"
+                say(f"checkpoint {i}/{len(specs)}: tiny {label} ({spec.num_layers} blocks)")
+                path = init_tiny(root / label, spec)
+                other = init_tiny(root / f"{label}-other", _replace_seed(spec, spec.seed + 1000))
+                opened = Checkpoint.open(path)
+                fingerprints.append(fingerprint_of(opened.model_id))
+                _measure_checkpoint(opened, Checkpoint.open(other), settings, gen, m, say)
+        hidden_sizes = list(settings.hidden_sizes)
+        name = settings.name or "tiny"
     recorded = {k: v for k, v in asdict(settings).items() if k not in ("setups", "margins")}
     recorded["model"] = None if settings.model is None else str(settings.model)
     recorded["setups"] = [s.name for s in settings.setups]
@@ -391,7 +386,19 @@ def calibrate(
         threads=torch.get_num_threads(),
         seconds=round(time.monotonic() - started, 1),
     )
-    return m.table(settings.margins, settings=json.loads(json.dumps(recorded)))
+    entry = m.table(
+        settings.margins,
+        settings=json.loads(json.dumps(recorded)),
+        hidden_sizes=hidden_sizes,
+        fingerprints=fingerprints,
+    )
+    return ToleranceTable(models={name: entry})
+
+
+def merged(base: ToleranceTable, added: ToleranceTable) -> ToleranceTable:
+    """`base` with `added`'s entries put in (an entry of the same name is replaced)."""
+    models: dict[str, ModelTolerances] = {**base.models, **added.models}
+    return ToleranceTable(models=models, fallback_factor=base.fallback_factor)
 
 
 def _replace_seed(spec: TinySpec, seed: int) -> TinySpec:
@@ -399,16 +406,20 @@ def _replace_seed(spec: TinySpec, seed: int) -> TinySpec:
 
 
 def summary(table: ToleranceTable) -> str:
-    """One line per pair and work: the tolerance, the largest honest disagreement, the smallest
-    disagreement each corruption caused (relative L2), and the fractions undetected."""
+    """Per entry, one line per pair and work: the tolerances (relative L2, scaled largest
+    difference), the largest honest disagreement, the smallest relative L2 each corruption
+    caused, and the fractions undetected."""
     head = "".join(f"{k[:9]:>10}" for k in CORRUPTIONS)
-    lines = [f"{'pair':<18}{'work':<10}{'tol rel':>10}{'honest':>10}{head}  undetected"]
-    for key, works in table.tolerances.items():
-        for work, e in works.items():
-            c = e.corruption_min_rel_l2
-            lines.append(
-                f"{key:<18}{work.value:<10}{e.rel_l2:>10.2e}{e.honest_max_rel_l2:>10.2e}"
-                + "".join(f"{c.get(k, math.nan):>10.2e}" for k in CORRUPTIONS)
-                + f"  {e.corruption_undetected}"
-            )
+    lines = []
+    for name, entry in table.models.items():
+        lines.append(f"{name} (hidden {entry.hidden_sizes}):")
+        lines.append(f"{'pair':<18}{'work':<10}{'tol rel':>10}{'tol max':>10}{'honest':>10}{head}  undetected")
+        for key, works in entry.tolerances.items():
+            for work, e in works.items():
+                c = e.corruption_min_rel_l2
+                lines.append(
+                    f"{key:<18}{work.value:<10}{e.rel_l2:>10.2e}{e.max_abs:>10.2e}{e.honest_max_rel_l2:>10.2e}"
+                    + "".join(f"{c.get(k, math.nan):>10.2e}" for k in CORRUPTIONS)
+                    + f"  {e.corruption_undetected}"
+                )
     return "\n".join(lines)

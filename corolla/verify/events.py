@@ -47,7 +47,9 @@ class Verdict(StrEnum):
 
 
 class Comparison(_Frozen):
-    """Two outputs of the same work compared: relative L2 error and largest |difference|."""
+    """Two outputs of the same work compared, row by row (`corolla.verify.tolerance`): the largest
+    per-row relative L2 error, and the largest per-row |difference| in units of the row's RMS
+    (`max_abs`: the name is kept from format-1 tables, whose bound was absolute)."""
 
     rel_l2: float = Field(ge=0)
     max_abs: float = Field(ge=0)

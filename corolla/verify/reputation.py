@@ -30,35 +30,48 @@ raises it.
 
 The sequential test
 -------------------
-A one-sided Page CUSUM of the Bernoulli log-likelihood ratio between H0, "the subject's
-refereed failure rate is p0 = honest_fail_rate", and H1, "it is p1 = dishonest_fail_rate"
-(the smallest corruption rate we must catch):
+A one-sided Page CUSUM of the Bernoulli log-likelihood ratio between H0, "the subject is
+honest", and H1, "it corrupts a fraction p1 = dishonest_fail_rate of its outputs" (the
+smallest corruption rate we must catch). FAILs come in two strengths, told apart by how far
+the subject's output lay from the check's: `severity` = the larger of the comparison's two
+figures over their tolerances (both recorded in the event), so 1 is the tolerance's edge.
 
-    S <- max(0, S + log(p1/p0))            on a FAIL
+- gross FAIL, severity >= gross_factor (4): the output is at least 4x further from the check
+  than the tolerance allows, itself 4x the largest honest disagreement ever calibrated (16x
+  in all). An honest server gets one at a rate of at most p0 = honest_fail_rate (1e-6).
+- borderline FAIL, 1 < severity < gross_factor: past the tolerance but within reach of an
+  honest server on an input or span the calibration did not see (a model audited with the
+  fallback bounds, an unusually long context). Its honest rate is taken as the much higher
+  p0b = honest_borderline_rate (1e-4), so it weighs less.
+
+    S <- max(0, S + log(p1/p0))            on a gross FAIL
+    S <- max(0, S + log(p1/p0b))           on a borderline FAIL
     S <- max(0, S + log((1-p1)/(1-p0)))    on a PASS
     quarantine when S >= h = log(1/alpha), alpha = false_quarantine
 
-With the defaults p0 = 1e-6, p1 = 0.01, alpha = 1e-3:
+With the defaults p0 = 1e-6, p0b = 1e-4, p1 = 0.01, alpha = 1e-3:
 
-    one FAIL:  log(0.01 / 1e-6)            = log(1e4)  = +9.2103
-    one PASS:  log(0.99 / 0.999999)                    = -0.0101
-    threshold: log(1 / 1e-3)               = log(1e3)  =  6.9078
+    gross FAIL:      log(0.01 / 1e-6)  = log(1e4)  = +9.2103
+    borderline FAIL: log(0.01 / 1e-4)  = log(1e2)  = +4.6052
+    one PASS:        log(0.99 / 0.999999)          = -0.0101
+    threshold:       log(1 / 1e-3)     = log(1e3)  =  6.9078
 
-so a single FAIL, from any history (S >= 0 always), crosses the threshold: the likelihood
-ratio of one refereed FAIL, 1e4, is larger than the 1e3 the test asks for. One FAIL must be
-enough: a node corrupting f = 1% of its outputs is caught within n audits with probability
+so a single gross FAIL, from any history (S >= 0 always), crosses the threshold, while one
+borderline FAIL never does: it takes two with at most (2 x 4.6052 - 6.9078) / 0.0101 = 229
+PASSes between them (or three within about 1,140). A gross FAIL must be enough on its own: a
+node corrupting f = 1% of its outputs grossly is caught within n audits with probability
 1-(1-f)^n, which is 0.9976 at n = 600 with one FAIL but only about 0.983 if two were needed.
-It is safe because an honest node's refereed failure rate is about 0: a FAIL needs the
+It is safe because an honest node's refereed gross-FAIL rate is about 0: a FAIL needs the
 check and a third run (the referee) to agree with each other and not with the subject,
-beyond tolerances set at several times the largest honest disagreement ever measured
-(`corolla/verify/tolerance.py`). An honest node is falsely quarantined at a rate of at most
-p0 per audit (10,000 honest audits: at most 1% under the model; in calibration no honest
-comparison came within the safety factor of its tolerance, so in practice none).
-INCONCLUSIVE adds log 1 = 0, so no number of them ever quarantines anyone.
+and a gross one 16x beyond the largest honest disagreement measured (`tolerance.py`). A
+corruption too subtle to be gross (1% noise against an int8 pair) is caught only as
+repeated borderline FAILs, and a 1% rate of those mostly is not: that is the price of not
+quarantining honest servers at a tolerance's edge. INCONCLUSIVE adds log 1 = 0, so no number
+of them ever quarantines anyone.
 
-In general one FAIL suffices when log(p1/p0) >= log(1/alpha), that is p0 <= alpha * p1
-(`ReputationPolicy.fails_to_quarantine` gives the count). Looser policies need several
-FAILs within a window: every PASS takes log((1-p0)/(1-p1)) off the statistic.
+In general one gross FAIL suffices when log(p1/p0) >= log(1/alpha), that is p0 <= alpha * p1
+(`ReputationPolicy.fails_to_quarantine` gives the count, `borderline_fails_to_quarantine` the
+borderline one).
 
 Why clamped at 0 (Page's form, not Wald's SPRT): Wald's statistic keeps going down on every
 PASS, so 10,000 honest audits would bank 10,000 * 0.0101 = 101 nats of credit, and with a
@@ -98,7 +111,7 @@ from dataclasses import dataclass, field, replace
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import AuditEvent, QuarantineEvent, ReadmitEvent, Subject, Verdict
 
-__all__ = ["QuarantineDecision", "ReputationBook", "ReputationPolicy", "SubjectState"]
+__all__ = ["QuarantineDecision", "ReputationBook", "ReputationPolicy", "SubjectState", "severity"]
 
 _MAX_EVIDENCE = 1000  # QuarantineEvent.evidence holds at most this many event ids
 
@@ -110,7 +123,9 @@ class ReputationPolicy:
     decay: float = 0.99  # old Beta counts are multiplied by this on each audit of the subject
     prior_pass: float = 1.0  # Beta prior: pseudo-passes
     prior_fail: float = 1.0  # Beta prior: pseudo-fails
-    honest_fail_rate: float = 1e-6  # p0: refereed FAIL rate of an honest node
+    honest_fail_rate: float = 1e-6  # p0: refereed gross-FAIL rate of an honest node
+    honest_borderline_rate: float = 1e-4  # p0b: refereed borderline-FAIL rate of an honest node
+    gross_factor: float = 4.0  # a FAIL this many times beyond its tolerance (or more) is gross
     dishonest_fail_rate: float = 0.01  # p1: smallest corruption rate that must be caught
     false_quarantine: float = 1e-3  # alpha: threshold = log(1/alpha)
     probation_audit_rate: float = 0.5  # audit rate of a re-admitted node while on probation
@@ -121,9 +136,11 @@ class ReputationPolicy:
         for name in ("prior_pass", "prior_fail"):
             _check_range(name, getattr(self, name), 0.0, math.inf, low_open=True, high_open=True)
         _check_range("honest_fail_rate", self.honest_fail_rate, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("honest_borderline_rate", self.honest_borderline_rate, 0.0, 1.0, low_open=True, high_open=True)
         _check_range(
             "dishonest_fail_rate", self.dishonest_fail_rate, self.honest_fail_rate, 1.0, low_open=True, high_open=True
         )
+        _check_range("gross_factor", self.gross_factor, 1.0, math.inf, low_open=False, high_open=True)
         _check_range("false_quarantine", self.false_quarantine, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("probation_audit_rate", self.probation_audit_rate, 0.0, 1.0, low_open=True, high_open=False)
         if (
@@ -144,6 +161,13 @@ class ReputationPolicy:
         return math.log(self.dishonest_fail_rate / self.honest_fail_rate)
 
     @property
+    def borderline_step(self) -> float:
+        """log(p1/p0b): what one borderline FAIL adds to the statistic (never more than a gross
+        FAIL, and never less than 0: p0b is taken as at least p0, at most p1)."""
+        p0b = min(max(self.honest_borderline_rate, self.honest_fail_rate), self.dishonest_fail_rate)
+        return math.log(self.dishonest_fail_rate / p0b)
+
+    @property
     def pass_step(self) -> float:
         """log((1-p1)/(1-p0)) < 0: what one PASS adds to the statistic."""
         return math.log1p(-self.dishonest_fail_rate) - math.log1p(-self.honest_fail_rate)
@@ -152,6 +176,16 @@ class ReputationPolicy:
     def fails_to_quarantine(self) -> int:
         """FAILs in a row that quarantine a subject from a statistic of 0 (1 with the defaults)."""
         return max(1, math.ceil(self.threshold / self.fail_step))
+
+    @property
+    def borderline_fails_to_quarantine(self) -> int:
+        """Borderline FAILs in a row that quarantine a subject from a statistic of 0 (2 with the defaults)."""
+        step = self.borderline_step
+        return max(1, math.ceil(self.threshold / step)) if step > 0 else 0  # 0: borderline FAILs alone never do
+
+    def is_gross(self, severity: float) -> bool:
+        """Whether a FAIL this far beyond its tolerance (`severity`, 1 = at the edge) is gross."""
+        return severity >= self.gross_factor
 
 
 @dataclass(slots=True)
@@ -170,6 +204,7 @@ class SubjectState:
     prior_pass: float = 1.0  # copied from the policy, so `score` needs nothing else
     prior_fail: float = 1.0
     run: list[str] = field(default_factory=list)  # FAILs since the statistic last left 0
+    borderline: int = 0  # undecayed count of borderline (not gross) FAILs
 
     @property
     def score(self) -> float:
@@ -236,11 +271,12 @@ class ReputationBook:
         self._seen.add(event.event_id)
         if isinstance(event, AuditEvent):
             decisions = []
-            decision = self._audit(event.subject, event.verdict, event.event_id, event.at)
+            strength = severity(event)
+            decision = self._audit(event.subject, event.verdict, event.event_id, event.at, strength)
             if decision is not None:
                 decisions.append(decision)
             if event.blamed is not None and event.blamed != event.subject:
-                decision = self._audit(event.blamed, Verdict.FAIL, event.event_id, event.at)
+                decision = self._audit(event.blamed, Verdict.FAIL, event.event_id, event.at, strength)
                 if decision is not None:
                     decisions.append(decision)
             return decisions
@@ -296,7 +332,9 @@ class ReputationBook:
             state = self._states[subject] = self._fresh(subject)
         return state
 
-    def _audit(self, subject: Subject, verdict: Verdict, event_id: str, at: float) -> QuarantineDecision | None:
+    def _audit(
+        self, subject: Subject, verdict: Verdict, event_id: str, at: float, strength: float
+    ) -> QuarantineDecision | None:
         policy = self.policy
         state = self._state_for(subject)
         state.last_at = max(state.last_at, at)
@@ -315,15 +353,19 @@ class ReputationBook:
             if state.llr == 0.0:
                 state.run = []
             return None
+        gross = policy.is_gross(strength)
         state.audits_failed += 1
+        state.borderline += not gross
         state.evidence.append(event_id)
         state.run.append(event_id)
-        state.llr = max(0.0, state.llr + policy.fail_step)
+        state.llr = max(0.0, state.llr + (policy.fail_step if gross else policy.borderline_step))
         if state.quarantined:
             return None
         if state.llr >= policy.threshold:
+            what = f"a gross FAIL ({strength:.3g}x its tolerance)" if gross else "borderline FAIL(s)"
             reason = (
-                f"{len(state.run)} refereed FAIL(s) raised the CUSUM log-likelihood ratio to {state.llr:.4g} "
+                f"{len(state.run)} refereed FAIL(s), the last {what}, raised the CUSUM log-likelihood ratio to "
+                f"{state.llr:.4g} "
                 f">= threshold {policy.threshold:.4g} (p0={policy.honest_fail_rate:g}, "
                 f"p1={policy.dishonest_fail_rate:g}, alpha={policy.false_quarantine:g})"
             )
@@ -336,6 +378,15 @@ class ReputationBook:
         return QuarantineDecision(
             subject=subject, evidence=tuple(state.run[-_MAX_EVIDENCE:]), llr=state.llr, reason=reason
         )
+
+
+def severity(event: AuditEvent) -> float:
+    """How far beyond its tolerance the primary/check comparison of an audit lay: the larger of
+    its two figures over their bounds (1 = at the edge; saturated figures give a huge value).
+    For a FAIL this is the subject's distance from the check (which the referee sided with);
+    for a blamed check server, the same distance seen from the other side."""
+    c = event.comparison
+    return max(c.rel_l2 / event.tolerance_rel_l2, c.max_abs / event.tolerance_max_abs)
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> None:

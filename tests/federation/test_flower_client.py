@@ -291,7 +291,7 @@ def test_the_coordinators_tolerance_table_reaches_the_site_or_is_refused_before_
         seen.append(orders)
         return SiteResult(update, SiteMetrics())
 
-    for text in (table.model_dump_json(), '{"format": "corolla-tolerances/1"}'):
+    for text in (table.model_dump_json(), '{"format": "corolla-tolerances/2"}'):
         msg = _message()
         msg.content[VERIFY] = ConfigRecord({"rate": 0.1, "quarantine": [], "tolerances": text})
         msg = Message(_wire(msg.content), dst_node_id=9, message_type=MessageType.TRAIN, group_id="3")
@@ -304,7 +304,7 @@ def test_the_coordinators_tolerance_table_reaches_the_site_or_is_refused_before_
             assert reply.error.code == SITE_FAILED and len(seen) == 1
             reason = read_error(reply.error).reason
             assert reason.startswith("RecordError: refusing the train message: the coordinator's tolerance table is ")
-            assert "not a valid tolerance table (3 errors; first: settings: Field required)" in reason
+            assert "not a valid tolerance table (1 error; first: models: Field required)" in reason
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,7 @@ def test_audit_rate_is_validated() -> None:
 def _calibrated(path: Path, rel_l2: float = 0.0123) -> ToleranceTable:
     """A table as `platform audit calibrate --out` writes it, float32 pairs at `rel_l2`."""
     data = load_table().model_dump(mode="json")
-    for entry in data["tolerances"]["float32/float32"].values():
+    for entry in data["models"]["tiny"]["tolerances"]["float32/float32"].values():
         entry["rel_l2"] = rel_l2
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
     return load_table(path)
@@ -232,7 +232,7 @@ def test_the_runs_tolerance_table_travels_to_every_site(tmp_path: Path) -> None:
     finally:
         audits.close()
     assert orders is not None and orders.tolerances == table
-    assert tolerance_for("float32", "float32", Work.FORWARD, table=orders.tolerances).rel_l2 == 0.0123
+    assert tolerance_for("float32", "float32", Work.FORWARD, table=orders.tolerances, hidden_size=64).rel_l2 == 0.0123
     site = SiteAudits(orders, reporter="site-a")
     assert site.checker._tolerances == table
     assert site.finish() == ()
@@ -248,7 +248,7 @@ def test_without_a_table_the_orders_carry_none(audits: CoordinatorAudits) -> Non
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("{}", r"the coordinator's tolerance table is not a valid tolerance table \(3 errors; first: settings: "),
+        ("{}", r"the coordinator's tolerance table is not a valid tolerance table \(1 error; first: models: "),
         ("not json", r"not a valid tolerance table \(1 error; first: Invalid JSON"),
         (b"{}", "must be a JSON string, not bytes"),
         (["{}"], "must be a JSON string, not list"),
@@ -261,7 +261,7 @@ def test_a_site_refuses_a_malformed_table(value: object, message: str) -> None:
 
 
 def test_a_table_that_no_longer_loads_stops_the_coordinator(tmp_path: Path) -> None:
-    (tmp_path / "calibrated.json").write_text('{"format": "corolla-tolerances/1"}')
+    (tmp_path / "calibrated.json").write_text('{"format": "corolla-tolerances/2"}')
     config = _config_with_table(tmp_path)
     with pytest.raises(VerifyError, match=r"calibrated\.json is not a valid tolerance table"):
         CoordinatorAudits.for_config(config)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from corolla.inference.models.tiny import TinySpec, init_tiny
-from corolla.platform.calibration import CORRUPTIONS, CalibrationError, CalibrationSettings, calibrate
+from corolla.platform.calibration import CORRUPTIONS, CalibrationError, CalibrationSettings, calibrate, merged
 from corolla.platform.cli import main
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import Work
-from corolla.verify.tolerance import ToleranceTable, load_table, tolerance_for
+from corolla.verify.tolerance import Match, ToleranceTable, load_table, tolerance_for
 
 pytest.importorskip("bitsandbytes")
 
@@ -38,27 +38,31 @@ def quick_table(tmp_path_factory: pytest.TempPathFactory) -> ToleranceTable:
     return calibrate(QUICK, workdir=tmp_path_factory.mktemp("calibration"))
 
 
-def test_a_quick_run_covers_every_entry_of_the_shipped_table(quick_table: ToleranceTable) -> None:
-    shipped = load_table()
-    assert set(quick_table.tolerances) == set(shipped.tolerances)
+def test_a_quick_run_covers_every_entry_of_the_shipped_tiny_entry(quick_table: ToleranceTable) -> None:
+    shipped = load_table().models["tiny"]
+    (entry_of,) = quick_table.models.values()
+    assert list(quick_table.models) == ["tiny"] and entry_of.hidden_sizes == [64] and len(entry_of.fingerprints) == 1
+    assert set(entry_of.tolerances) == set(shipped.tolerances)
     for key, works in shipped.tolerances.items():
-        assert set(quick_table.tolerances[key]) == set(works)
-        for work, entry in quick_table.tolerances[key].items():
+        assert set(entry_of.tolerances[key]) == set(works)
+        for work, entry in entry_of.tolerances[key].items():
             assert entry.honest_comparisons > 0
             assert set(entry.corruption_min_rel_l2) == set(CORRUPTIONS) == set(works[work].corruption_min_rel_l2)
             assert entry.rel_l2 >= QUICK.rel_l2_floor and entry.max_abs >= QUICK.max_abs_floor
-    assert set(quick_table.per_precision) == set(shipped.per_precision)
-    assert quick_table.settings["samples"] == 1 and quick_table.settings["corruptions"] == list(CORRUPTIONS)
+    assert set(entry_of.per_precision) == set(shipped.per_precision)
+    assert entry_of.settings["samples"] == 1 and entry_of.settings["corruptions"] == list(CORRUPTIONS)
+    assert "step_gap_rel_l2" in entry_of.per_precision["float32"][Work.INFERENCE]
 
 
 def test_a_quick_run_records_the_settings_the_shipped_table_records(quick_table: ToleranceTable) -> None:
-    assert set(quick_table.settings) == set(load_table().settings)
-    assert quick_table.settings["safety_factor"] == QUICK.safety_factor
+    settings = quick_table.models["tiny"].settings
+    assert set(settings) == set(load_table().models["tiny"].settings)
+    assert settings["safety_factor"] == QUICK.safety_factor
 
 
 def test_a_quick_run_still_separates_float32_from_gross_corruption(quick_table: ToleranceTable) -> None:
     for work in Work:
-        entry = quick_table.tolerances["float32/float32"][work]
+        entry = quick_table.models["tiny"].tolerances["float32/float32"][work]
         assert entry.honest_max_rel_l2 < 1e-5
         for kind in CORRUPTIONS:
             assert entry.corruption_undetected[kind] == 0.0
@@ -70,8 +74,17 @@ def test_the_table_round_trips_and_serves_lookups(quick_table: ToleranceTable, t
     path.write_text(json.dumps(quick_table.model_dump(mode="json")))
     loaded = load_table(path)
     assert loaded == quick_table
-    tol = tolerance_for("int8", "bfloat16", Work.BACKWARD, table=loaded)
-    assert tol.rel_l2 == quick_table.tolerances["bfloat16/int8"][Work.BACKWARD].rel_l2
+    tol = tolerance_for("int8", "bfloat16", Work.BACKWARD, table=loaded, hidden_size=64)
+    assert tol.rel_l2 == quick_table.models["tiny"].tolerances["bfloat16/int8"][Work.BACKWARD].rel_l2
+    assert tol.match == Match.SCALE
+
+
+def test_merged_adds_an_entry_and_replaces_one_of_the_same_name(quick_table: ToleranceTable) -> None:
+    shipped = load_table()
+    both = merged(shipped, quick_table.model_copy(update={"models": {"other": quick_table.models["tiny"]}}))
+    assert set(both.models) == {*shipped.models, "other"}
+    replaced = merged(shipped, quick_table)
+    assert replaced.models["tiny"] == quick_table.models["tiny"] and set(replaced.models) == set(shipped.models)
 
 
 @pytest.mark.parametrize(
@@ -165,10 +178,12 @@ def test_a_tiny_run_writes_a_table_load_table_reads(
     capsys.readouterr()  # init_tiny's progress bar
     assert main(["audit", "calibrate", "--model", str(model), "--out", str(out), "--samples", "1"]) == 0
     table = load_table(out)
-    shipped = load_table()
-    assert set(table.tolerances) == set(shipped.tolerances)
-    assert table.settings["model"] == str(model) and table.settings["samples"] == 1
-    for works in table.tolerances.values():
+    shipped = load_table().models["tiny"]
+    (name, entry_of) = next(iter(table.models.items()))
+    assert name == "tiny" and entry_of.hidden_sizes == [64]  # the directory's name
+    assert set(entry_of.tolerances) == set(shipped.tolerances)
+    assert entry_of.settings["model"] == str(model) and entry_of.settings["samples"] == 1
+    for works in entry_of.tolerances.values():
         assert set(works) == set(Work)
         assert all(set(e.corruption_min_rel_l2) == set(CORRUPTIONS) for e in works.values())
     captured = capsys.readouterr()
@@ -176,5 +191,9 @@ def test_a_tiny_run_writes_a_table_load_table_reads(
     assert progress[0].startswith(f"calibrating on {model}: 1 sample(s)")
     assert any(line.startswith("checkpoint 1/1: ") for line in progress)
     assert any("sample 1/1: 8 rows" in line for line in progress)
-    assert captured.out.strip().splitlines()[-1].startswith(f"wrote the tolerance table to {out}: 15 precision pairs")
+    assert (
+        captured.out.strip()
+        .splitlines()[-1]
+        .startswith(f"wrote the tolerance table to {out}: 1 model entry, 15 precision pairs")
+    )
     assert [p.name for p in out.parent.iterdir()] == ["tolerances.json"]  # no temporary file left

@@ -200,7 +200,7 @@ def _table_file(path: Path) -> Path:
     [
         (None, "cannot read the tolerance table {path}: No such file or directory"),
         ("", "{path} is not a valid tolerance table (1 error; first: Invalid JSON: EOF while parsing"),
-        ('{"format": "corolla-tolerances/1"}', "{path} is not a valid tolerance table (3 errors; first: settings:"),
+        ('{"format": "corolla-tolerances/2"}', "{path} is not a valid tolerance table (1 error; first: models:"),
     ],
     ids=["missing", "empty", "not a table"],
 )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from corolla.verify.disagreements import Disagreements, Margins
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import Work
-from corolla.verify.tolerance import Disagreements, Margins, Tolerance, compare, row_metrics
+from corolla.verify.tolerance import Tolerance, compare, row_metrics
 
 MARGINS = Margins(safety_factor=4.0, rel_l2_floor=1e-4, max_abs_floor=1e-4)
 
@@ -21,7 +22,6 @@ def _off_by(*errors: float) -> tuple[torch.Tensor, torch.Tensor]:
 def test_row_metrics_equal_compare_per_row() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 3, 7, generator=gen), torch.randn(5, 3, 7, generator=gen)
-    b[2] = 0.0  # a zero row: the same tiny denominator as compare
     rel, max_abs = row_metrics(a, b)
     for i in range(5):
         want = compare(a[i], b[i], Tolerance(rel_l2=1.0, max_abs=1.0))
@@ -37,7 +37,7 @@ def test_tolerances_follow_the_rule_by_hand() -> None:
     m.add_honest(Work.FORWARD, "bfloat16", "bfloat16", *_off_by(0.015))
     m.add_corrupted(Work.FORWARD, "noise", "bfloat16", "float32", *_off_by(0.03, 0.5))
     m.add_corrupted(Work.FORWARD, "identity", "float32", "bfloat16", *_off_by(0.5))
-    table = m.table(MARGINS, settings={"samples": 1})
+    table = m.table(MARGINS, settings={"samples": 1}, hidden_sizes=[64])
 
     assert set(table.tolerances) == {"float32/float32", "bfloat16/float32", "bfloat16/bfloat16"}
     f32 = table.tolerances["float32/float32"][Work.FORWARD]
@@ -60,7 +60,7 @@ def test_without_float32_there_is_no_table() -> None:
     m = Disagreements()
     m.add_honest(Work.FORWARD, "bfloat16", "bfloat16", *_off_by(0.01))
     with pytest.raises(VerifyError, match="no float32 run"):
-        m.table(MARGINS, settings={})
+        m.table(MARGINS, settings={}, hidden_sizes=[64])
 
 
 def test_unknown_precisions_are_refused() -> None:
@@ -79,3 +79,18 @@ def test_unknown_precisions_are_refused() -> None:
 def test_margins_validation(change: dict[str, float], message: str) -> None:
     with pytest.raises(VerifyError, match=message):
         Margins(**change)
+
+
+def test_the_inference_bound_covers_the_cached_step_gap() -> None:
+    """A float32 server's cached steps differ from its own parallel forward by g; against
+    another float32 server's recompute the bound is at least 4 x (g + forward disagreement)."""
+    m = Disagreements()
+    m.add_honest(Work.FORWARD, "float32", "float32", *_off_by(5e-5))
+    m.add_honest(Work.INFERENCE, "float32", "float32", *_off_by(1e-5))
+    m.add_step_gap("float32", *_off_by(3e-4))
+    table = m.table(MARGINS, settings={}, hidden_sizes=[576], fingerprints=["abc"])
+    entry = table.tolerances["float32/float32"][Work.INFERENCE]
+    assert entry.rel_l2 == pytest.approx(4 * (3e-4 + 5e-5)) and entry.max_abs == pytest.approx(4 * (3e-4 + 5e-5))
+    assert table.per_precision["float32"][Work.INFERENCE]["step_gap_rel_l2"] == pytest.approx(3e-4)
+    assert table.tolerances["float32/float32"][Work.FORWARD].rel_l2 == pytest.approx(2e-4)  # no gap there
+    assert (table.hidden_sizes, table.fingerprints) == ([576], ["abc"])

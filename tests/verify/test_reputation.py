@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from corolla.verify.errors import VerifyError
 from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, ReadmitEvent, Run, Subject, Verdict, Work
-from corolla.verify.reputation import QuarantineDecision, ReputationBook, ReputationPolicy
+from corolla.verify.reputation import QuarantineDecision, ReputationBook, ReputationPolicy, severity
 
 NODE = Subject(node_id="node-a", model_id="tiny-llama", start=0, end=2)
 CHECKER = Subject(node_id="node-b", model_id="tiny-llama", start=0, end=2)
@@ -27,10 +27,13 @@ HASH = "0" * 64
 _ids: Iterator[int] = iter(range(10**12))
 
 
-def audit(subject: Subject, verdict: Verdict, *, at: float = 0.0, blamed: Subject | None = None) -> AuditEvent:
-    """A validated audit event with a fresh id."""
+def audit(
+    subject: Subject, verdict: Verdict, *, at: float = 0.0, blamed: Subject | None = None, severity: float = 1000.0
+) -> AuditEvent:
+    """A validated audit event with a fresh id; primary and check disagree (by `severity` times
+    the tolerance: gross by default) unless it is a PASS without a blamed check server."""
     run = Run(node_id=subject.node_id, precision="float32", output_sha256=HASH)
-    agree = verdict == Verdict.PASS
+    agree = verdict == Verdict.PASS and blamed is None
     return AuditEvent(
         event_id=f"audit-{next(_ids):08d}",
         at=at,
@@ -40,7 +43,7 @@ def audit(subject: Subject, verdict: Verdict, *, at: float = 0.0, blamed: Subjec
         input_sha256=HASH,
         primary=run,
         check=run.model_copy(update={"node_id": "checker"}),
-        comparison=Comparison(rel_l2=0.0 if agree else 1.0, max_abs=0.0 if agree else 1.0, agree=agree),
+        comparison=Comparison(rel_l2=0.0 if agree else severity * 1e-3, max_abs=0.0, agree=agree),
         tolerance_rel_l2=1e-3,
         tolerance_max_abs=1e-3,
         verdict=verdict,
@@ -50,9 +53,21 @@ def audit(subject: Subject, verdict: Verdict, *, at: float = 0.0, blamed: Subjec
 
 def quick_audit(subject: Subject, verdict: Verdict) -> AuditEvent:
     """The same without validation: for the Monte Carlo, where validation would dominate the time."""
+    agree = verdict == Verdict.PASS
     return AuditEvent.model_construct(
-        event_id=f"mc-{next(_ids)}", at=0.0, subject=subject, verdict=verdict, blamed=None
+        event_id=f"mc-{next(_ids)}",
+        at=0.0,
+        subject=subject,
+        verdict=verdict,
+        blamed=None,
+        comparison=_AGREE if agree else _GROSS,
+        tolerance_rel_l2=1e-3,
+        tolerance_max_abs=1e-3,
     )
+
+
+_AGREE = Comparison(rel_l2=0.0, max_abs=0.0, agree=True)
+_GROSS = Comparison(rel_l2=1.0, max_abs=1.0, agree=False)
 
 
 def readmit(subject: Subject, *, at: float = 0.0) -> ReadmitEvent:
@@ -385,3 +400,49 @@ def test_detection_bounds_of_the_rule() -> None:
     assert caught >= 0.99, f"only {caught:.4f} caught within 600 audits"
     # the floor: 1-(0.99)^n >= 0.99 needs n >= 459, so at 300 audits only about 95% are caught
     assert sum(n <= 300 for n in rare) / runs < 0.99
+
+
+# -- gross and borderline FAILs -----------------------------------------------------------------
+
+
+def test_one_borderline_fail_does_not_quarantine_but_a_gross_one_does() -> None:
+    book = ReputationBook()
+    assert book.observe(audit(NODE, Verdict.FAIL, severity=1.5)) is None  # 1.5x the tolerance: borderline
+    assert not book.is_quarantined(NODE) and book.state(NODE).borderline == 1
+    other = ReputationBook()
+    decision = other.observe(audit(NODE, Verdict.FAIL, severity=4.0))  # gross_factor x the tolerance
+    assert decision is not None and "gross" in decision.reason
+
+
+def test_repeated_borderline_fails_quarantine() -> None:
+    policy = ReputationPolicy()
+    assert (policy.fails_to_quarantine, policy.borderline_fails_to_quarantine) == (1, 2)
+    book = ReputationBook(policy)
+    book.observe(audit(NODE, Verdict.FAIL, severity=2.0))
+    for _ in range(200):  # fewer PASSes than the 229 that would wash one borderline FAIL out
+        book.observe(audit(NODE, Verdict.PASS))
+    decision = book.observe(audit(NODE, Verdict.FAIL, severity=2.0))
+    assert decision is not None and len(decision.evidence) == 2 and "borderline" in decision.reason
+
+
+def test_borderline_fails_far_apart_do_not_quarantine() -> None:
+    book = ReputationBook()
+    for _ in range(3):
+        book.observe(audit(NODE, Verdict.FAIL, severity=3.9))
+        for _ in range(500):  # the statistic returns to 0 between them
+            book.observe(audit(NODE, Verdict.PASS))
+    assert not book.is_quarantined(NODE) and book.state(NODE).audits_failed == 3
+
+
+def test_severity_is_the_larger_ratio_to_the_tolerance() -> None:
+    event = audit(NODE, Verdict.FAIL, severity=2.5)
+    assert severity(event) == pytest.approx(2.5, rel=1e-12)
+    assert severity(event.model_copy(update={"comparison": Comparison(rel_l2=0.0, max_abs=5e-3, agree=False)})) == (
+        pytest.approx(5.0, rel=1e-12)
+    )
+
+
+def test_a_blamed_check_server_is_judged_by_the_same_distance() -> None:
+    book = ReputationBook()
+    assert book.observe_all(audit(NODE, Verdict.PASS, blamed=CHECKER, severity=1.2)) == []
+    assert book.state(CHECKER).audits_failed == 1 and not book.is_quarantined(CHECKER)

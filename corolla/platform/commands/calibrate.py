@@ -1,9 +1,12 @@
 """`platform audit calibrate`: measure a tolerance table (the harness is `corolla.platform.calibration`).
 
-    platform audit calibrate --out FILE [--model DIR] [--samples N] [--seed N] [--threads T]
+    platform audit calibrate --out FILE [--model DIR] [--name NAME] [--add-to TABLE] [--samples N]
+        [--batch N] [--max-tokens N] [--precisions P,...] [--seed N] [--threads T]
 
-Without `--model` it calibrates on tiny random Llama and GPT-2 checkpoints, as the shipped
-`corolla/verify/data/tolerances.json` was made; with it, on that checkpoint. Progress goes to
+Without `--model` it calibrates on tiny random Llama and GPT-2 checkpoints (entry "tiny"), as
+the shipped `corolla/verify/data/tolerances.json` was made; with it, on that checkpoint (entry
+NAME, default the directory's name). `--add-to TABLE` writes TABLE's entries plus the new one
+(`--add-to shipped` starts from the shipped table), so one table serves several models. Progress goes to
 stderr; the summary and the file written to stdout. Errors: a bad flag exits 2 (usage), a
 model directory that cannot be loaded 4, settings or an output the calibration cannot use 13.
 """
@@ -50,6 +53,25 @@ def register(audit_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     calibrate.add_argument(
         "--seed", type=int, default=0, metavar="N", help="token ids, noise and skipped blocks (default 0)"
     )
+    calibrate.add_argument("--name", default="", metavar="NAME", help="the table entry's name")
+    calibrate.add_argument(
+        "--add-to",
+        metavar="TABLE",
+        help="write TABLE's entries plus this one ('shipped': the shipped table's); default: this entry alone",
+    )
+    calibrate.add_argument(
+        "--batch", type=_positive_int, default=8, metavar="N", help="rows per input batch (default 8)"
+    )
+    calibrate.add_argument(
+        "--max-tokens", type=_positive_int, default=32, metavar="N", help="longest row in tokens (default 32)"
+    )
+    calibrate.add_argument(
+        "--precisions",
+        default="",
+        metavar="P,...",
+        help="only the setups of these precisions (float32 always; default: all of float32, bfloat16, float16, "
+        "int8, nf4)",
+    )
     calibrate.add_argument("--threads", type=_positive_int, default=1, metavar="T", help="torch threads (default 1)")
     calibrate.set_defaults(run=run_calibrate)
 
@@ -87,9 +109,29 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from corolla.inference.models.checkpoint import Checkpoint
-    from corolla.platform.calibration import CalibrationSettings, calibrate, summary
+    from corolla.platform.calibration import SETUPS, CalibrationError, CalibrationSettings, calibrate, merged, summary
+    from corolla.verify.tolerance import load_table
 
-    settings = CalibrationSettings(samples=args.samples, seed=args.seed, model=args.model)
+    wanted = {"float32", *(p.strip() for p in args.precisions.split(",") if p.strip())}
+    unknown = wanted - {s.precision for s in SETUPS}
+    if unknown:
+        raise CalibrationError(f"--precisions {args.precisions!r}: unknown {', '.join(sorted(unknown))}")
+    setups = tuple(s for s in SETUPS if not args.precisions or s.precision in wanted)
+    b = args.batch
+    splits = ((b,), (1,) * b, (b - b // 2, b // 2)) if b > 1 else ((1,),)
+    settings = CalibrationSettings(
+        samples=args.samples,
+        seed=args.seed,
+        model=args.model,
+        name=args.name,
+        batch=b,
+        splits=splits,
+        max_tokens=args.max_tokens,
+        setups=setups,
+    )
+    base = None
+    if args.add_to:  # read before minutes of measuring: a bad table fails at once (exit 13)
+        base = load_table(None if args.add_to == "shipped" else args.add_to)
     if args.model is not None:
         Checkpoint.open(args.model)  # ModelLoadError (exit 4) before anything is printed or created
     _check_out(args.out)
@@ -103,10 +145,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     progress(f"calibrating on {what}: {args.samples} sample(s) per checkpoint, {args.threads} thread(s)")
     started = time.monotonic()
     table = calibrate(settings, progress=progress)
+    if base is not None:
+        table = merged(base, table)
     _write(args.out, json.dumps(table.model_dump(mode="json"), indent=1, sort_keys=True) + "\n")
     print(summary(table))
     print(
-        f"wrote the tolerance table to {args.out}: {len(table.tolerances)} precision pairs, "
+        f"wrote the tolerance table to {args.out}: {len(table.models)} model entr"
+        f"{'y' if len(table.models) == 1 else 'ies'}, "
+        f"{sum(len(m.tolerances) for m in table.models.values())} precision pairs, "
         f"{time.monotonic() - started:.1f} s"
     )
     return 0

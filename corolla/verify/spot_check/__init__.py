@@ -23,7 +23,9 @@ An audit:
      behind: its per-sample gradients, stored under a fresh `audit-...` step id, are
      consumed at once by a ClipSum with zero clip factors (and would expire otherwise);
 3. compares each output part with `tolerance_for(primary precision, check precision,
-   work)` (adapter gradients and norms with its relative L2 bound only); the work agrees
+   work, model_id=, hidden_size=)` (the model's calibrated entry, else one of its width,
+   else the fallback: `corolla.verify.tolerance`; adapter gradients and norms with its
+   relative L2 bound only); the work agrees
    when every part does, and the event carries the largest figures over the parts;
 4. on disagreement runs a referee on a third node: the referee agreeing with the check
    and not the primary FAILs the subject; agreeing with the primary and not the check
@@ -42,7 +44,15 @@ Modules: `checker.py` (sampling, the worker, verdicts, the book and the sink), `
 (what is re-run and compared, and the canonical hash).
 """
 
-from corolla.verify.spot_check.checker import ReputationSource, SpotChecker, SpotCheckSettings, SpotCheckStats
+from corolla.verify.spot_check.checker import ReputationSource, SpotChecker, SpotCheckSettings, SpotCheckStats, judge
 from corolla.verify.spot_check.work import precision_of, tensor_digest
 
-__all__ = ["ReputationSource", "SpotCheckSettings", "SpotCheckStats", "SpotChecker", "precision_of", "tensor_digest"]
+__all__ = [
+    "ReputationSource",
+    "SpotCheckSettings",
+    "SpotCheckStats",
+    "SpotChecker",
+    "judge",
+    "precision_of",
+    "tensor_digest",
+]

@@ -25,7 +25,7 @@ from corolla.inference.discovery import ServerRecord
 from corolla.inference.errors import InferenceError
 from corolla.inference.wire.backward import AdapterGrads, BackwardResult
 from corolla.verify.errors import VerifyError
-from corolla.verify.events import AuditEvent, QuarantineEvent, Subject, Verdict, Work
+from corolla.verify.events import AuditEvent, Comparison, QuarantineEvent, Subject, Verdict
 from corolla.verify.reputation import QuarantineDecision
 from corolla.verify.spot_check.work import (
     AdapterCopy,
@@ -36,9 +36,9 @@ from corolla.verify.spot_check.work import (
     subject_of,
     tensor_digest,
 )
-from corolla.verify.tolerance import Tolerance, ToleranceTable, tolerance_for
+from corolla.verify.tolerance import Match, Tolerance, ToleranceTable, tolerance_for
 
-__all__ = ["ReputationSource", "SpotCheckSettings", "SpotCheckStats", "SpotChecker"]
+__all__ = ["ReputationSource", "SpotCheckSettings", "SpotCheckStats", "SpotChecker", "judge"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,24 @@ class SpotCheckStats:
     errors: int = 0  # audits abandoned on an unexpected error (logged)
 
 
+def judge(
+    versus_check: Comparison, referee_vs_primary: Comparison | None, referee_vs_check: Comparison | None
+) -> tuple[Verdict, bool]:
+    """The verdict on the subject, and whether the check server is blamed: PASS when primary and
+    check agree; otherwise FAIL when the referee agrees with the check and not the primary,
+    PASS with the check blamed in the opposite case, INCONCLUSIVE without a referee or when
+    it agrees with both or neither."""
+    if versus_check.agree:
+        return Verdict.PASS, False
+    if referee_vs_primary is None or referee_vs_check is None:
+        return Verdict.INCONCLUSIVE, False
+    if referee_vs_check.agree and not referee_vs_primary.agree:
+        return Verdict.FAIL, False
+    if referee_vs_primary.agree and not referee_vs_check.agree:
+        return Verdict.PASS, True
+    return Verdict.INCONCLUSIVE, False
+
+
 class SpotChecker:
     """Audits a sample of span computations; thread-safe. See the package docstring."""
 
@@ -113,6 +131,7 @@ class SpotChecker:
         self._rng = rng if rng is not None else random.SystemRandom()
         self._clock = clock
         self._tolerances = tolerances
+        self._fallback_models: set[str] = set()  # models warned about (no calibrated entry)
         self._book_lock = threading.Lock()  # the book is plain bookkeeping: one caller at a time
         self._lock = threading.Lock()  # counters, listeners, the RNG, closing
         self._counts = dict.fromkeys((f.name for f in fields(SpotCheckStats)), 0)
@@ -316,22 +335,18 @@ class SpotChecker:
         if check is None:
             self._count("unchecked")
             return []
-        tolerance = self._tolerance(primary, check, work.work)
+        tolerance = self._tolerance(primary, check, work)
         versus_check = compare_parts(primary.parts, check.parts, tolerance)
         referee = referee_vs_primary = referee_vs_check = None
-        verdict, blamed = Verdict.PASS, None
         if not versus_check.agree:
-            verdict = Verdict.INCONCLUSIVE
             referee = self._answer(work, exclude={primary.record.node_id, check.record.node_id})
             if referee is not None:
                 referee_vs_primary = compare_parts(
-                    primary.parts, referee.parts, self._tolerance(primary, referee, work.work)
+                    primary.parts, referee.parts, self._tolerance(primary, referee, work)
                 )
-                referee_vs_check = compare_parts(check.parts, referee.parts, self._tolerance(check, referee, work.work))
-                if referee_vs_check.agree and not referee_vs_primary.agree:
-                    verdict = Verdict.FAIL
-                elif referee_vs_primary.agree and not referee_vs_check.agree:
-                    verdict, blamed = Verdict.PASS, subject_of(work.swarm, check.record)
+                referee_vs_check = compare_parts(check.parts, referee.parts, self._tolerance(check, referee, work))
+        verdict, check_blamed = judge(versus_check, referee_vs_primary, referee_vs_check)
+        blamed = subject_of(work.swarm, check.record) if check_blamed else None
         event = AuditEvent(
             event_id=uuid.uuid4().hex,
             at=self._clock(),
@@ -391,8 +406,27 @@ class SpotChecker:
                 log.info("spot check: %s could not re-run blocks %d:%d: %s", record.endpoint, hop.start, hop.end, exc)
         return None
 
-    def _tolerance(self, a: Answer, b: Answer, work: Work) -> Tolerance:
-        return tolerance_for(a.precision, b.precision, work, table=self._tolerances)
+    def _tolerance(self, a: Answer, b: Answer, work: SpanWork) -> Tolerance:
+        """The table's bound for the pair, for the work's model (by weight fingerprint, else by
+        hidden size, else the documented fallback: see `corolla.verify.tolerance`)."""
+        model_id, hidden_size = work.swarm.model_id, int(work.hidden.shape[-1])
+        tolerance = tolerance_for(
+            a.precision, b.precision, work.work, table=self._tolerances, model_id=model_id, hidden_size=hidden_size
+        )
+        if tolerance.match == Match.FALLBACK:
+            with self._lock:
+                first = model_id not in self._fallback_models
+                self._fallback_models.add(model_id)
+            if first:
+                log.warning(
+                    "spot check: the tolerance table has no entry for model %s (hidden size %d) and pair %s/%s; "
+                    "auditing it against the fallback bounds (calibrate it: platform audit calibrate --model DIR)",
+                    model_id,
+                    hidden_size,
+                    a.precision,
+                    b.precision,
+                )
+        return tolerance
 
     def _quarantined(self, model_id: str) -> frozenset[str]:
         with self._book_lock:

@@ -15,8 +15,8 @@ the primary's outputs as named parts:
   would expire after the server's gradient TTL otherwise), so nothing stays pending there.
 
 `compare_parts` holds every part to the tolerance, except that adapter gradients and norms
-are held to the relative L2 bound only: the calibrated largest-difference bound is in the
-units of activations and input gradients, and adapter gradients have other magnitudes. An
+are held to the relative L2 bound only: the largest-difference bound was calibrated on
+activations and input gradients, whose per-row distribution differs from an adapter's. An
 event's comparison carries the largest relative L2 over the parts and the largest
 difference over the parts held to it, so it agrees exactly when both are within tolerance.
 
