@@ -9,7 +9,7 @@ the LM head are loaded here; the blocks are the servers'.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,17 @@ class RemoteModelForCausalLM(nn.Module):
         *,
         wire_dtype: torch.dtype | None = None,
         spot_checker: WorkAuditor | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """`device` ("cpu", "cuda", or `resolve_device(DeviceKind.AUTO)`) holds the embeddings and the
+        head and runs them; hidden states cross it to the cpu for the wire and back."""
         super().__init__()
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.swarm = swarm
         self.wire_dtype = wire_dtype
-        self.client_parts = checkpoint.load_client()
+        self.device = torch.device(device)
+        self.client_parts = checkpoint.load_client(device=self.device)
         self.num_blocks = checkpoint.num_blocks
         self.blocks = RemoteSequential(swarm, num_blocks=self.num_blocks, wire_dtype=wire_dtype)
         self.adapter: LoraAdapter | None = None
@@ -77,6 +81,7 @@ class RemoteModelForCausalLM(nn.Module):
         timeout: float = 60.0,
         tls: TlsConfig | None = None,
         spot_checker: WorkAuditor | None = None,
+        device: torch.device | str = "cpu",
     ) -> RemoteModelForCausalLM:
         """Load the client parts of the checkpoint at `path` and join the swarm through
         `initial_peers` (DHT multiaddrs) or fixed `servers` (gRPC endpoints). With `tls`
@@ -91,7 +96,7 @@ class RemoteModelForCausalLM(nn.Module):
             timeout=timeout,
             tls=tls,
         )
-        return cls(checkpoint, swarm, wire_dtype=wire_dtype, spot_checker=spot_checker)
+        return cls(checkpoint, swarm, wire_dtype=wire_dtype, spot_checker=spot_checker, device=device)
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
         """Apply `adapter` (client-held LoRA weights) in every forward, backward and generation
@@ -130,14 +135,14 @@ class RemoteModelForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
         """`(B, T)` ids -> logits `(B, T, V)`; with `labels`, the shifted cross-entropy
         (label -100 ignored) as `transformers` computes it."""
-        hidden = self.client_parts.embed(input_ids)
-        hidden = self.blocks(hidden)
+        hidden = self.client_parts.embed(input_ids.to(self.device))
+        hidden = self.blocks(hidden.cpu()).to(self.device)  # the wire is on the cpu; autograd follows the moves
         logits = self.client_parts.head(hidden)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
+                labels[:, 1:].to(self.device).reshape(-1),
                 ignore_index=-100,
             )
         return CausalLMOutput(loss=loss, logits=logits)
@@ -159,8 +164,9 @@ class RemoteModelForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Mapping[str, Any] | None = None,
         *,
+        attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 20,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -173,9 +179,14 @@ class RemoteModelForCausalLM(nn.Module):
         session: InferenceSession | None = None,
     ) -> torch.LongTensor:
         """Prompt `(B, T)` -> `(B, T + new)` ids. Greedy unless `do_sample`. Sequences that
-        hit EOS are padded while the others go on; all finished ends the loop early."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise BadRequestError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        hit EOS (by default the generation config's, as in `transformers`) are padded while the
+        others go on; all finished ends the loop early.
+
+        The prompt is what a tokenizer gives, as `transformers` takes it: an `input_ids` tensor,
+        `**encoding` (`input_ids=`, `attention_mask=`), or the encoding itself, e.g. what
+        `tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")`
+        returns. An attention mask must be all ones: prompts are not padded here."""
+        input_ids = _prompt_ids(input_ids, attention_mask)
         if max_new_tokens < 0:
             raise BadRequestError(f"max_new_tokens={max_new_tokens} must be non-negative")
         eos = self.generation_config.eos_token_id if eos_token_id is _UNSET else eos_token_id
@@ -202,9 +213,9 @@ class RemoteModelForCausalLM(nn.Module):
         step_input = input_ids
         try:
             for _ in range(max_new_tokens):
-                hidden = self.client_parts.embed(step_input, session.position)
-                hidden = session.step(hidden)
-                scores = self.client_parts.head(hidden[:, -1:])[:, -1].to(torch.float32)
+                hidden = self.client_parts.embed(step_input.to(self.device), session.position)
+                hidden = session.step(hidden.cpu()).to(self.device)
+                scores = self.client_parts.head(hidden[:, -1:])[:, -1].to("cpu", torch.float32)
                 if do_sample:
                     scores = warpers(ids, scores)  # type: ignore[arg-type]
                     probs = nn.functional.softmax(scores, dim=-1)
@@ -213,7 +224,7 @@ class RemoteModelForCausalLM(nn.Module):
                     tokens = torch.argmax(scores, dim=-1)
                 if len(eos_ids) and pad is not None:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-                ids = torch.cat([ids, tokens[:, None]], dim=1)
+                ids = torch.cat([ids, tokens[:, None].to(ids.device)], dim=1)  # on the prompt's device
                 if streamer is not None:
                     streamer.put(tokens.cpu())
                 if len(eos_ids):
@@ -227,3 +238,32 @@ class RemoteModelForCausalLM(nn.Module):
             if streamer is not None:
                 streamer.end()
         return ids  # type: ignore[return-value]
+
+
+def _prompt_ids(inputs: torch.Tensor | Mapping[str, Any] | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The `(B, T)` prompt ids of `generate`'s arguments; a mask with padding is refused, not ignored."""
+    if isinstance(inputs, Mapping):  # a BatchEncoding or a plain dict of the tokenizer's outputs
+        if "input_ids" not in inputs:
+            raise BadRequestError(f"generate got a mapping without input_ids (keys: {sorted(inputs)})")
+        if attention_mask is None:
+            attention_mask = inputs.get("attention_mask")
+        inputs = inputs["input_ids"]
+    if not isinstance(inputs, torch.Tensor):
+        raise BadRequestError(
+            f"generate needs input_ids as a (batch, tokens) tensor of token ids, got {type(inputs).__name__}"
+        )
+    if inputs.dim() != 2 or inputs.shape[1] == 0:
+        raise BadRequestError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(inputs.shape)}")
+    if inputs.is_floating_point() or inputs.is_complex():
+        raise BadRequestError(f"input_ids must hold integer token ids, got {inputs.dtype}")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(inputs.shape):
+            raise BadRequestError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(inputs.shape)}"
+            )
+        if not bool((attention_mask == 1).all()):
+            raise BadRequestError(
+                "attention_mask has padding (zeros): the swarm generates unpadded prompts only; "
+                "generate prompts of different lengths one at a time"
+            )
+    return inputs

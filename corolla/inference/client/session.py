@@ -100,6 +100,19 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return x
 
+    def rewind(self, position: int) -> None:
+        """Go back to `position` tokens: the next step continues from there and the servers
+        overwrite their caches past it (scoring several continuations of one prompt). The inputs
+        kept for failover replay and audits are cut to the same length (a new list: an audit
+        already given the old history keeps it)."""
+        if not 0 <= position <= self.position:
+            raise InferenceError(f"cannot rewind to position {position}: the session holds {self.position} tokens")
+        if position < self.position:
+            for link in self._links:
+                kept = torch.cat(link.inputs, dim=1)[:, :position] if link.inputs else None
+                link.inputs = [kept] if kept is not None and kept.shape[1] else []
+        self.position = position
+
     @property
     def route(self) -> list[Hop]:
         return [link.hop for link in self._links]

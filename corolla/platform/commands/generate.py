@@ -2,6 +2,8 @@
 
 With no `--peers` or `--servers`, an embedded local swarm (`--local-servers` processes of
 `platform serve`, two by default, on the workspace's tiny Llama) is started for the run.
+With `--chat` the prompt is one user message through the checkpoint's chat template, and only
+the reply is printed; generation stops at the generation config's EOS, as in `transformers`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from transformers import AutoTokenizer, TextStreamer
 
 from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
+from corolla.inference.device import DeviceKind, resolve_device
+from corolla.inference.errors import ModelLoadError
 from corolla.inference.models.checkpoint import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.pki import NodeIdentity
@@ -32,6 +36,12 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("generate", help="generate text through the swarm")
     p.add_argument("prompt", nargs="?", default="The patient presented with", help="text to continue")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the checkpoint's chat template and print only the reply "
+        "(instruction-tuned models); a checkpoint without a template is refused (exit 4)",
+    )
     p.add_argument(
         "--model", metavar="DIR", help="checkpoint directory (client parts and tokenizer); default: tiny Llama"
     )
@@ -50,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         default=2,
         metavar="N",
         help="block servers the embedded swarm starts when neither --peers nor --servers is given (default 2)",
+    )
+    p.add_argument(
+        "--device",
+        choices=[k.value for k in DeviceKind],
+        default=DeviceKind.AUTO.value,
+        help="where the client's embeddings and LM head run (default auto: cuda if torch sees one, else cpu)",
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -111,6 +127,22 @@ def _ledger_checker(
     return checker
 
 
+def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool, model_dir: Path) -> torch.Tensor:
+    """`(1, T)` prompt ids: the text as it is, or with `chat` one user message through the
+    checkpoint's chat template, ending where the assistant's reply starts."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"{model_dir} has no chat template (chat_template.jinja or tokenizer_config.json): "
+            "--chat needs one; drop --chat to continue the prompt as plain text"
+        )
+    encoding = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoding["input_ids"]
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.audit_rate <= 1:
         print(f"platform generate: --audit-rate {args.audit_rate} must be in [0, 1]", file=sys.stderr)
@@ -122,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
         tolerances = load_table(args.tolerances)
         if not args.audit_rate:
             print("platform generate: note: --tolerances has no effect without --audit-rate", file=sys.stderr)
+    device = resolve_device(args.device)  # before any server starts: no CUDA for --device cuda is exit 15
     model_dir = Path(args.model) if args.model else default_model(resolve_workspace(args.workspace))
     checkpoint = Checkpoint.open(model_dir)  # before any server starts: a bad checkpoint is one line (exit 4)
     if args.adapter_dir:  # before any server starts: a bad directory is a quick, clear error
         LoraAdapter.load_peft(args.adapter_dir, checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = _prompt_ids(tokenizer, args.prompt, chat=args.chat, model_dir=model_dir)  # no template: exit 4
     with contextlib.ExitStack() as stack:
         peers, servers = list(args.peers), list(args.servers)
         if not peers and not servers:
@@ -156,16 +191,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             tls = tls_from_args(args, "generate")
         model = stack.enter_context(
-            RemoteModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, servers=servers, tls=tls)
+            RemoteModelForCausalLM.from_pretrained(
+                model_dir, initial_peers=peers, servers=servers, tls=tls, device=device
+            )
         )
         if args.adapter_dir:
             model.load_adapter(args.adapter_dir)
         if args.audit_rate:
             reporter = getattr(args, "node", None) or "client"
             model.use_spot_checker(_ledger_checker(args, stack, reporter=reporter, tolerances=tolerances))
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-        streamer = TextStreamer(tokenizer)
+        # A chat reply is printed alone; a plain prompt is printed with its continuation.
+        streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=args.chat)
         model.generate(
             input_ids,
             max_new_tokens=args.max_new_tokens,
