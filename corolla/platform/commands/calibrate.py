@@ -1,6 +1,6 @@
 """`platform audit calibrate`: measure a tolerance table (the harness is `corolla.platform.calibration`).
 
-    platform audit calibrate --out FILE [--model DIR] [--name NAME] [--add-to TABLE] [--samples N]
+    platform audit calibrate --out FILE [--model DIR] [--entry NAME] [--add-to TABLE] [--samples N]
         [--batch N] [--max-tokens N] [--precisions P,...] [--seed N] [--threads T]
 
 Without `--model` it calibrates on tiny random Llama and GPT-2 checkpoints (entry "tiny"), as
@@ -53,7 +53,7 @@ def register(audit_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     calibrate.add_argument(
         "--seed", type=int, default=0, metavar="N", help="token ids, noise and skipped blocks (default 0)"
     )
-    calibrate.add_argument("--name", default="", metavar="NAME", help="the table entry's name")
+    calibrate.add_argument("--entry", default="", metavar="NAME", help="the table entry's name (e.g. the model's)")
     calibrate.add_argument(
         "--add-to",
         metavar="TABLE",
@@ -123,7 +123,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         model=args.model,
-        name=args.name,
+        name=args.entry,
         batch=b,
         splits=splits,
         max_tokens=args.max_tokens,
