@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         type=Path,
         metavar="FILE",
         help="tolerance table for --audit-rate, from `platform audit calibrate --model DIR --out FILE` "
-        "(default: the shipped table, calibrated on tiny random models)",
+        "(default: the shipped table: entries for tiny random models and SmolLM2-135M, a fallback for others)",
     )
     add_identity_options(p, role_hint="site")
     p.set_defaults(run=run)
