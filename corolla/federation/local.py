@@ -13,8 +13,9 @@ updates travel in the clear (there is no one to hide them from).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from corolla.federation.coordinator.model import write_summary
 from corolla.federation.coordinator.rounds import run_rounds
 from corolla.federation.grid import InProcessGrid, InProcessSite
 from corolla.federation.messages import SITE_FAILED, AuditOrders, RecordError, Weights, site_error
-from corolla.federation.outcomes import RunSummary
+from corolla.federation.outcomes import RunSummary, StepEvent
 from corolla.federation.progress import ProgressLog
 from corolla.federation.site.env import SiteEnv, SiteResult
 from corolla.federation.site.handlers import handle_train, site_name
@@ -34,9 +35,10 @@ from corolla.federation.site.round import charge_round, prepare_round, run_steps
 from corolla.inference.client import LoraAdapter
 from corolla.inference.models import Checkpoint
 from corolla.training.config import TrainConfig
-from corolla.training.data import Record, evaluate, load_jsonl
+from corolla.training.data import Record, load_jsonl
 from corolla.training.local_trainer import LocalTrainer
 from corolla.training.plan import lora_settings, secret_generator
+from corolla.training.scoring import ScoreProgress, evaluate_shared, hf_prefix_model
 
 __all__ = ["run_local"]
 
@@ -50,6 +52,7 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_id = int(time.time())  # a fresh run key per run, as Flower gives each run its own
+    steps = _StepEvents()
     sites = {
         index + 1: InProcessSite(
             context=Context(
@@ -65,21 +68,39 @@ def run_local(config: TrainConfig, sites_data: list[Path], test_data: Path, *, e
                 state=RecordDict(),
                 run_config=config.to_run_config(),
             ),
-            handle=_handle,
+            handle=lambda msg, context: _handle(msg, context, steps),
         )
         for index, path in enumerate(sites_data)
     }
     grid = InProcessGrid(sites, run_id=run_id)
     config = dataclasses.replace(config, sites=len(sites))
     with ProgressLog.in_dir(out, echo=echo, run_log=False) as progress:  # the user reads this process's output
+        steps.log = progress  # the sites' step events go to the same file and screen
         return run_rounds(grid, config, LocalCoordinator(config), progress=progress, mode="local")
 
 
-def _handle(msg: Message, context: Context) -> Message:
+class _StepEvents:
+    """Where the in-process sites report their steps: the run's own progress log."""
+
+    log: ProgressLog | None = None
+
+    def reporter(self, site: str, server_round: int, steps: int) -> Callable[[int], None]:
+        started = time.monotonic()
+
+        def report(done: int) -> None:
+            if self.log is not None:
+                seconds = round(time.monotonic() - started, 3)
+                self.log.emit(StepEvent(site=site, round=server_round, step=done, steps=steps, seconds=seconds))
+
+        return report
+
+
+def _handle(msg: Message, context: Context, steps: _StepEvents) -> Message:
     if msg.metadata.message_type != "train":
         error = RecordError(f"a local site answers train messages only, not {msg.metadata.message_type!r}")
         return Message(site_error(SITE_FAILED, site=site_name(context), exc=error), reply_to=msg)
-    return handle_train(msg, context, local_site_round, propagate=True)  # a failing site fails the run
+    # a failing site fails the run
+    return handle_train(msg, context, functools.partial(local_site_round, steps=steps), propagate=True)
 
 
 def local_site_round(
@@ -90,6 +111,7 @@ def local_site_round(
     server_round: int,
     run_key: str,
     orders: AuditOrders | None,
+    steps: _StepEvents | None = None,
 ) -> SiteResult:
     """A site's round on the whole model in this process, with Opacus's `PrivacyEngine`."""
     started = time.monotonic()
@@ -107,7 +129,14 @@ def local_site_round(
     )
     epsilon = charge_round(config, env, prepared, run_key=run_key)
     update, metrics = run_steps(
-        trainer.step, trainer.adapter, config, prepared, epsilon=epsilon, server_round=server_round, started=started
+        trainer.step,
+        trainer.adapter,
+        config,
+        prepared,
+        epsilon=epsilon,
+        server_round=server_round,
+        started=started,
+        progress=steps.reporter(env.name, server_round, config.steps_per_round) if steps is not None else None,
     )
     return SiteResult(update=update, metrics=metrics, audit_events=() if orders is not None else None)
 
@@ -133,7 +162,9 @@ class LocalCoordinator:
         adapter = LoraAdapter.init(self.checkpoint, self.settings, seed=self.config.seed)
         return {name: t.numpy() for name, t in adapter.state().items()}
 
-    def evaluate(self, weights: Weights) -> Mapping[str, float]:
+    def evaluate(self, weights: Weights, progress: ScoreProgress | None = None) -> Mapping[str, float]:
+        """Held-out scores on the whole model here: each batch of prompts once, every label
+        continuing from its cache (`training.scoring`)."""
         if not self.test:
             return {}
         model = LocalTrainer(
@@ -145,8 +176,14 @@ class LocalCoordinator:
             expected_batch_size=1,
         )
         model.model.eval()
-        return evaluate(
-            model.logits, self.tokenizer, self.test, self.labels, batch_size=64, max_length=self.config.max_length
+        return evaluate_shared(
+            hf_prefix_model(model.model),
+            self.tokenizer,
+            self.test,
+            self.labels,
+            batch_size=64,
+            max_length=self.config.max_length,
+            progress=progress,
         )
 
     def save(self, weights: Weights, summary: RunSummary) -> Path:

@@ -21,8 +21,10 @@ __all__ = [
     "AuditSummary",
     "BaselineEvent",
     "DoneEvent",
+    "EvalEvent",
     "ProgressEvent",
     "RoundEvent",
+    "RoundStartEvent",
     "RunSummary",
     "Scores",
     "SecureAggInfo",
@@ -33,6 +35,7 @@ __all__ = [
     "SiteSummary",
     "StartEvent",
     "Status",
+    "StepEvent",
 ]
 
 Scores = dict[str, float | None]  # held-out "loss", "accuracy", "chance"; None where not finite
@@ -169,6 +172,42 @@ class RoundEvent(_Record):
     time: float | None = None
 
 
+class RoundStartEvent(_Record):
+    """A round's train messages are about to go out."""
+
+    event: Literal["round_start"] = "round_start"
+    round: int
+    rounds: int
+    nodes: int  # sites asked
+    time: float | None = None
+
+
+class EvalEvent(_Record):
+    """Held-out scoring under way: `done` of `total` records scored (round 0 = the baseline)."""
+
+    event: Literal["eval"] = "eval"
+    round: int
+    rounds: int
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+    seconds: float  # since this evaluation began
+    time: float | None = None
+
+
+class StepEvent(_Record):
+    """A site finished one optimizer step of a round (written where the site trains: its own
+    store's progress.jsonl, or the run's with --in-process). Carries no loss: under DP nothing
+    about the records leaves the site outside the accountant."""
+
+    event: Literal["step"] = "step"
+    site: str
+    round: int
+    step: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    seconds: float  # since the round's training began
+    time: float | None = None
+
+
 class DoneEvent(_Record):
     event: Literal["done"] = "done"
     adapter: str
@@ -176,7 +215,10 @@ class DoneEvent(_Record):
     time: float | None = None
 
 
-ProgressEvent = Annotated[StartEvent | BaselineEvent | RoundEvent | DoneEvent, Field(discriminator="event")]
+ProgressEvent = Annotated[
+    StartEvent | BaselineEvent | RoundStartEvent | EvalEvent | StepEvent | RoundEvent | DoneEvent,
+    Field(discriminator="event"),
+]
 
 
 class SiteRound(SiteOutcome):

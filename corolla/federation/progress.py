@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -25,12 +25,16 @@ from pydantic import TypeAdapter, ValidationError
 from corolla.federation.outcomes import (
     BaselineEvent,
     DoneEvent,
+    EvalEvent,
     ProgressEvent,
     RoundEvent,
+    RoundStartEvent,
     SiteOutcome,
     StartEvent,
     Status,
+    StepEvent,
 )
+from corolla.federation.view import ProgressView, format_progress
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_PREFIX = "corolla-progress "  # marks an event's JSON line in the run log
@@ -39,18 +43,31 @@ _log = logging.getLogger(__name__)
 
 
 class ProgressLog:
-    """Appends events to `path`, flushing each line; starts the file afresh."""
+    """Appends events to `path`, flushing each line; starts the file afresh (or, with
+    `append`, adds to it: a site's file over the rounds of a run)."""
 
-    def __init__(self, path: Path, *, echo: bool = True, run_log: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        echo: bool = True,
+        run_log: bool = True,
+        view: ProgressView | None = None,
+        append: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.echo = echo  # also print each event's human line to stdout
+        self.echo = echo  # also show each event on stdout (bars on a terminal, lines elsewhere)
         self.run_log = run_log  # and its JSON line, for a launcher that reads the run log (a ServerApp)
-        self._file: TextIO | None = self.path.open("w", encoding="utf-8")
+        # A ServerApp's stdout is a log, never a terminal: plain lines there.
+        self.view = view if view is not None else ProgressView(format_event, bars=False if run_log else None)
+        self._file: TextIO | None = self.path.open("a" if append else "w", encoding="utf-8")
 
     @classmethod
-    def in_dir(cls, out_dir: Path | str, *, echo: bool = True, run_log: bool = True) -> ProgressLog:
-        return cls(Path(out_dir) / PROGRESS_FILE, echo=echo, run_log=run_log)
+    def in_dir(
+        cls, out_dir: Path | str, *, echo: bool = True, run_log: bool = True, view: ProgressView | None = None
+    ) -> ProgressLog:
+        return cls(Path(out_dir) / PROGRESS_FILE, echo=echo, run_log=run_log, view=view)
 
     def emit(self, event: ProgressEvent) -> ProgressEvent:
         record: ProgressEvent = event.model_copy(update={"time": time.time()})
@@ -60,9 +77,7 @@ class ProgressLog:
         self._file.write(line + "\n")
         self._file.flush()
         if self.echo:
-            human = format_event(record)
-            if human:
-                print(human, flush=True)
+            self.view.show(record)
             if self.run_log:
                 print(LOG_PREFIX + line, flush=True)
         return record
@@ -71,6 +86,7 @@ class ProgressLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self.view.close()
 
     def __enter__(self) -> ProgressLog:
         return self
@@ -79,34 +95,71 @@ class ProgressLog:
         self.close()
 
 
-def follow(path: Path, *, done: Callable[[], bool], poll: float = 0.5) -> Iterator[ProgressEvent]:
-    """Events appended to `path` as they come, until `done()` and nothing is left to read.
+class SiteProgress:
+    """A site's step events: appended to `<store>/progress.jsonl` (the launcher of a local
+    consortium follows it) and shown on the site's own output (a SuperNode's log: plain lines)."""
 
-    Waits for the file to appear; starts over if it is truncated (a new run); a line is
+    def __init__(self, store: Path, *, site: str, server_round: int, steps: int, clock: Callable[[], float]) -> None:
+        self.site = site
+        self.server_round = server_round
+        self.steps = steps
+        self.clock = clock
+        self.started = clock()
+        self._log = ProgressLog(Path(store) / PROGRESS_FILE, run_log=False, append=True)
+
+    def step(self, done: int) -> None:
+        event = StepEvent(
+            site=self.site,
+            round=self.server_round,
+            step=done,
+            steps=self.steps,
+            seconds=round(self.clock() - self.started, 3),
+        )
+        self._log.emit(event)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def follow(paths: Path | Sequence[Path], *, done: Callable[[], bool], poll: float = 0.5) -> Iterator[ProgressEvent]:
+    """Events appended to `paths` (one file, or several read in turn: the coordinator's and
+    the sites') as they come, until `done()` and nothing is left to read.
+
+    Waits for a file to appear; starts it over if it is truncated (a new run); a line is
     read only once its newline is written; lines that are not progress events are skipped.
     """
-    offset, pending = 0, b""
+    tails = [_Tail(Path(p)) for p in ([paths] if isinstance(paths, Path | str) else paths)]
     while True:
         finished = done()  # checked before reading, so the last lines are never missed
-        try:
-            with Path(path).open("rb") as file:
-                file.seek(0, 2)
-                if file.tell() < offset:  # truncated: a new run began
-                    offset, pending = 0, b""
-                file.seek(offset)
-                chunk = file.read()
-                offset = file.tell()
-        except FileNotFoundError:
-            chunk = b""
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            event = _parse(line)
-            if event is not None:
-                yield event
+        for tail in tails:
+            yield from tail.read()
         if finished:
             return
         time.sleep(poll)
+
+
+class _Tail:
+    """The whole lines appended to one file since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.pending = b""
+
+    def read(self) -> list[ProgressEvent]:
+        try:
+            with self.path.open("rb") as file:
+                file.seek(0, 2)
+                if file.tell() < self.offset:  # truncated: a new run began
+                    self.offset, self.pending = 0, b""
+                file.seek(self.offset)
+                chunk = file.read()
+                self.offset = file.tell()
+        except FileNotFoundError:
+            chunk = b""
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        return [event for event in map(_parse, lines) if event is not None]
 
 
 def events_from_log(text: str) -> list[ProgressEvent]:
@@ -153,6 +206,10 @@ def format_event(event: ProgressEvent) -> str | None:
         if "accuracy" in event.eval:
             parts.append(f"acc {_num(event.eval['accuracy'], '.2f')} (chance {_num(event.eval.get('chance'), '.2f')})")
         return "  ".join(parts)
+    if isinstance(event, RoundStartEvent):
+        return f"round {event.round}/{event.rounds}: training on {event.nodes} sites ..."
+    if isinstance(event, EvalEvent | StepEvent):
+        return format_progress(event)
     if isinstance(event, RoundEvent):
         return format_round(event)
     if isinstance(event, DoneEvent):

@@ -20,6 +20,40 @@ _EXCHANGES = ("per-sample", "flat")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScaleDefaults:
+    """Settings `platform train` uses for a pretrained-size model where no flag gives them.
+
+    TrainConfig's own defaults suit the tiny workspace model (a step costs milliseconds). On a
+    model of `min_hidden` or wider a DP step costs ~4 forwards of the batch through every block
+    (forward; the server's recompute and backward) on CPU: for SmolLM2-135M (hidden 576, 30
+    blocks) on 2 cores about 1 s per record, so these keep `platform train --model <SmolLM2>
+    --rounds 3` with 3 sites under 30 minutes (docs/training.md has the measured run)."""
+
+    min_hidden: int = 256  # models at least this wide get these settings
+    batch_size: int = 24  # expected batch: ~25 s of servers' CPU per step on SmolLM2
+    steps_per_round: int = 4
+    lora_r: int = 4  # a smaller adapter: DP noise grows with the square root of its size
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    round_timeout: float = 1800.0  # three sites' steps share the servers: a round takes minutes
+
+    def applies(self, hidden_size: int) -> bool:
+        return hidden_size >= self.min_hidden
+
+    def settings(self) -> dict[str, int | float | tuple[str, ...]]:
+        """The TrainConfig fields these set."""
+        return {
+            "batch_size": self.batch_size,
+            "steps_per_round": self.steps_per_round,
+            "lora_r": self.lora_r,
+            "targets": self.targets,
+            "round_timeout": self.round_timeout,
+        }
+
+
+PRETRAINED_DEFAULTS = ScaleDefaults()
+
+
 class TrainConfigError(CorollaError):
     """A training setting is out of range or malformed."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,18 @@ def test_platform_train_short_dp_run(tiny_llama: Path, tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("training: 2 rounds, DP-SGD, epsilon 2.0 per site, secure aggregation")
     assert any(line.startswith("before training: held-out loss") for line in lines)
-    assert sum(line.startswith("round ") for line in lines) == 2
+    assert sum(re.match(r"round \d/2  held-out loss", line) is not None for line in lines) == 2
+    # Watched as it goes (not a terminal here: plain lines): the rounds starting, the held-out
+    # scoring and every site's last step of each round, read from the sites' own progress files.
+    assert sum(line == "round 1/2: training on 3 sites ..." for line in lines) == 1
+    assert "evaluating before training: 200/200 notes" in " ".join(lines)
+    for site in ("site-0", "site-1", "site-2"):
+        for server_round in (1, 2):
+            assert any(line.startswith(f"{site} round {server_round}: step 3/3") for line in lines), site
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert {e["event"] for e in events} == {"start", "eval", "baseline", "round_start", "round", "done"}
+    assert [e["round"] for e in events if e["event"] == "eval" and e["done"] == e["total"]] == [0, 1, 2]
 
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["sites"]) == 3 and not summary["refusals"] and not summary["missing"]
@@ -68,6 +80,11 @@ def test_platform_train_short_dp_run(tiny_llama: Path, tmp_path: Path) -> None:
     config = TrainConfig(model=str(tiny_llama), out_dir=str(out))
     weights = {k: v.double() for k, v in LoraAdapter.init(checkpoint, lora_settings(config), seed=0).state().items()}
     stores = tmp_path / "ws" / "train-local" / "stores"
+    for site in ("site-0", "site-1", "site-2"):  # each site's steps, in its own store
+        steps = [json.loads(line) for line in (stores / site / "progress.jsonl").read_text().splitlines()]
+        assert [(e["event"], e["site"], e["round"], e["step"]) for e in steps] == [
+            ("step", site, r, k) for r in (1, 2) for k in (1, 2, 3)
+        ]
     for server_round in (1, 2):
         kept = sorted(stores.glob(f"site-*/updates/flower-run-*/round-{server_round}.npz"))
         assert len(kept) == 3, kept

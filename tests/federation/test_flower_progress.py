@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable
@@ -10,15 +11,17 @@ from typing import Any
 
 import pytest
 
-from corolla.federation.outcomes import DoneEvent, RoundEvent, StartEvent
+from corolla.federation.outcomes import DoneEvent, EvalEvent, RoundEvent, RoundStartEvent, StartEvent, StepEvent
 from corolla.federation.progress import (
     LOG_PREFIX,
     ProgressLog,
+    SiteProgress,
     events_from_log,
     follow,
     format_event,
     format_round,
 )
+from corolla.federation.view import ProgressView
 
 ROUND = {
     "event": "round",
@@ -154,3 +157,83 @@ def test_events_are_found_in_a_run_log() -> None:
         ]
     )
     assert events_from_log(log) == [RoundEvent.model_validate(ROUND_1), DoneEvent.model_validate(DONE)]
+
+
+# --- watching a run: bars on a terminal, throttled lines elsewhere ----------------------------
+
+
+def _eval(done: int, total: int = 200, server_round: int = 0) -> EvalEvent:
+    return EvalEvent(round=server_round, rounds=3, done=done, total=total, seconds=float(done))
+
+
+def _step(site: str, step: int, server_round: int = 1) -> StepEvent:
+    return StepEvent(site=site, round=server_round, step=step, steps=4, seconds=10.0 * step)
+
+
+def test_without_a_terminal_progress_is_plain_throttled_lines() -> None:
+    """A CI log gets each evaluation's and each site's first, last and every-10-s line, never bars."""
+    now = [0.0]
+    printed: list[str] = []
+    stream = io.StringIO()  # not a terminal
+    view = ProgressView(format_event, echo=printed.append, stream=stream, clock=lambda: now[0])
+    view.show(StartEvent.model_validate(START))
+    for done, at in [(64, 1.0), (128, 5.0), (192, 12.0), (200, 13.0)]:
+        now[0] = at
+        view.show(_eval(done))
+    for step, at in [(1, 20.0), (2, 25.0), (3, 31.0), (4, 32.0)]:
+        now[0] = at
+        view.show(_step("site-0", step))
+    view.show(RoundStartEvent(round=2, rounds=3, nodes=3))
+    view.close()
+    assert printed == [
+        "training: 5 rounds, DP OFF (no privacy), aggregated in the clear",
+        "evaluating before training: 64/200 notes  64.0 s",
+        "evaluating before training: 192/200 notes  192.0 s",  # 11 s after the first
+        "evaluating before training: 200/200 notes  200.0 s",  # the last, always
+        "site-0 round 1: step 1/4  10.0 s",
+        "site-0 round 1: step 3/4  30.0 s",
+        "site-0 round 1: step 4/4  40.0 s",
+        "round 2/3: training on 3 sites ...",
+    ]
+    assert stream.getvalue() == ""  # no bar drawn
+
+
+def test_on_a_terminal_progress_is_bars_with_the_summaries_above(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    printed: list[str] = []
+    with ProgressView(format_event, echo=printed.append, bars=True, stream=stream) as view:
+        view.show(StartEvent.model_validate({**START, "rounds": 3}))
+        view.show(_eval(64))
+        view.show(_eval(200))
+        view.show(RoundStartEvent(round=1, rounds=3, nodes=2))
+        view.show(_step("site-0", 2))
+        view.show(_step("site-1", 1))
+        view.show(_round(round=1, rounds=3))
+    bars = stream.getvalue()
+    assert "rounds" in bars and "1/3" in bars
+    assert "baseline eval" in bars and "64/200" in bars
+    assert "site-0 round 1" in bars and "2/4" in bars and "site-1 round 1" in bars
+    out = capsys.readouterr().out  # the one-line summaries go above the bars, on stdout
+    assert "training: 3 rounds" in out and "round 1/3  held-out loss 1.234" in out
+    assert printed == []  # nothing through the plain-line path
+
+
+def test_a_site_appends_its_steps_to_its_own_progress_file(tmp_path: Path) -> None:
+    for server_round in (1, 2):
+        steps = SiteProgress(tmp_path, site="site-0", server_round=server_round, steps=2, clock=lambda: 0.0)
+        steps.step(1)
+        steps.step(2)
+        steps.close()
+    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["round"], e["step"], e["steps"]) for e in events] == [
+        ("step", r, k, 2) for r in (1, 2) for k in (1, 2)
+    ]
+
+
+def test_follow_reads_several_files_in_turn(tmp_path: Path) -> None:
+    coordinator, site = tmp_path / "progress.jsonl", tmp_path / "site-0" / "progress.jsonl"
+    site.parent.mkdir()
+    coordinator.write_text(json.dumps(START) + "\n")
+    site.write_text(json.dumps(_step("site-0", 1).to_json()) + "\n")
+    events = list(follow([coordinator, site], done=lambda: True, poll=0.001))
+    assert events == [StartEvent.model_validate(START), _step("site-0", 1)]

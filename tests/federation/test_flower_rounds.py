@@ -120,8 +120,13 @@ class FakeCoordinator:
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(
+        self, weights: dict[str, np.ndarray], progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, float]:
         self.evaluated.append(weights)
+        if progress is not None:  # two batches of held-out records
+            progress(2, 4)
+            progress(4, 4)
         return {"loss": 1.0, "accuracy": float(weights["a.lora_B"][0]), "chance": 0.25}
 
     def save(self, weights: dict[str, np.ndarray], summary: RunSummary) -> Path:
@@ -160,7 +165,17 @@ def test_each_round_adds_the_mean_update(tmp_path: Path) -> None:
     replies = {11: update_of(1.0, site="site-0", epsilon=0.5), 12: update_of(2.0, site="site-1"), 13: update_of(6.0)}
     summary, grid, coordinator, events = _run(tmp_path, replies)
 
-    assert [e["event"] for e in events] == ["start", "baseline", "round", "round", "done"]
+    evaluation = ["eval", "eval"]  # the held-out scoring reports each batch: 2 of 4 records, 4 of 4
+    assert [e["event"] for e in events] == [
+        "start",
+        *evaluation,
+        "baseline",
+        *(["round_start", *evaluation, "round"] * 2),
+        "done",
+    ]
+    scoring = [(e["round"], e["done"], e["total"]) for e in events if e["event"] == "eval"]
+    assert scoring == [(r, done, 4) for r in (0, 1, 2) for done in (2, 4)]
+    assert [e["nodes"] for e in events if e["event"] == "round_start"] == [3, 3]
     assert [e["eval"]["accuracy"] for e in _rounds(events)[0:2]] == [3.0, 6.0]
     weights, saved = coordinator.saved  # type: ignore[misc]
     assert all(np.all(w == np.float32(6.0)) and w.dtype == np.float32 for w in weights.values())

@@ -125,6 +125,10 @@ def test_rounds_aggregate_updates_and_record_a_refusal(federation: Federation, t
     keys = {(federation.stores[name] / "round-1").read_text() for name in SITES}
     assert keys == {f"flower-run-{followed.result.run_id}"}
 
+    # Progress lines (not a terminal: plain) between the summaries: a round starting, the scoring.
+    assert lines.count("round 1/2: training on 4 sites ...") == 1
+    assert sum(line.startswith("evaluating before training: 1/1 notes  ") for line in lines) == 1
+    lines = [line for line in lines if not line.startswith("evaluating ") and not line.endswith(" sites ...")]
     assert lines[0].startswith("training: 2 rounds, DP-SGD, epsilon 1.0 per site")
     assert "secure aggregation" in lines[0]
     assert lines[1] == "before training: held-out loss 10.000  acc 0.00 (chance 0.25)"

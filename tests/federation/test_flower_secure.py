@@ -133,7 +133,9 @@ class Coordinator:
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(
+        self, weights: dict[str, np.ndarray], progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, float]:
         self.evaluated.append(weights)
         return {"loss": 1.0, "accuracy": 0.5, "chance": 0.25}
 

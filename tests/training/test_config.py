@@ -36,3 +36,14 @@ def test_floats_accept_integers_but_not_booleans() -> None:
     assert TrainConfig(model="m", out_dir="o", lr=1).lr == 1
     with pytest.raises(TrainConfigError, match="lr=True is not a number"):
         TrainConfig(model="m", out_dir="o", lr=True)
+
+
+def test_pretrained_size_models_get_settings_that_fit_their_cost() -> None:
+    """`platform train` applies these where no flag is given: wide models only (SmolLM2 is 576)."""
+    from corolla.training.config import PRETRAINED_DEFAULTS
+
+    assert PRETRAINED_DEFAULTS.applies(576) and not PRETRAINED_DEFAULTS.applies(64)  # the tiny workspace model
+    config = TrainConfig(model="m", out_dir="o", **PRETRAINED_DEFAULTS.settings())  # type: ignore[arg-type]
+    assert (config.batch_size, config.steps_per_round, config.lora_r) == (24, 4, 4)
+    assert config.targets == ("q_proj", "v_proj") and config.round_timeout == 1800.0
+    assert TrainConfig.from_run_config(config.to_run_config()) == config

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from corolla.federation.messages import Weights
 from corolla.federation.outcomes import RunSummary
@@ -25,12 +25,15 @@ from corolla.inference.models import Checkpoint
 from corolla.inference.security import TlsConfig
 from corolla.pki import NodeIdentity
 from corolla.training.config import TrainConfig
-from corolla.training.data import Record, evaluate, load_jsonl
+from corolla.training.data import Record, load_jsonl
 from corolla.training.plan import lora_settings
+from corolla.training.scoring import ScoreProgress, remote_prefix_model, score_labels
 
 log = logging.getLogger(__name__)
 
 MAX_LABELS = 32  # a held-out set with more distinct completions is scored by loss only
+EVAL_BATCH = 64  # held-out prompts run together (of one length: see training.scoring)
+EVAL_WORKERS = 2  # batches in flight at once: the chain's servers work on two at a time
 
 
 class Coordinator:
@@ -47,6 +50,7 @@ class Coordinator:
         labels = sorted({r.completion.strip() for r in self.test})
         self.labels = labels if 1 < len(labels) <= MAX_LABELS else []
         self._model: RemoteModelForCausalLM | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     def initial_weights(self) -> Weights:
         adapter = LoraAdapter.init(self.checkpoint, self.settings, seed=self.config.seed)
@@ -56,21 +60,27 @@ class Coordinator:
         tensors = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()}
         return LoraAdapter.from_state(self.checkpoint, self.settings, tensors)
 
-    def evaluate(self, weights: Weights) -> Mapping[str, float]:
-        """Held-out loss (and label accuracy, chance) of the adapter, through the swarm."""
+    def evaluate(self, weights: Weights, progress: ScoreProgress | None = None) -> Mapping[str, float]:
+        """Held-out loss (and label accuracy, chance) of the adapter, through the swarm: each
+        batch of prompts runs once in an inference session, and every label continues from its
+        cache (`training.scoring`); `progress(done, total)` after each batch."""
         if not self.test:
             return {}
         model = self._remote()
         model.use_adapter(self.adapter(weights))
-        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
-
-        def logits(ids: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = model(ids).logits
-            return out
-
-        labels = self.labels or [self.test[0].completion.strip()]
-        scores = evaluate(logits, tokenizer, self.test, labels, batch_size=64, max_length=self.config.max_length)
-        return scores if self.labels else {"loss": scores["loss"]}
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        scores = score_labels(
+            remote_prefix_model(model),
+            self._tokenizer,
+            self.test,
+            self.labels,
+            batch_size=EVAL_BATCH,
+            max_length=self.config.max_length,
+            progress=progress,
+            workers=EVAL_WORKERS,
+        )
+        return scores.evaluation().as_dict() if self.labels else {"loss": float(scores.losses.mean())}
 
     def save(self, weights: Weights, summary: RunSummary) -> Path:
         out = Path(self.config.out_dir)

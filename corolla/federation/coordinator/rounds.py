@@ -63,7 +63,9 @@ from corolla.federation.outcomes import (
     AuditSummary,
     BaselineEvent,
     DoneEvent,
+    EvalEvent,
     RoundEvent,
+    RoundStartEvent,
     RunSummary,
     Scores,
     SecureAggInfo,
@@ -84,6 +86,7 @@ __all__ = ["AuditsLike", "CoordinatorLike", "RoundError", "mean_update", "run_ro
 _log = logging.getLogger(__name__)
 
 Aggregate = Callable[[list[Weights]], Weights]
+EvalProgress = Callable[[int, int], None]  # (records scored, records in all)
 NODE_POLL = 1.0  # seconds between looks at the online nodes while waiting for sites
 
 
@@ -96,7 +99,9 @@ class CoordinatorLike(Protocol):
 
     def initial_weights(self) -> Mapping[str, np.ndarray]: ...
 
-    def evaluate(self, weights: Weights) -> Mapping[str, float]: ...
+    def evaluate(self, weights: Weights, progress: EvalProgress | None = None) -> Mapping[str, float]:
+        """Held-out scores; `progress(done, total)` after each batch of records scored."""
+        ...
 
     def save(self, weights: Weights, summary: RunSummary) -> Path: ...
 
@@ -152,13 +157,14 @@ def run_rounds(
         )
     )
     started = clock()
-    initial = _scores(coordinator.evaluate(weights))
+    initial = _scores(coordinator.evaluate(weights, _eval_progress(progress, 0, config.rounds, clock)))
     progress.emit(BaselineEvent(rounds=config.rounds, seconds=round(clock() - started, 3), eval=initial, dp=config.dp))
     evaluation: Scores = {}
     for server_round in range(1, config.rounds + 1):
         started = clock()
         want = config.sites if server_round == 1 else 1
         nodes = _wait_for_nodes(grid, want=want, timeout=config.round_timeout, clock=clock, sleep=sleep)
+        progress.emit(RoundStartEvent(round=server_round, rounds=config.rounds, nodes=len(nodes)))
         this = _Round(
             grid=grid,
             weights=weights,
@@ -179,7 +185,9 @@ def run_rounds(
                 kept = True
         else:
             _log.warning("round %d: no update to aggregate; the weights are unchanged", server_round)
-        evaluation = _scores(coordinator.evaluate(weights))
+        evaluation = _scores(
+            coordinator.evaluate(weights, _eval_progress(progress, server_round, config.rounds, clock))
+        )
         record = RoundEvent(
             round=server_round,
             rounds=config.rounds,
@@ -200,6 +208,17 @@ def run_rounds(
     summary = summary.model_copy(update={"adapter": str(adapter)})
     progress.emit(DoneEvent(adapter=str(adapter), summary=str(Path(config.out_dir) / "summary.json")))
     return summary
+
+
+def _eval_progress(progress: ProgressLog, server_round: int, rounds: int, clock: Callable[[], float]) -> EvalProgress:
+    """The callback an evaluation reports to: an `eval` event per batch scored."""
+    started = clock()
+
+    def report(done: int, total: int) -> None:
+        seconds = round(clock() - started, 3)
+        progress.emit(EvalEvent(round=server_round, rounds=rounds, done=done, total=total, seconds=seconds))
+
+    return report
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from corolla.federation.messages import AuditOrders, RecordError, Weights, check_like
 from corolla.federation.outcomes import SiteMetrics
+from corolla.federation.progress import SiteProgress
 from corolla.federation.site.audits import SiteAudits
 from corolla.federation.site.env import SiteEnv, SiteRefused, SiteResult
 from corolla.inference.client import LoraAdapter, RemoteModelForCausalLM
@@ -109,13 +110,21 @@ def run_steps(
     epsilon: float,
     server_round: int,
     started: float,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], SiteMetrics]:
     """The round's steps on Poisson batches; the update (new weights minus the given ones) and
-    what the site reports. Under DP its training loss stays home: no accountant covers it."""
+    what the site reports. Under DP its training loss stays home: no accountant covers it.
+    `progress(k)` is called after the k-th step (it says how far, never a loss)."""
     batches = poisson_batches(
         prepared.data, sample_rate=prepared.sample_rate, steps=config.steps_per_round, generator=secret_generator()
     )
-    seen = [x for x in (step(batch) for batch in batches) if not math.isnan(x)]
+    seen: list[float] = []
+    for done, batch in enumerate(batches, start=1):
+        loss = step(batch)
+        if not math.isnan(loss):
+            seen.append(loss)
+        if progress is not None:
+            progress(done)
     new = adapter.state()
     update = {name: (new[name] - prepared.start[name]).numpy() for name in prepared.start}
     plan = prepared.plan
@@ -171,9 +180,22 @@ def train_site_round(
             generator=secret_generator(),
         )
         epsilon = charge_round(config, env, prepared, run_key=run_key)  # the trainer is built
-        update, metrics = run_steps(
-            trainer.step, adapter, config, prepared, epsilon=epsilon, server_round=server_round, started=started
+        steps = SiteProgress(
+            env.store, site=env.name, server_round=server_round, steps=config.steps_per_round, clock=time.monotonic
         )
+        try:
+            update, metrics = run_steps(
+                trainer.step,
+                adapter,
+                config,
+                prepared,
+                epsilon=epsilon,
+                server_round=server_round,
+                started=started,
+                progress=steps.step,
+            )
+        finally:
+            steps.close()
         events = audits.finish() if audits is not None else None  # before the swarm connection closes
     if events is not None:
         metrics = metrics.model_copy(update={"audits": len(events)})

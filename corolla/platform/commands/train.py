@@ -18,7 +18,7 @@ from typing import Any
 
 from corolla.platform.commands._flags import add_renamed, server_count
 from corolla.platform.workspace import resolve_workspace
-from corolla.training.config import TrainConfig, TrainConfigError
+from corolla.training.config import PRETRAINED_DEFAULTS, TrainConfig, TrainConfigError
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
 
 _DP_OFF_WARNING = """\
@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         type=Path,
         metavar="FILE",
         help="tolerance table from `platform audit calibrate --model DIR --out FILE`, read on the "
-        "coordinator's machine and sent to every site (default: the shipped table, calibrated on tiny random models)",
+        "coordinator's machine and sent to every site (default: the shipped table: entries for tiny random "
+        "models and SmolLM2-135M, a fallback for others)",
     )
     opt.add_argument(
         "--secure-agg-clip",
@@ -196,9 +197,11 @@ def _fault(text: str) -> tuple[int, str]:
     return int(index), spec
 
 
-def config_from_args(args: argparse.Namespace, **where: Any) -> TrainConfig:
-    """The run's settings: the flags given, TrainConfig's defaults for the rest."""
-    kwargs = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+def config_from_args(args: argparse.Namespace, *, scale: dict[str, Any] | None = None, **where: Any) -> TrainConfig:
+    """The run's settings: the flags given, then `scale` (settings for the model's size), then
+    TrainConfig's defaults."""
+    kwargs = dict(scale or {})
+    kwargs.update({name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None})
     if args.dp_epsilon is not None:
         kwargs["dp_epsilon"] = None if args.dp_epsilon == "off" else args.dp_epsilon
     if args.tolerances is not None:  # absolute: the coordinator reads it from its own working directory
@@ -261,7 +264,12 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         root / "data", sites=sites, seed=args.seed or 0, given=args.data or (), test=args.test_data
     )
     config = config_from_args(
-        args, model=str(model.resolve()), out_dir=str(out_dir), test_data=str(test_data), sites=len(site_data)
+        args,
+        scale=_scale_defaults(args, Checkpoint.open(model).hidden_size),
+        model=str(model.resolve()),
+        out_dir=str(out_dir),
+        test_data=str(test_data),
+        sites=len(site_data),
     )
     if args.in_process:
         from corolla.federation.local import run_local
@@ -285,6 +293,19 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         faults=dict(args.inject_fault),
         keep_updates=args.keep_site_updates,
     ).run()
+
+
+def _scale_defaults(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
+    """PRETRAINED_DEFAULTS for a pretrained-size model, less what flags give; says so."""
+    if not PRETRAINED_DEFAULTS.applies(hidden_size):
+        return {}
+    chosen = {k: v for k, v in PRETRAINED_DEFAULTS.settings().items() if getattr(args, k) is None}
+    if chosen:
+        shown = ", ".join(
+            f"{k.replace('_', '-')} {','.join(v) if isinstance(v, tuple) else v}" for k, v in chosen.items()
+        )
+        print(f"a model of hidden size {hidden_size}: {shown} (flags override)", file=sys.stderr, flush=True)
+    return chosen
 
 
 def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:

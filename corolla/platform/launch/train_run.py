@@ -28,8 +28,9 @@ from typing import Any
 
 from corolla.errors import CorollaError
 from corolla.federation import app_dir
-from corolla.federation.outcomes import DoneEvent, ProgressEvent, RoundEvent
+from corolla.federation.outcomes import DoneEvent, ProgressEvent, RoundEvent, StepEvent
 from corolla.federation.progress import PROGRESS_FILE, events_from_log, follow, format_event
+from corolla.federation.view import ProgressView
 from corolla.platform.flower import ControlClient, RunResult
 from corolla.platform.launch.federation import COORDINATOR, LocalFederation, local_consortium
 from corolla.platform.launch.servers import LocalServers, even_spans
@@ -62,15 +63,20 @@ def follow_run(
     app: Path | None = None,
     echo: Echo = print,
     aliases: Mapping[str, str] | None = None,
+    site_progress: Sequence[Path] = (),
+    bars: bool | None = None,
 ) -> FollowedRun:
-    """Submit a run of `app` (default: Corolla's) with `config`, print a line per event as
-    they come, and wait for the run; raises `RunFailed` unless it completes.
+    """Submit a run of `app` (default: Corolla's) with `config`, show its progress as it comes
+    (bars on a terminal, lines through `echo` otherwise: `federation.view`), and wait for the
+    run; raises `RunFailed` unless it completes.
 
-    `aliases` renames sites in the printed lines: the coordinator knows a site that never
-    answered only as `node-<id>`, the local launcher knows which site that is."""
+    `site_progress` are the sites' own progress files (a local consortium's stores), followed
+    for their step events. `aliases` renames sites in the printed lines: the coordinator knows
+    a site that never answered only as `node-<id>`, the local launcher knows which site that is."""
     progress_path = Path(config.out_dir) / PROGRESS_FILE
-    with contextlib.suppress(OSError):
-        progress_path.unlink()  # a previous run's events must not be shown as this one's
+    for path in [progress_path, *site_progress]:
+        with contextlib.suppress(OSError):
+            path.unlink()  # a previous run's events must not be shown as this one's
     run_id = control.start_run(app or app_dir(), run_config=config.to_run_config())
     outcome: dict[str, Any] = {}
     finished = threading.Event()
@@ -85,10 +91,13 @@ def follow_run(
 
     threading.Thread(target=wait, name=f"wait-run-{run_id}", daemon=True).start()
     events: list[ProgressEvent] = []
+    view = ProgressView(lambda event: format_event(_aliased(event, aliases)), echo=echo, bars=bars)
     try:
-        for event in follow(progress_path, done=finished.is_set):
-            events.append(event)
-            _echo_event(echo, event, aliases)
+        with view:
+            for event in follow([progress_path, *site_progress], done=finished.is_set):
+                if not isinstance(event, StepEvent):  # the coordinator's events (a site's are its own)
+                    events.append(event)
+                view.show(event)
     except BaseException:  # Ctrl-C: do not leave the run going
         with contextlib.suppress(CorollaError):
             control.stop_run(run_id)
@@ -98,20 +107,17 @@ def follow_run(
     result: RunResult = outcome["result"]
     if not events:  # the ServerApp's out_dir is not on this machine
         events = events_from_log(result.log)
-        for event in events:
-            _echo_event(echo, event, aliases)
+        with ProgressView(lambda event: format_event(_aliased(event, aliases)), echo=echo, bars=False) as after:
+            for event in events:
+                after.show(event)
     result.raise_for_status()
     return FollowedRun(result=result, events=events)
 
 
-def _echo_event(echo: Echo, event: ProgressEvent, aliases: Mapping[str, str] | None = None) -> None:
+def _aliased(event: ProgressEvent, aliases: Mapping[str, str] | None) -> ProgressEvent:
     if aliases and isinstance(event, RoundEvent):
-        event = event.model_copy(
-            update={"sites": {aliases.get(name, name): info for name, info in event.sites.items()}}
-        )
-    line = format_event(event)
-    if line:
-        echo(line)
+        return event.model_copy(update={"sites": {aliases.get(name, name): info for name, info in event.sites.items()}})
+    return event
 
 
 def run_summary(config: TrainConfig, followed: FollowedRun) -> dict[str, Any]:
@@ -279,6 +285,11 @@ class LocalConsortiumRun:
             )
             aliases = {f"node-{node.node_id}": name for name, node in federation.nodes.items()}
             followed = follow_run(
-                federation.control, config, timeout=run_timeout(config), echo=self.echo, aliases=aliases
+                federation.control,
+                config,
+                timeout=run_timeout(config),
+                echo=self.echo,
+                aliases=aliases,
+                site_progress=[stores / name / PROGRESS_FILE for name in consortium.sites],
             )
             return run_summary(config, followed)

@@ -5,6 +5,7 @@ aggregate of every round from the progress events.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ class FakeCoordinator:
     def initial_weights(self) -> Weights:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
 
-    def evaluate(self, weights: Weights) -> dict[str, float]:
+    def evaluate(self, weights: Weights, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        if progress is not None:
+            progress(1, 1)
         mean = float(np.mean(np.concatenate([w.ravel() for w in weights.values()])))
         return {"loss": 10.0 - mean, "accuracy": mean, "chance": 0.25}
 
