@@ -10,16 +10,22 @@ otherwise. With `--superlink HOST:PORT` the run is submitted to an existing fede
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from corolla.federation.outcomes import ProgressEvent
 from corolla.platform.commands._flags import add_renamed, server_count
+from corolla.platform.metrics_args import add_metrics_options, start_metrics
 from corolla.platform.workspace import resolve_workspace
 from corolla.training.config import PRETRAINED_DEFAULTS, TrainConfig, TrainConfigError
 from corolla.verify.ledger_paths import default_ledger_key_path, default_ledger_url
+
+OnEvent = Callable[[ProgressEvent], None]
 
 _DP_OFF_WARNING = """\
 WARNING: differential privacy is OFF (--dp-epsilon off).
@@ -149,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     )
     where.add_argument("--node", help="the coordinator's node name in the workspace (with --superlink)")
     where.add_argument("--workspace", help="state directory (default ~/.corolla or $COROLLA_WORKSPACE)")
+    add_metrics_options(p)
     p.set_defaults(run=run)
 
 
@@ -240,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    summary = (_submit if args.superlink else _run_here)(args, workspace, root, out_dir)
+    with _coordinator_metrics(args) as on_event:
+        summary = (_submit if args.superlink else _run_here)(args, workspace, root, out_dir, on_event)
     print(f"adapter: {summary.get('adapter')}")
     final = summary.get("final") or {}
     if final:
@@ -248,7 +256,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _coordinator_metrics(args: argparse.Namespace) -> Iterator[OnEvent | None]:
+    """With --metrics-port: /metrics kept from the run's progress events, /health ready once the
+    run has started (its first event). Not with --in-process (no run to follow)."""
+    if args.metrics_port is None:
+        yield None
+        return
+    if args.in_process:
+        raise TrainConfigError("--metrics-port needs a federated run: --in-process has no coordinator to watch")
+    from prometheus_client import ProcessCollector
+
+    from corolla.metrics import CoordinatorMetrics, Readiness
+    from corolla.platform.launch.run_metrics import record
+
+    metrics = CoordinatorMetrics()
+    ProcessCollector(registry=metrics.registry)
+    readiness = Readiness()
+    endpoint = start_metrics(args, metrics.registry, readiness)
+
+    def on_event(event: ProgressEvent) -> None:
+        readiness.ready()
+        record(metrics, event)
+
+    try:
+        yield on_event
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _run_here(
+    args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path, on_event: OnEvent | None = None
+) -> dict[str, Any]:
     from corolla.inference.models.checkpoint import Checkpoint
     from corolla.platform.launch.train_run import LocalConsortiumRun, prepare_data
     from corolla.training.base_model import default_training_model
@@ -283,7 +323,7 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         config = dataclasses.replace(
             config, ledger=default_ledger_url(workspace), ledger_key=str(default_ledger_key_path(workspace))
         )
-    return LocalConsortiumRun(
+    launcher = LocalConsortiumRun(
         config,
         root=root,
         servers=args.local_servers,
@@ -292,7 +332,9 @@ def _run_here(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Pa
         test_data=test_data,
         faults=dict(args.inject_fault),
         keep_updates=args.keep_site_updates,
-    ).run()
+    )
+    launcher.on_event = on_event
+    return launcher.run()
 
 
 def _scale_defaults(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
@@ -308,7 +350,9 @@ def _scale_defaults(args: argparse.Namespace, hidden_size: int) -> dict[str, Any
     return chosen
 
 
-def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path) -> dict[str, Any]:
+def _submit(
+    args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path, on_event: OnEvent | None = None
+) -> dict[str, Any]:
     from corolla.platform.flower import ControlClient, SuperLinkConnection
     from corolla.platform.launch.train_run import submit
 
@@ -330,4 +374,4 @@ def _submit(args: argparse.Namespace, workspace: Path, root: Path, out_dir: Path
         sites=args.sites or 0,
     )
     control = ControlClient(SuperLinkConnection(address=args.superlink, root_certificates=ca), work_dir=root / "cli")
-    return submit(config, control)
+    return submit(config, control, on_event=on_event)

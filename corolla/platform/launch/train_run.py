@@ -65,6 +65,7 @@ def follow_run(
     aliases: Mapping[str, str] | None = None,
     site_progress: Sequence[Path] = (),
     bars: bool | None = None,
+    on_event: Callable[[ProgressEvent], None] | None = None,
 ) -> FollowedRun:
     """Submit a run of `app` (default: Corolla's) with `config`, show its progress as it comes
     (bars on a terminal, lines through `echo` otherwise: `federation.view`), and wait for the
@@ -97,6 +98,8 @@ def follow_run(
             for event in follow([progress_path, *site_progress], done=finished.is_set):
                 if not isinstance(event, StepEvent):  # the coordinator's events (a site's are its own)
                     events.append(event)
+                if on_event is not None:
+                    on_event(event)
                 view.show(event)
     except BaseException:  # Ctrl-C: do not leave the run going
         with contextlib.suppress(CorollaError):
@@ -138,9 +141,15 @@ def run_timeout(config: TrainConfig) -> float:
     return config.round_timeout * (config.rounds + 1) + 600.0 * config.rounds + 600.0
 
 
-def submit(config: TrainConfig, control: ControlClient, *, echo: Echo = print) -> dict[str, Any]:
+def submit(
+    config: TrainConfig,
+    control: ControlClient,
+    *,
+    echo: Echo = print,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+) -> dict[str, Any]:
     """`platform train --superlink`: run on an existing federation and follow it."""
-    followed = follow_run(control, config, timeout=run_timeout(config), echo=echo)
+    followed = follow_run(control, config, timeout=run_timeout(config), echo=echo, on_event=on_event)
     return run_summary(config, followed)
 
 
@@ -225,6 +234,7 @@ class LocalConsortiumRun:
         self.test_data = Path(test_data)
         self.echo = echo  # progress lines
         self.status = status  # what is being started
+        self.on_event: Callable[[ProgressEvent], None] | None = None  # every progress event (metrics)
 
     def audit_note(self) -> str | None:
         """What to tell the user when spot checks are asked for but no span has a second server
@@ -291,5 +301,6 @@ class LocalConsortiumRun:
                 echo=self.echo,
                 aliases=aliases,
                 site_progress=[stores / name / PROGRESS_FILE for name in consortium.sites],
+                on_event=self.on_event,
             )
             return run_summary(config, followed)
