@@ -186,3 +186,12 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of processes `pids` so far (/proc/<pid>/stat, clock-tick resolution)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -41,7 +40,15 @@ sys.path[:0] = [str(HERE)]  # Opacus ships a top-level `benchmarks` package: imp
 
 import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import torch  # noqa: E402
-from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, warn_if_loaded  # noqa: E402
+from _results import (  # noqa: E402
+    Run,
+    machine_info,
+    process_cpu_seconds,
+    summary_ms,
+    torch_stack,
+    torch_threads,
+    warn_if_loaded,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
@@ -55,14 +62,6 @@ from corolla.training.remote_trainer import RemoteTrainer  # noqa: E402
 RESULTS = HERE / "results" / "real_model.json"
 SPANS = ((0, 15), (15, 30))
 PROMPT = "List three common symptoms of community-acquired pneumonia."
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def bench_generation(model_dir: Path, swarm: LocalServers, new_tokens: int, repeats: int) -> dict[str, Any]:
@@ -79,9 +78,9 @@ def bench_generation(model_dir: Path, swarm: LocalServers, new_tokens: int, repe
         inference_bench.remote_generation(model, prompt, 4)  # warm-up: connections, allocator
         inference_bench.transformers_generation(local, prompt, 4)
         for _ in range(repeats):  # interleaved, so drifting load hits both alike
-            c0, s0 = time.process_time(), _cpu_seconds(pids)
+            c0, s0 = time.process_time(), process_cpu_seconds(pids)
             remote_runs.append(inference_bench.remote_generation(model, prompt, new_tokens))
-            remote_cpu.append(time.process_time() - c0 + _cpu_seconds(pids) - s0)
+            remote_cpu.append(time.process_time() - c0 + process_cpu_seconds(pids) - s0)
             c0 = time.process_time()
             with torch.no_grad():
                 local_runs.append(inference_bench.transformers_generation(local, prompt, new_tokens))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,15 @@ import inference as inference_bench  # noqa: E402  (benchmarks/inference.py)
 import opacus  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
-from _results import Run, machine_info, summary_ms, torch_stack, torch_threads, warn_if_loaded  # noqa: E402
+from _results import (  # noqa: E402
+    Run,
+    machine_info,
+    process_cpu_seconds,
+    summary_ms,
+    torch_stack,
+    torch_threads,
+    warn_if_loaded,
+)
 
 from corolla.inference.client import LoraAdapter, LoraSettings, RemoteModelForCausalLM  # noqa: E402
 from corolla.inference.models.checkpoint import Checkpoint  # noqa: E402
@@ -224,11 +231,11 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
             batch = batches[cfg.warmup + rep]
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 before = inference_bench.tcp_bytes(ports[name]) if name in ports else None
-                c0, s0 = time.process_time(), _cpu_seconds(server_pids)
+                c0, s0 = time.process_time(), process_cpu_seconds(server_pids)
                 t0 = time.perf_counter()
                 loss = trainers[name].step(batch)
                 times[name].append(time.perf_counter() - t0)
-                cpu[name].append((time.process_time() - c0, _cpu_seconds(server_pids) - s0))
+                cpu[name].append((time.process_time() - c0, process_cpu_seconds(server_pids) - s0))
                 first_loss.setdefault(name, loss)
                 if before is not None:
                     after = inference_bench.tcp_bytes(ports[name])
@@ -303,15 +310,6 @@ def bench_config(cfg: TrainBench, model_dir: Path) -> dict[str, Any]:
         "exchange": exchange_figures(cfg, span_bytes, rows),
         "swarm_start_s": round(swarm_start_s, 2),
     }
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of processes `pids` so far (/proc/<pid>/stat, clock-tick resolution)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _per_step(counter: dict[str, int], steps: int) -> dict[str, float]:
