@@ -158,7 +158,7 @@ def test_the_old_spellings_still_reach_the_run(
 
 def test_superlink_submits_to_the_federation(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     submitted: list[tuple[TrainConfig, Any]] = []
-    monkeypatch.setattr(launcher, "submit", lambda config, control: submitted.append((config, control)) or {})
+    monkeypatch.setattr(launcher, "submit", lambda config, control, **_: submitted.append((config, control)) or {})
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     args = ["--superlink", "10.0.0.5:9093", "--superlink-ca", str(ca), "--model", "/models/base"]
@@ -217,7 +217,7 @@ def test_a_bad_tolerance_table_is_a_clear_error_before_anything_starts(
     if content is not None:
         path.write_text(content)
     submitted: list[Any] = []
-    monkeypatch.setattr(launcher, "submit", lambda config, control: submitted.append(config) or {})
+    monkeypatch.setattr(launcher, "submit", lambda config, control, **_: submitted.append(config) or {})
     assert _train(tmp_path, "--model", str(model), "--tolerances", str(path)) == 13
     assert f"platform train: {message.format(path=path)}" in capsys.readouterr().err
     superlink = ["--superlink", "10.0.0.5:9093", "--model", "/m", "--peers", "/ip4/10.0.0.6/tcp/4001"]
